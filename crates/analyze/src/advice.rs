@@ -1,0 +1,302 @@
+//! Recommendations derived from the evidence: which op originated the drift, at which layer,
+//! under which shapes, and how large the stat deltas are.
+
+use driftscope_trace::{DType, Point};
+
+use crate::analysis::{describe_region, Analysis, Classification, Group, Origin, PairStatus, StatDelta};
+use crate::dataflow::Node;
+
+/// How large a difference is, judged against the rounding step of the dtype.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Magnitude {
+    /// The stats agree exactly: a few low-order bits of some elements differ.
+    StatsIdentical,
+    /// Within a few rounding steps: the signature of a different reduction order.
+    Rounding,
+    /// Far above rounding: a logic difference (mask, position, cache contents, weights).
+    Large,
+}
+
+/// The rounding step (machine epsilon) of a dtype; unknown dtypes are judged as 16-bit.
+pub fn epsilon(dtype: Option<DType>) -> f64 {
+    match dtype {
+        Some(DType::F32) => f64::from(f32::EPSILON),
+        Some(DType::F16) => 2f64.powi(-10),
+        Some(DType::BF16) | None => 2f64.powi(-7),
+    }
+}
+
+/// Judges a stat delta.
+pub fn magnitude(delta: &StatDelta, dtype: Option<DType>) -> Magnitude {
+    if delta.max_abs_lower_bound == 0.0 {
+        Magnitude::StatsIdentical
+    } else if delta.rel <= 8.0 * epsilon(dtype) {
+        Magnitude::Rounding
+    } else {
+        Magnitude::Large
+    }
+}
+
+fn sci(x: f64) -> String {
+    if x == 0.0 {
+        "0".into()
+    } else {
+        format!("{x:.2e}")
+    }
+}
+
+/// One sentence on the size of a pair's drift.
+pub fn magnitude_sentence(delta: &StatDelta, dtype: Option<DType>) -> String {
+    let dt = dtype.map_or("16-bit (dtype not traced)".to_string(), |d| d.as_str().to_string());
+    match magnitude(delta, dtype) {
+        Magnitude::StatsIdentical => "min, max and mean agree exactly although the hashes differ: only a few \
+             low-order bits of some elements differ"
+            .to_string(),
+        m => format!(
+            "the stats differ by up to {} ({:.3}% of the row's largest magnitude; the largest element-wise \
+             difference is at least this large), {} the rounding step of {dt} ({})",
+            sci(delta.max_abs_lower_bound),
+            delta.rel * 100.0,
+            if m == Magnitude::Rounding { "within a few times" } else { "far above" },
+            sci(epsilon(dtype)),
+        ),
+    }
+}
+
+/// Recommendations for the analysis, most important first.
+pub fn recommendations(a: &Analysis) -> Vec<String> {
+    let mut out = Vec::new();
+    let Some(first) = a.groups.iter().find(|g| g.cause.is_some()) else {
+        if a.summary.skipped_lines > 0 {
+            out.push(format!(
+                "{} unreadable line(s) were skipped (--lenient); the verdict covers only the lines that were read.",
+                a.summary.skipped_lines
+            ));
+        }
+        return out;
+    };
+    advise_group(a, first, &mut out);
+    let others: Vec<&Group> = a.groups.iter().filter(|g| g.cause.is_some() && g.cause != first.cause).collect();
+    for g in others {
+        out.push(format!(
+            "Prompt `{}` fails differently ({}): it needs its own look; the advice above is for `{}`.",
+            a.prompt_id(g),
+            g.cause.unwrap_or("?"),
+            a.prompt_id(first)
+        ));
+    }
+    let passing: Vec<&str> = a.groups.iter().filter(|g| g.cause.is_none()).map(|g| a.prompt_id(g)).collect();
+    if !passing.is_empty() {
+        out.push(format!(
+            "Prompt(s) {} pass bitwise: compare their lengths with the failing ones; kernels that switch by \
+             sequence length (tile sizes, split counts) often drift only past a threshold.",
+            passing.iter().map(|p| format!("`{p}`")).collect::<Vec<_>>().join(", ")
+        ));
+    }
+    if a.summary.skipped_lines > 0 {
+        out.push(format!(
+            "{} unreadable line(s) were skipped (--lenient): fix the writer so no evidence is lost.",
+            a.summary.skipped_lines
+        ));
+    }
+    out
+}
+
+fn advise_group(a: &Analysis, g: &Group, out: &mut Vec<String>) {
+    let Some(ff) = g.first_failure else {
+        out.push(format!(
+            "Prompt `{}` has {} pair(s) traced in one phase only: trace the same points in both phases so \
+             every pair can be compared.",
+            a.prompt_id(g),
+            g.missing
+        ));
+        return;
+    };
+    let p = &a.pairs[ff];
+    let (b, c) = (p.baseline.unwrap_or_else(|| unreachable!()), p.candidate.unwrap_or_else(|| unreachable!()));
+    if p.status == PairStatus::Misaligned {
+        out.push(format!(
+            "{} compares different tokens (pos_id {} vs {}, token_id {:?} vs {:?}): fix the position/token \
+             bookkeeping of the harness or engine before reading any drift.",
+            a.pair_name(ff),
+            b.pos_id,
+            c.pos_id,
+            b.token_id,
+            c.token_id
+        ));
+        return;
+    }
+    let origin = g.origins.iter().find(|o| o.pair == ff);
+    let shapes = format!(
+        "`{}` computed this row in a forward call of seq_len {} (step {}), `{}` in one of seq_len {} (step {})",
+        a.options.baseline, b.seq_len, b.step, a.options.candidate, c.seq_len, c.step
+    );
+    let dtype = a.dtype_of(ff);
+    let size = p.delta.map(|d| magnitude_sentence(&d, dtype)).unwrap_or_default();
+    let mag = p.delta.map(|d| magnitude(&d, dtype));
+    match (p.classification, origin) {
+        (Some(Classification::Originated), Some(o)) => {
+            out.push(format!(
+                "Drift starts at {}: its traced inputs ({}) match, so one of these ops computes differently: {}. \
+                 Magnitude: {size}.",
+                a.pair_name(ff),
+                list_nodes(&o.upstream),
+                describe_region(&o.region)
+            ));
+            out.push(cause_advice(o, mag, &shapes));
+            if o.region.len() > 1 {
+                out.push(split_advice(o));
+            }
+            if o.region.iter().any(|n| matches!(n, Node::Layer(_, Point::AttnCtx))) {
+                out.push(
+                    "The attention step also reads the K/V rows of earlier positions from the cache; this trace \
+                     pairs only the last position, and in decode those rows were written by a prefill one token \
+                     shorter. If the per-op points all match up to attn_ctx, trace k_rope and v of the earlier \
+                     positions too before blaming the attention kernel."
+                        .to_string(),
+                );
+            }
+        }
+        (Some(Classification::Undetermined), _) => out.push(format!(
+            "The first drift, at {}, cannot be placed: its nearest traced upstream point(s) {} are missing or \
+             misaligned. Trace them in both phases.",
+            a.pair_name(ff),
+            list_nodes(&p.unknown_upstream)
+        )),
+        _ => out.push(format!(
+            "The first drift is at {}, a point outside driftscope's vocabulary, so the dataflow analysis cannot \
+             place it; name points as in docs/trace-format.md to get an origin.",
+            a.pair_name(ff)
+        )),
+    }
+    propagation_advice(a, g, ff, out);
+}
+
+fn cause_advice(o: &Origin, mag: Option<Magnitude>, shapes: &str) -> String {
+    if mag == Some(Magnitude::Large) {
+        return format!(
+            "The difference is far above rounding, so a reduction order alone is unlikely: look for a logic \
+             difference between the two paths in {}: the causal mask, the position used for RoPE, the \
+             contents of the KV cache, or different weights/dtypes. ({shapes}.)",
+            describe_region(&o.region)
+        );
+    }
+    let why = match o.cause {
+        "ATTENTION_COMPUTATION_MISMATCH" | "ATTENTION_KERNEL_MISMATCH" => {
+            "attention kernels choose their strategy by shape: tiled flash attention with online softmax for \
+             prefill, split-KV flash-decoding (split count chosen from the context length) for decode, and \
+             GEMM vs GEMV for the projections. Each reduces in its own order. Make the reduction order \
+             independent of the query length: a fixed KV split size (not a fixed number of splits) and \
+             batch-invariant matmuls"
+        }
+        "RMSNORM_MISMATCH" | "FINAL_NORM_MISMATCH" => {
+            "the RMSNorm reduction is blocked differently for one row than for many. Use one fixed-order \
+             per-row reduction whatever the number of rows"
+        }
+        "QKV_PROJECTION_MISMATCH"
+        | "OUTPUT_PROJECTION_MISMATCH"
+        | "GATE_UP_PROJECTION_MISMATCH"
+        | "DOWN_PROJECTION_MISMATCH"
+        | "LM_HEAD_MISMATCH"
+        | "MLP_COMPUTATION_MISMATCH"
+        | "OUTPUT_HEAD_MISMATCH" => {
+            "matmuls pick GEMV for one row and tiled GEMM (possibly split-K) for many, and accumulate along K in \
+             a different order. Use batch-invariant matmul kernels: fixed K tiling and no split-K chosen from \
+             the number of rows"
+        }
+        "ROPE_MISMATCH" => {
+            "RoPE is elementwise: with equal inputs a difference means different angles. Compare how each path \
+             gets cos/sin (cached table vs on the fly, f32 vs 16-bit) and the position it uses"
+        }
+        "ACTIVATION_MISMATCH" => {
+            "SiLU is elementwise: with equal inputs a difference means a different exp/sigmoid implementation \
+             or rounding point in the two paths (fused vs unfused kernels)"
+        }
+        "RESIDUAL_ADD_MISMATCH" => {
+            "an elementwise add of two matching tensors is exact in any order: look for a fused add+norm kernel \
+             used by one path only, or a 16-bit rounding applied before the add in one path"
+        }
+        "EMBEDDING_MISMATCH" => {
+            "an embedding lookup is a copy: a difference means different token ids, a different dequantization \
+             or dtype conversion in the two paths"
+        }
+        "NUMERIC_FAULT" => {
+            "NaN/Inf appear on one side only: look for overflow (f16 saturates at 65504), a division by a zero \
+             norm, or uninitialised cache rows read by one path"
+        }
+        _ => {
+            "the origin spans more than one block: narrow it down by tracing the points between the last \
+             match and the first drift"
+        }
+    };
+    format!("Likely cause ({}): {why}. ({shapes}.)", o.cause)
+}
+
+fn split_advice(o: &Origin) -> String {
+    let untraced: Vec<&Node> = o.region.iter().filter(|n| **n != o.node).collect();
+    let layers = match o.layers {
+        Some((x, y)) if x == y => format!("layer {x}"),
+        Some((x, y)) => format!("layers {x}–{y}"),
+        None => "the model-global points".into(),
+    };
+    let names: Vec<String> = {
+        let mut v: Vec<String> = untraced
+            .iter()
+            .filter_map(|n| match n {
+                Node::Layer(_, p) | Node::Global(p) => Some(p.as_str().to_string()),
+                Node::LayersAfter(_) => None,
+            })
+            .collect();
+        v.sort_by_key(|s| Point::parse(s).map_or(usize::MAX, Point::index));
+        v.dedup();
+        v
+    };
+    if names.is_empty() {
+        format!("Trace every layer of {layers} to place the origin.")
+    } else {
+        format!(
+            "To split the {} untraced op(s) in {layers}, trace the points {} there as well: the first of them \
+             that drifts with matching inputs is the op to fix.",
+            untraced.len(),
+            names.iter().map(|s| format!("`{s}`")).collect::<Vec<_>>().join(", ")
+        )
+    }
+}
+
+fn propagation_advice(a: &Analysis, g: &Group, ff: usize, out: &mut Vec<String>) {
+    let inherited = g.pairs.iter().filter(|&&i| a.pairs[i].classification == Some(Classification::Inherited)).count();
+    if inherited == 0 {
+        return;
+    }
+    let last = g
+        .pairs
+        .iter()
+        .rev()
+        .find(|&&i| matches!(a.pairs[i].status, PairStatus::Drift | PairStatus::NumericFault))
+        .copied();
+    let (Some(d0), Some(last)) = (a.pairs[ff].delta, last) else { return };
+    let Some(d1) = a.pairs[last].delta else { return };
+    let trend = if d1.rel > 2.0 * d0.rel {
+        "grows"
+    } else if d1.rel < 0.5 * d0.rel {
+        "shrinks"
+    } else {
+        "stays about the same"
+    };
+    out.push(format!(
+        "{inherited} downstream pair(s) inherit the drift; the relative stat delta {trend} from {:.2e} at {} \
+         to {:.2e} at {}. Fix the origin first: inherited drift disappears with it.",
+        d0.rel,
+        a.pair_name(ff),
+        d1.rel,
+        a.pair_name(last)
+    ));
+}
+
+/// Lists nodes as `x_in[0], attn_out[0]`.
+pub fn list_nodes(nodes: &[Node]) -> String {
+    if nodes.is_empty() {
+        return "the input token ids".to_string();
+    }
+    nodes.iter().map(|n| format!("`{n}`")).collect::<Vec<_>>().join(", ")
+}

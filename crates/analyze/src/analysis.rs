@@ -1,0 +1,642 @@
+//! Pairing, classification, origin analysis and the verdict.
+
+use std::collections::{BTreeSet, HashMap};
+
+use rayon::prelude::*;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use driftscope_trace::{DType, Point, RunMeta};
+
+use crate::collect::{Collected, Key, PointId, Side, Slot};
+use crate::dataflow::{cause_of_region, op_of, Graph, Node};
+
+/// What the analysis compares and how strict it is.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The reference phase (`prefill_last`).
+    pub baseline: String,
+    /// The phase checked against it (`decode0`).
+    pub candidate: String,
+    /// Report pairs present in one phase only instead of failing with an error.
+    pub allow_missing: bool,
+    /// Keep the first of two events for the same key and phase instead of failing.
+    pub lenient: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options { baseline: "prefill_last".into(), candidate: "decode0".into(), allow_missing: false, lenient: false }
+    }
+}
+
+/// Why a trace cannot be analyzed (its lines parsed, but the events do not fit together).
+#[derive(Debug, thiserror::Error)]
+pub enum AnalyzeError {
+    /// One of the two phases has no event at all.
+    #[error("{file}: no `{phase}` events (phases present: {present}); choose phases with --baseline/--candidate")]
+    PhaseAbsent {
+        /// The trace file.
+        file: String,
+        /// The absent phase.
+        phase: String,
+        /// The phases that are there, with their event counts.
+        present: String,
+    },
+    /// Two events for the same key and phase.
+    #[error("{}\n(use --lenient to keep the first event of each key and go on)", .list.join("\n"))]
+    Duplicates {
+        /// One line per duplicate, naming both lines.
+        list: Vec<String>,
+    },
+    /// Pairs with an event in one phase only.
+    #[error("{}\n(use --allow-missing to report missing pairs instead of failing)", .list.join("\n"))]
+    MissingPairs {
+        /// One line per missing pair (at most 20, then a count).
+        list: Vec<String>,
+    },
+}
+
+/// How one pair compares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum PairStatus {
+    /// Hashes equal: bitwise identical rows.
+    Pass,
+    /// Hashes differ.
+    Drift,
+    /// Hashes differ and NaN/Inf appear on one side only.
+    NumericFault,
+    /// The two events are not about the same token (pos_id or token_id differ).
+    Misaligned,
+    /// Only the candidate phase has the event.
+    MissingBaseline,
+    /// Only the baseline phase has the event.
+    MissingCandidate,
+}
+
+impl PairStatus {
+    /// Whether the pair counts as a failure (complete pairs that are not bitwise equal).
+    pub fn is_failure(self) -> bool {
+        matches!(self, PairStatus::Drift | PairStatus::NumericFault | PairStatus::Misaligned)
+    }
+    /// Whether one side is absent.
+    pub fn is_missing(self) -> bool {
+        matches!(self, PairStatus::MissingBaseline | PairStatus::MissingCandidate)
+    }
+}
+
+/// Where a drifting pair's drift comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Classification {
+    /// Its nearest traced upstream points all match: the drift starts in the ops in between.
+    Originated,
+    /// A nearest traced upstream point drifts too.
+    Inherited,
+    /// A nearest traced upstream point is missing or misaligned: origin cannot be decided.
+    Undetermined,
+    /// The point is outside the vocabulary, so it has no place in the dataflow graph.
+    Unplaced,
+}
+
+/// Stat deltas between the two sides: the evidence of magnitude when no dump exists.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct StatDelta {
+    /// |Δmin|.
+    pub d_min: f64,
+    /// |Δmax|.
+    pub d_max: f64,
+    /// |Δmean|.
+    pub d_mean: f64,
+    /// |Δl2|, when both sides carry l2.
+    pub d_l2: Option<f64>,
+    /// max(|Δmin|, |Δmax|, |Δmean|): a lower bound on the largest element-wise |Δ|.
+    pub max_abs_lower_bound: f64,
+    /// That bound relative to the row's largest magnitude (max(|min|, |max|) of the baseline).
+    pub rel: f64,
+}
+
+impl StatDelta {
+    fn of(b: &Side, c: &Side) -> StatDelta {
+        let d = |x: f64, y: f64| if x == y { 0.0 } else { (x - y).abs() };
+        let (d_min, d_max, d_mean) = (d(b.min, c.min), d(b.max, c.max), d(b.mean, c.mean));
+        let bound = d_min.max(d_max).max(d_mean);
+        let scale = b.min.abs().max(b.max.abs());
+        StatDelta {
+            d_min,
+            d_max,
+            d_mean,
+            d_l2: b.l2.zip(c.l2).map(|(x, y)| d(x, y)),
+            max_abs_lower_bound: bound,
+            rel: if scale > 0.0 { bound / scale } else { bound },
+        }
+    }
+}
+
+/// One compared key.
+#[derive(Debug, Clone)]
+pub struct PairResult {
+    /// The key.
+    pub key: Key,
+    /// Its node in the dataflow graph (`None` for points outside the vocabulary).
+    pub node: Option<Node>,
+    /// How it compares.
+    pub status: PairStatus,
+    /// For failures: where the drift comes from.
+    pub classification: Option<Classification>,
+    /// For inherited drift: the drifting upstream points it comes from.
+    pub inherited_from: Vec<Node>,
+    /// For originated or undetermined drift: the untraced ops between it and the traced upstream.
+    pub untraced_between: Vec<Node>,
+    /// For undetermined drift: the upstream points that are missing or misaligned.
+    pub unknown_upstream: Vec<Node>,
+    /// The baseline event.
+    pub baseline: Option<Side>,
+    /// The candidate event.
+    pub candidate: Option<Side>,
+    /// Stat deltas, for complete pairs.
+    pub delta: Option<StatDelta>,
+}
+
+/// A place where drift starts.
+#[derive(Debug, Clone)]
+pub struct Origin {
+    /// The drifting pair where it is first seen (index into [`Analysis::pairs`]).
+    pub pair: usize,
+    /// Its node.
+    pub node: Node,
+    /// The ops that may have caused it: the untraced nodes in between and the node itself,
+    /// in dataflow order.
+    pub region: Vec<Node>,
+    /// The nearest traced upstream points, all matching.
+    pub upstream: Vec<Node>,
+    /// Root cause named by the region.
+    pub cause: &'static str,
+    /// Producing layers spanned by the region.
+    pub layers: Option<(u32, u32)>,
+}
+
+/// One prompt (and rank) of the trace.
+#[derive(Debug, Clone)]
+pub struct Group {
+    /// Prompt index (file order).
+    pub prompt: u32,
+    /// Tensor-parallel rank.
+    pub rank: Option<u32>,
+    /// Its pairs in dataflow order (indices into [`Analysis::pairs`]).
+    pub pairs: Vec<usize>,
+    /// Passing pairs.
+    pub passed: u64,
+    /// Failing pairs.
+    pub failed: u64,
+    /// Missing pairs.
+    pub missing: u64,
+    /// Where drift starts, in dataflow order.
+    pub origins: Vec<Origin>,
+    /// The group's first failing pair.
+    pub first_failure: Option<usize>,
+    /// The group's root cause (`None` when it passes).
+    pub cause: Option<&'static str>,
+}
+
+/// Counts of the summary table.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Summary {
+    /// Keys seen in either phase.
+    pub total_pairs: u64,
+    /// Bitwise-equal pairs.
+    pub passed: u64,
+    /// Failing pairs (drift, numeric fault, misaligned).
+    pub failed: u64,
+    /// Keys seen in one phase only.
+    pub missing_pairs: u64,
+    /// Of the failures: pairs about different tokens.
+    pub misaligned: u64,
+    /// Of the failures: pairs where NaN/Inf appear on one side only.
+    pub numeric_faults: u64,
+    /// Second events for a key and phase, dropped (lenient mode).
+    pub duplicates: u64,
+    /// Lines skipped as unreadable (lenient mode).
+    pub skipped_lines: u64,
+}
+
+/// PASS or FAIL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Verdict {
+    /// Every pair bitwise equal and complete.
+    Pass,
+    /// Some pair differs, or is missing.
+    Fail,
+}
+
+/// The complete result of analyzing one trace.
+#[derive(Debug)]
+pub struct Analysis {
+    /// What was compared.
+    pub options: Options,
+    /// The file it came from, as given.
+    pub source: String,
+    /// What was read.
+    pub collected: Collected,
+    /// The graph used for origin analysis.
+    pub graph: Graph,
+    /// Every key, grouped by prompt, in dataflow order.
+    pub pairs: Vec<PairResult>,
+    /// Per prompt (and rank), in file order.
+    pub groups: Vec<Group>,
+    /// Counts.
+    pub summary: Summary,
+    /// Failure classes and counts, largest first.
+    pub breakdown: Vec<(String, u64)>,
+    /// PASS or FAIL.
+    pub verdict: Verdict,
+    /// The root cause of the first failing prompt.
+    pub root_cause: Option<&'static str>,
+    /// The first failing pair in dataflow order (prompts in file order).
+    pub first_failure: Option<usize>,
+}
+
+impl Analysis {
+    /// The merged run metadata (later `run_meta` events fill fields earlier ones left empty).
+    pub fn meta(&self) -> RunMeta {
+        let mut merged = RunMeta::default();
+        for (m, _) in &self.collected.metas {
+            macro_rules! fill {
+                ($($f:ident),*) => {$( if merged.$f.is_none() { merged.$f = m.$f.clone(); } )*};
+            }
+            fill!(format_version, engine, model, n_layers, dtype, device, host, profile, date, command, run_mode);
+            for (k, v) in &m.extra {
+                merged.extra.entry(k.clone()).or_insert_with(|| v.clone());
+            }
+        }
+        merged
+    }
+
+    /// A pair's key in words: `attn_out` layer 0 of `p0_short`.
+    pub fn pair_name(&self, i: usize) -> String {
+        let k = &self.pairs[i].key;
+        let mut s = format!(
+            "`{}` layer {} of `{}`",
+            self.collected.point_name(k.point),
+            k.layer,
+            self.collected.prompts[k.prompt as usize]
+        );
+        if let Some(r) = k.rank {
+            let _ = write!(s, " (rank {r})");
+        }
+        s
+    }
+
+    /// The prompt id of a group.
+    pub fn prompt_id(&self, g: &Group) -> &str {
+        &self.collected.prompts[g.prompt as usize]
+    }
+
+    /// The dtype of a pair, when its events name one.
+    pub fn dtype_of(&self, i: usize) -> Option<DType> {
+        let p = &self.pairs[i];
+        let idx = p.baseline.and_then(|s| s.dtype).or(p.candidate.and_then(|s| s.dtype))?;
+        DType::parse(&self.collected.dtypes[idx as usize])
+    }
+
+    /// The failing groups' distinct root causes.
+    pub fn distinct_causes(&self) -> BTreeSet<&'static str> {
+        self.groups.iter().filter_map(|g| g.cause).collect()
+    }
+}
+
+/// Compares the baseline and candidate events of a collected trace.
+pub fn analyze(mut collected: Collected, source: &Path, options: Options) -> Result<Analysis, AnalyzeError> {
+    let file = source.display().to_string();
+    check_phases(&collected, &file, &options)?;
+    if !collected.duplicates.is_empty() && !options.lenient {
+        let list = collected
+            .duplicates
+            .iter()
+            .map(|d| {
+                format!(
+                    "{file}:{} and {file}:{}: two `{}` events for prompt `{}`, layer {}, point `{}`{}",
+                    d.first_line,
+                    d.second_line,
+                    d.phase,
+                    collected.prompts[d.key.prompt as usize],
+                    d.key.layer,
+                    collected.point_name(d.key.point),
+                    d.key.rank.map(|r| format!(", rank {r}")).unwrap_or_default()
+                )
+            })
+            .collect();
+        return Err(AnalyzeError::Duplicates { list });
+    }
+
+    let max_layer = collected
+        .pairs
+        .par_iter()
+        .filter(|(k, _)| matches!(k.point, PointId::Known(p) if p.is_per_layer()))
+        .map(|(k, _)| k.layer)
+        .max();
+    let traced_layers = max_layer.map_or(0, |l| l + 1);
+    let meta_layers = collected.metas.iter().find_map(|(m, _)| m.n_layers);
+    let graph = match meta_layers {
+        Some(n) if n >= traced_layers => Graph { n_layers: n, exact: true },
+        _ => Graph { n_layers: traced_layers, exact: false },
+    };
+
+    let mut pairs: Vec<PairResult> = {
+        let slots = std::mem::take(&mut collected.pairs);
+        collected.order.par_iter().map(|&i| compare(&slots[i as usize].0, &slots[i as usize].1)).collect()
+    };
+    collected.order = Vec::new();
+
+    let missing: Vec<usize> = (0..pairs.len()).filter(|&i| pairs[i].status.is_missing()).collect();
+    if !missing.is_empty() && !options.allow_missing {
+        let mut list: Vec<String> = missing
+            .iter()
+            .take(20)
+            .map(|&i| {
+                let p = &pairs[i];
+                let (present, absent, side) = match p.status {
+                    PairStatus::MissingCandidate => (&options.baseline, &options.candidate, p.baseline),
+                    _ => (&options.candidate, &options.baseline, p.candidate),
+                };
+                let line = side.map_or(0, |s| s.loc.line);
+                format!(
+                    "{file}:{line}: `{present}` event for prompt `{}`, layer {}, point `{}` has no `{absent}` event to pair with",
+                    collected.prompts[p.key.prompt as usize],
+                    p.key.layer,
+                    collected.point_name(p.key.point)
+                )
+            })
+            .collect();
+        if missing.len() > 20 {
+            list.push(format!("... and {} more missing pair(s)", missing.len() - 20));
+        }
+        return Err(AnalyzeError::MissingPairs { list });
+    }
+
+    // Groups: runs of the same (prompt, rank); pairs are sorted so each group is contiguous.
+    let mut groups: Vec<Group> = Vec::new();
+    for (i, p) in pairs.iter().enumerate() {
+        match groups.last_mut() {
+            Some(g) if g.prompt == p.key.prompt && g.rank == p.key.rank => g.pairs.push(i),
+            _ => groups.push(Group {
+                prompt: p.key.prompt,
+                rank: p.key.rank,
+                pairs: vec![i],
+                passed: 0,
+                failed: 0,
+                missing: 0,
+                origins: vec![],
+                first_failure: None,
+                cause: None,
+            }),
+        }
+    }
+    // Classify the groups in parallel, each on its own slice of the pairs.
+    let mut slices: Vec<(&mut Group, &mut [PairResult])> = Vec::with_capacity(groups.len());
+    let mut rest: &mut [PairResult] = &mut pairs;
+    for g in groups.iter_mut() {
+        let (head, tail) = std::mem::take(&mut rest).split_at_mut(g.pairs.len());
+        slices.push((g, head));
+        rest = tail;
+    }
+    slices.into_par_iter().for_each(|(g, slice)| classify_group(g, slice, &graph));
+
+    let mut summary = Summary {
+        total_pairs: pairs.len() as u64,
+        duplicates: collected.duplicates.len() as u64,
+        skipped_lines: collected.read.bad_line_count,
+        ..Summary::default()
+    };
+    let mut classes: HashMap<(PointId, PairStatus), u64> = HashMap::new();
+    for p in &pairs {
+        match p.status {
+            PairStatus::Pass => summary.passed += 1,
+            s if s.is_missing() => summary.missing_pairs += 1,
+            s => {
+                summary.failed += 1;
+                summary.numeric_faults += u64::from(s == PairStatus::NumericFault);
+                summary.misaligned += u64::from(s == PairStatus::Misaligned);
+                *classes.entry((p.key.point, s)).or_insert(0) += 1;
+            }
+        }
+    }
+    let mut breakdown: Vec<((PointId, PairStatus), u64)> = classes.into_iter().collect();
+    breakdown.sort_by(|a, b| b.1.cmp(&a.1).then(a.0 .0.cmp(&b.0 .0)).then((a.0 .1 as u8).cmp(&(b.0 .1 as u8))));
+    let breakdown = breakdown
+        .into_iter()
+        .map(|((point, status), n)| (drift_class(collected.point_name(point), status), n))
+        .collect();
+
+    let first_failing = groups.iter().find(|g| g.cause.is_some());
+    let verdict = if summary.failed + summary.missing_pairs > 0 { Verdict::Fail } else { Verdict::Pass };
+    Ok(Analysis {
+        root_cause: first_failing.and_then(|g| g.cause),
+        first_failure: groups.iter().find_map(|g| g.first_failure),
+        options,
+        source: file,
+        collected,
+        graph,
+        pairs,
+        groups,
+        summary,
+        breakdown,
+        verdict,
+    })
+}
+
+/// The failure class of a pair: `ATTN_OUT_DRIFT`, `X_IN_MISALIGNED`, `MLP_OUT_NUMERIC_FAULT`.
+pub fn drift_class(point: &str, status: PairStatus) -> String {
+    let suffix = match status {
+        PairStatus::NumericFault => "NUMERIC_FAULT",
+        PairStatus::Misaligned => "MISALIGNED",
+        _ => "DRIFT",
+    };
+    format!("{}_{suffix}", point.to_uppercase())
+}
+
+/// Compares the two sides of a key.
+fn compare(key: &Key, slot: &Slot) -> PairResult {
+    let status = match (&slot.baseline, &slot.candidate) {
+        (Some(b), Some(c)) => {
+            let token_differs = matches!((b.token_id, c.token_id), (Some(x), Some(y)) if x != y);
+            if b.pos_id != c.pos_id || token_differs {
+                PairStatus::Misaligned
+            } else if b.hash == c.hash {
+                PairStatus::Pass
+            } else if b.non_finite != c.non_finite {
+                PairStatus::NumericFault
+            } else {
+                PairStatus::Drift
+            }
+        }
+        (None, Some(_)) => PairStatus::MissingBaseline,
+        _ => PairStatus::MissingCandidate,
+    };
+    PairResult {
+        key: *key,
+        node: match key.point {
+            PointId::Known(p) => Some(Node::of(p, key.layer)),
+            PointId::Other(_) => None,
+        },
+        status,
+        classification: None,
+        inherited_from: vec![],
+        untraced_between: vec![],
+        unknown_upstream: vec![],
+        baseline: slot.baseline,
+        candidate: slot.candidate,
+        delta: slot.baseline.zip(slot.candidate).map(|(b, c)| StatDelta::of(&b, &c)),
+    }
+}
+
+fn check_phases(c: &Collected, file: &str, options: &Options) -> Result<(), AnalyzeError> {
+    for phase in [&options.baseline, &options.candidate] {
+        if !c.phase_counts.contains_key(phase.as_str()) {
+            let present = if c.phase_counts.is_empty() {
+                "none: the trace has no stage_trace events".to_string()
+            } else {
+                c.phase_counts.iter().map(|(p, n)| format!("{p} ({n})")).collect::<Vec<_>>().join(", ")
+            };
+            return Err(AnalyzeError::PhaseAbsent { file: file.to_string(), phase: phase.clone(), present });
+        }
+    }
+    Ok(())
+}
+
+/// Node state as seen from downstream.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum State {
+    Untraced,
+    Match,
+    Drift,
+    Unknown,
+}
+
+/// Dense index of a node in a graph of `n_layers` layers (for per-group lookup tables).
+fn node_slot(n: Node, n_layers: u32) -> Option<usize> {
+    let per = Point::PER_LAYER.len();
+    match n {
+        Node::Global(Point::EmbedOut) => Some(0),
+        Node::Global(Point::FinalNorm) => Some(1),
+        Node::Global(_) => Some(2),
+        Node::Layer(l, p) if l < n_layers => Some(3 + l as usize * per + (p.index() - Point::XIn.index())),
+        _ => None,
+    }
+}
+
+/// Classifies the failing pairs of one group and finds its origins and root cause. `pairs` is
+/// the group's own slice; `g.pairs` holds the global indices of the same pairs.
+fn classify_group(g: &mut Group, pairs: &mut [PairResult], graph: &Graph) {
+    let base = g.pairs.first().copied().unwrap_or(0);
+    let table_len = 3 + graph.n_layers as usize * Point::PER_LAYER.len();
+    let mut at: Vec<u32> = vec![u32::MAX; table_len];
+    for (j, p) in pairs.iter().enumerate() {
+        if let Some(slot) = p.node.and_then(|n| node_slot(n, graph.n_layers)) {
+            if at[slot] == u32::MAX {
+                at[slot] = j as u32;
+            }
+        }
+    }
+    let state = |n: Node, pairs: &[PairResult]| match node_slot(n, graph.n_layers).map(|s| at[s]) {
+        None | Some(u32::MAX) => State::Untraced,
+        Some(j) => match pairs[j as usize].status {
+            PairStatus::Pass => State::Match,
+            PairStatus::Drift | PairStatus::NumericFault => State::Drift,
+            _ => State::Unknown,
+        },
+    };
+    let mut seen: Vec<Node> = Vec::new();
+    for j in 0..pairs.len() {
+        let i = base + j;
+        let status = pairs[j].status;
+        match status {
+            PairStatus::Pass => g.passed += 1,
+            s if s.is_missing() => g.missing += 1,
+            _ => {
+                g.failed += 1;
+                g.first_failure.get_or_insert(i);
+            }
+        }
+        if !matches!(status, PairStatus::Drift | PairStatus::NumericFault) {
+            continue;
+        }
+        let Some(node) = pairs[j].node else {
+            pairs[j].classification = Some(Classification::Unplaced);
+            continue;
+        };
+        // Walk upstream through untraced nodes to the nearest traced ones.
+        let (mut region, mut matched, mut drifting, mut unknown) = (vec![node], vec![], vec![], vec![]);
+        seen.clear();
+        let mut stack = graph.inputs(node);
+        while let Some(n) = stack.pop() {
+            if seen.contains(&n) {
+                continue;
+            }
+            seen.push(n);
+            match state(n, pairs) {
+                State::Untraced => {
+                    region.push(n);
+                    stack.extend(graph.inputs(n));
+                }
+                State::Match => matched.push(n),
+                State::Drift => drifting.push(n),
+                State::Unknown => unknown.push(n),
+            }
+        }
+        let p = &mut pairs[j];
+        if !drifting.is_empty() {
+            drifting.sort_by_key(|n| n.order());
+            p.classification = Some(Classification::Inherited);
+            p.inherited_from = drifting;
+            continue;
+        }
+        region.sort_by_key(|n| n.order());
+        p.untraced_between = region[..region.len() - 1].to_vec();
+        if !unknown.is_empty() {
+            unknown.sort_by_key(|n| n.order());
+            p.classification = Some(Classification::Undetermined);
+            p.unknown_upstream = unknown;
+        } else {
+            matched.sort_by_key(|n| n.order());
+            p.classification = Some(Classification::Originated);
+            let layers = region
+                .iter()
+                .filter_map(|n| n.producing_layer())
+                .fold(None, |acc: Option<(u32, u32)>, l| Some(acc.map_or((l, l), |(a, b)| (a.min(l), b.max(l)))));
+            let cause = if status == PairStatus::NumericFault { "NUMERIC_FAULT" } else { cause_of_region(&region) };
+            g.origins.push(Origin { pair: i, node, region, upstream: matched, cause, layers });
+        }
+    }
+    g.cause = match g.first_failure.map(|i| (&pairs[i - base], i)) {
+        None if g.missing > 0 => Some("MISSING_TRACE"),
+        None => None,
+        Some((p, i)) => Some(match (p.status, p.classification) {
+            (PairStatus::Misaligned, _) => "MISALIGNED_POSITIONS",
+            (_, Some(Classification::Originated)) => {
+                g.origins.iter().find(|o| o.pair == i).map_or("UNLOCALIZED", |o| o.cause)
+            }
+            (_, Some(Classification::Undetermined)) => "MISSING_TRACE",
+            _ => "UNLOCALIZED",
+        }),
+    };
+}
+
+/// Describes a region of ops in words: "attention RMSNorm → … → attention output projection".
+pub fn describe_region(region: &[Node]) -> String {
+    let ops: Vec<String> = region
+        .iter()
+        .map(|&n| match n {
+            Node::LayersAfter(l) => format!("untraced layers after layer {l}"),
+            Node::Layer(l, p) if p != Point::XIn || l > 0 => format!("{} ({})", op_of(n).0, n),
+            _ => format!("{} ({n})", op_of(n).0),
+        })
+        .collect();
+    if ops.len() > 6 {
+        format!("{} … {} ({} ops)", ops[..2].join(" → "), ops[ops.len() - 2..].join(" → "), ops.len())
+    } else {
+        ops.join(" → ")
+    }
+}

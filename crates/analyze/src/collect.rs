@@ -1,0 +1,333 @@
+//! Collecting the events of two phases into pairs, streaming.
+//!
+//! Memory grows with the number of pairs, not with the file: events of other phases are only
+//! counted, strings are interned, and each side of a pair keeps a fixed-size record. Events are
+//! turned into records on all cores while the file is read; pairs are found with a hash map
+//! and put in dataflow order by one parallel sort of small keys.
+
+use std::borrow::Cow;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use driftscope_trace::{read_file_visit, Loc, Point, ReadOptions, ReadStats, Record, RunMeta, TraceError, Visit};
+use rayon::prelude::*;
+use rustc_hash::FxHashMap;
+
+use crate::dataflow::Node;
+
+/// Which point a pair is about: one of the vocabulary, or another engine's own name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum PointId {
+    /// A point of the closed vocabulary.
+    Known(Point),
+    /// Index into [`Collected::other_points`].
+    Other(u32),
+}
+
+/// The pairing key: (prompt, layer, point) and the tensor-parallel rank when given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Key {
+    /// Index into [`Collected::prompts`] (file order).
+    pub prompt: u32,
+    /// Layer as written in the trace.
+    pub layer: u32,
+    /// The point.
+    pub point: PointId,
+    /// Tensor-parallel rank.
+    pub rank: Option<u32>,
+}
+
+/// What the analyzer keeps of one event.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Side {
+    /// Where the event is in the file.
+    pub loc: Loc,
+    /// Decode step.
+    pub step: u64,
+    /// Token position.
+    pub pos_id: u64,
+    /// Query rows of the forward call.
+    pub seq_len: u64,
+    /// Row hash.
+    pub hash: u64,
+    /// Minimum.
+    pub min: f64,
+    /// Maximum.
+    pub max: f64,
+    /// Mean.
+    pub mean: f64,
+    /// L2 norm, when given.
+    pub l2: Option<f64>,
+    /// NaN count, when given.
+    pub nan_count: Option<u64>,
+    /// Inf count, when given.
+    pub inf_count: Option<u64>,
+    /// Whether the event reports non-finite values.
+    pub non_finite: bool,
+    /// Token id, when given.
+    pub token_id: Option<u64>,
+    /// Index into [`Collected::dtypes`], when given.
+    pub dtype: Option<u16>,
+}
+
+/// Both sides of one key.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Slot {
+    /// The baseline phase's event.
+    pub baseline: Option<Side>,
+    /// The candidate phase's event.
+    pub candidate: Option<Side>,
+}
+
+/// A second event for a key and phase that already had one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Duplicate {
+    /// The key.
+    pub key: Key,
+    /// The phase.
+    pub phase: String,
+    /// Line of the first event.
+    pub first_line: u64,
+    /// Line of the second event.
+    pub second_line: u64,
+}
+
+/// Everything read from a trace that the analysis needs.
+#[derive(Debug, Default)]
+pub struct Collected {
+    /// Prompt ids in order of first appearance.
+    pub prompts: Vec<String>,
+    /// Point names outside the vocabulary, in order of first appearance.
+    pub other_points: Vec<String>,
+    /// Dtype names, in order of first appearance.
+    pub dtypes: Vec<String>,
+    /// Every key with its two sides, in order of first appearance.
+    pub pairs: Vec<(Key, Slot)>,
+    /// Indices into `pairs` in dataflow order: by prompt (file order), rank, then the position
+    /// of the point in the forward pass.
+    pub order: Vec<u32>,
+    /// Duplicate events (the later one is dropped).
+    pub duplicates: Vec<Duplicate>,
+    /// Number of `stage_trace` events per phase, all phases.
+    pub phase_counts: BTreeMap<String, u64>,
+    /// The `run_meta` events, in order.
+    pub metas: Vec<(RunMeta, Loc)>,
+    /// What the reader saw.
+    pub read: ReadStats,
+}
+
+impl Collected {
+    /// The name of a point id.
+    pub fn point_name(&self, id: PointId) -> &str {
+        match id {
+            PointId::Known(p) => p.as_str(),
+            PointId::Other(i) => &self.other_points[i as usize],
+        }
+    }
+}
+
+/// Sort key of a pairing key.
+pub type DataflowKey = (u32, Option<u32>, (u8, u32, usize), u32, PointId);
+
+/// Sort key of a key: dataflow order, then the fields that tell keys apart.
+pub fn dataflow_key(k: &Key) -> DataflowKey {
+    let order = match k.point {
+        PointId::Known(p) => Node::of(p, k.layer).order(),
+        PointId::Other(i) => (1, k.layer, 1000 + i as usize),
+    };
+    (k.prompt, k.rank, order, k.layer, k.point)
+}
+
+/// What the reader's worker threads make of one event.
+#[allow(clippy::large_enum_variant)] // `Side` is the common case; boxing it costs an allocation
+enum Item<'a> {
+    /// An event of the baseline or the candidate phase.
+    Side {
+        prompt: Cow<'a, str>,
+        point: Result<Point, Cow<'a, str>>,
+        dtype: Option<Cow<'a, str>>,
+        layer: u32,
+        rank: Option<u32>,
+        side: Side,
+        candidate: bool,
+    },
+    /// An event of another phase: only counted.
+    OtherPhase(Cow<'a, str>),
+    Meta(Box<RunMeta>, Loc),
+    Skip,
+}
+
+struct Visitor<'p> {
+    baseline: &'p str,
+    candidate: &'p str,
+}
+
+impl Visit for Visitor<'_> {
+    type Item<'a> = Item<'a>;
+
+    fn visit<'a>(&self, record: Record<'a>, loc: Loc) -> Item<'a> {
+        let ev = match record {
+            Record::Stage(ev) => ev,
+            Record::Meta(meta) => return Item::Meta(meta, loc),
+            Record::Other(_) => return Item::Skip,
+        };
+        let candidate = if ev.phase == self.baseline {
+            false
+        } else if ev.phase == self.candidate {
+            true
+        } else {
+            return Item::OtherPhase(ev.phase);
+        };
+        let side = Side {
+            loc,
+            step: ev.step,
+            pos_id: ev.pos_id,
+            seq_len: ev.seq_len,
+            hash: ev.hash,
+            min: ev.min,
+            max: ev.max,
+            mean: ev.mean,
+            l2: ev.l2,
+            nan_count: ev.nan_count,
+            inf_count: ev.inf_count,
+            non_finite: ev.has_non_finite(),
+            token_id: ev.token_id,
+            dtype: None,
+        };
+        Item::Side {
+            point: Point::parse(&ev.point).ok_or(ev.point),
+            prompt: ev.prompt_id,
+            dtype: ev.dtype,
+            layer: ev.layer,
+            rank: ev.rank,
+            side,
+            candidate,
+        }
+    }
+}
+
+/// Interns names in order of first appearance; repeated names (the common case: events of one
+/// prompt come in runs) are recognised without hashing.
+#[derive(Default)]
+struct Interner {
+    index: HashMap<String, u32>,
+    last: Option<(String, u32)>,
+}
+
+impl Interner {
+    fn get(&mut self, names: &mut Vec<String>, name: &str) -> u32 {
+        if let Some((last, i)) = &self.last {
+            if last == name {
+                return *i;
+            }
+        }
+        let i = match self.index.get(name) {
+            Some(&i) => i,
+            None => {
+                let i = names.len() as u32;
+                names.push(name.to_string());
+                self.index.insert(name.to_string(), i);
+                i
+            }
+        };
+        self.last = Some((name.to_string(), i));
+        i
+    }
+}
+
+/// Finds the slot of a key. Per prompt, the points of the vocabulary without a rank sit in a
+/// dense table indexed by (layer, point), so the common lookup touches a few cache lines;
+/// everything else goes through a hash map.
+#[derive(Default)]
+struct KeyIndex {
+    dense: Vec<Vec<u32>>,
+    other: FxHashMap<Key, u32>,
+}
+
+impl KeyIndex {
+    const NONE: u32 = u32::MAX;
+
+    fn get_or_insert(&mut self, key: Key, pairs: &mut Vec<(Key, Slot)>) -> u32 {
+        let push = |pairs: &mut Vec<(Key, Slot)>| {
+            pairs.push((key, Slot::default()));
+            (pairs.len() - 1) as u32
+        };
+        match (key.point, key.rank) {
+            (PointId::Known(p), None) if key.layer < 1 << 16 => {
+                let per_prompt = Point::ALL.len();
+                if self.dense.len() <= key.prompt as usize {
+                    self.dense.resize_with(key.prompt as usize + 1, Vec::new);
+                }
+                let table = &mut self.dense[key.prompt as usize];
+                let at = key.layer as usize * per_prompt + p.index();
+                if table.len() <= at {
+                    table.resize(at + per_prompt, Self::NONE);
+                }
+                if table[at] == Self::NONE {
+                    table[at] = push(pairs);
+                }
+                table[at]
+            }
+            _ => *self.other.entry(key).or_insert_with(|| push(pairs)),
+        }
+    }
+}
+
+/// Reads `path` and collects the events of the `baseline` and `candidate` phases.
+pub fn collect_file(path: &Path, baseline: &str, candidate: &str, opts: ReadOptions) -> Result<Collected, TraceError> {
+    let mut c = Collected::default();
+    let (mut prompts, mut others, mut dtypes) = (Interner::default(), Interner::default(), Interner::default());
+    let mut other_dtypes: Vec<String> = vec![];
+    let mut index = KeyIndex::default();
+    let (mut n_base, mut n_cand) = (0u64, 0u64);
+    let visitor = Visitor { baseline, candidate };
+    let stats = read_file_visit(path, opts, &visitor, |item| match item {
+        Item::Side { prompt, point, dtype, layer, rank, mut side, candidate } => {
+            let prompt = prompts.get(&mut c.prompts, &prompt);
+            let point = match point {
+                Ok(p) => PointId::Known(p),
+                Err(name) => PointId::Other(others.get(&mut c.other_points, &name)),
+            };
+            side.dtype = dtype.map(|d| dtypes.get(&mut other_dtypes, &d) as u16);
+            if candidate {
+                n_cand += 1;
+            } else {
+                n_base += 1;
+            }
+            let key = Key { prompt, layer, point, rank };
+            let i = index.get_or_insert(key, &mut c.pairs);
+            let slot = &mut c.pairs[i as usize].1;
+            let place = if candidate { &mut slot.candidate } else { &mut slot.baseline };
+            match place {
+                Some(first) => c.duplicates.push(Duplicate {
+                    key,
+                    phase: if candidate { visitor.candidate } else { visitor.baseline }.to_string(),
+                    first_line: first.loc.line,
+                    second_line: side.loc.line,
+                }),
+                None => *place = Some(side),
+            }
+        }
+        Item::OtherPhase(phase) => match c.phase_counts.get_mut(phase.as_ref()) {
+            Some(n) => *n += 1,
+            None => {
+                c.phase_counts.insert(phase.into_owned(), 1);
+            }
+        },
+        Item::Meta(meta, loc) => c.metas.push((*meta, loc)),
+        Item::Skip => {}
+    })?;
+    c.dtypes = other_dtypes;
+    for (phase, n) in [(baseline, n_base), (candidate, n_cand)] {
+        if n > 0 {
+            *c.phase_counts.entry(phase.to_string()).or_insert(0) += n;
+        }
+    }
+    c.read = stats;
+    drop(index);
+    let mut order: Vec<(DataflowKey, u32)> =
+        c.pairs.par_iter().enumerate().map(|(i, (k, _))| (dataflow_key(k), i as u32)).collect();
+    order.par_sort_unstable();
+    c.order = order.into_iter().map(|(_, i)| i).collect();
+    Ok(c)
+}

@@ -1,0 +1,41 @@
+//! driftscope's analyzer: pairs the events of a baseline and a candidate phase, classifies each
+//! pair, finds where drift originates using the dataflow graph of the trace points, names a root
+//! cause and renders the report.
+//!
+//! It reads traces through `driftscope-trace` and never runs a model.
+
+pub mod advice;
+pub mod analysis;
+pub mod collect;
+pub mod dataflow;
+pub mod report;
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::Path;
+
+pub use analysis::{analyze, Analysis, AnalyzeError, Classification, Options, PairStatus, Verdict};
+pub use collect::{collect_file, Collected};
+
+use driftscope_trace::Loc;
+
+/// Reads the raw text of one line back from the trace (for the report's evidence section).
+pub fn read_line_at(path: &Path, loc: Loc) -> std::io::Result<String> {
+    let mut f = File::open(path)?;
+    f.seek(SeekFrom::Start(loc.offset))?;
+    let mut buf = vec![0u8; loc.len as usize];
+    f.read_exact(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf);
+    Ok(text.trim_end_matches('\r').to_string())
+}
+
+/// The first failure's two events, pretty-printed from the file.
+pub fn evidence(a: &Analysis, path: &Path) -> std::io::Result<Option<report::Evidence>> {
+    let Some(ff) = a.first_failure else { return Ok(None) };
+    let p = &a.pairs[ff];
+    let (Some(b), Some(c)) = (p.baseline, p.candidate) else { return Ok(None) };
+    Ok(Some(report::Evidence {
+        baseline: report::pretty::pretty_json(&read_line_at(path, b.loc)?),
+        candidate: report::pretty::pretty_json(&read_line_at(path, c.loc)?),
+    }))
+}

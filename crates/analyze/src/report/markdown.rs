@@ -1,0 +1,662 @@
+//! The Markdown report, in the seed report's layout: header, verdict, summary, failure
+//! breakdown, first failure, sample evidence, propagation tree, root cause, recommendations.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use driftscope_trace::Point;
+
+use crate::advice::{list_nodes, magnitude_sentence, recommendations};
+use crate::analysis::{describe_region, Analysis, Classification, Group, PairStatus, Verdict};
+use crate::collect::{PointId, Side};
+use crate::dataflow::Node;
+use crate::report::{Evidence, ReportContext};
+
+/// Renders the report.
+pub fn render(a: &Analysis, ctx: &ReportContext) -> String {
+    let mut md = String::new();
+    header(a, ctx, &mut md);
+    verdict(a, &mut md);
+    summary(a, &mut md);
+    breakdown(a, &mut md);
+    per_prompt(a, &mut md);
+    first_failure(a, &mut md);
+    evidence(a, ctx.evidence.as_ref(), &mut md);
+    propagation(a, &mut md);
+    root_cause(a, &mut md);
+    recs(a, &mut md);
+    appendix(a, &mut md);
+    md
+}
+
+fn pct(n: u64, total: u64) -> String {
+    if total == 0 {
+        return "0%".into();
+    }
+    let p = n as f64 * 100.0 / total as f64;
+    let s = format!("{p:.2}");
+    let s = s.trim_end_matches('0').trim_end_matches('.');
+    format!("{s}%")
+}
+
+fn header(a: &Analysis, ctx: &ReportContext, md: &mut String) {
+    let meta = a.meta();
+    let _ = writeln!(md, "# driftscope report: `{}` vs `{}` drift\n", a.options.baseline, a.options.candidate);
+    let date = meta.date.as_deref().map(|d| d.get(..10).unwrap_or(d)).unwrap_or(&ctx.date);
+    let _ = writeln!(md, "**Date**: {date}  ");
+    let fields = [
+        ("Host", &meta.host),
+        ("Device", &meta.device),
+        ("Engine", &meta.engine),
+        ("Model", &meta.model),
+        ("Dtype", &meta.dtype),
+        ("Kernel Profile", &meta.profile),
+        ("Run Mode", &meta.run_mode),
+    ];
+    for (name, value) in fields {
+        if let Some(v) = value {
+            let _ = writeln!(md, "**{name}**: {v}  ");
+        }
+    }
+    let r = &a.collected.read;
+    let _ = writeln!(
+        md,
+        "**Trace**: `{}` ({} lines, {} stage_trace events{})",
+        a.source,
+        r.lines,
+        r.stage_events,
+        if r.other_events > 0 { format!(", {} events of other kinds skipped", r.other_events) } else { String::new() }
+    );
+    md.push_str("\n---\n\n");
+}
+
+fn verdict(a: &Analysis, md: &mut String) {
+    match (a.verdict, a.root_cause) {
+        (Verdict::Pass, _) => {
+            let _ = writeln!(md, "## Verdict: **PASS**\n");
+            let _ = writeln!(
+                md,
+                "All {} pairs are bitwise identical between `{}` and `{}`.",
+                a.summary.total_pairs, a.options.baseline, a.options.candidate
+            );
+        }
+        (Verdict::Fail, cause) => {
+            let cause = cause.unwrap_or("UNLOCALIZED");
+            let _ = writeln!(md, "## Verdict: **FAIL** + ROOT_CAUSE: **{cause}**\n");
+            if let Some(ff) = a.first_failure {
+                let _ = writeln!(md, "First divergence: {}.", a.pair_name(ff));
+            }
+            let causes = a.distinct_causes();
+            let failing = a.groups.iter().filter(|g| g.cause.is_some()).count();
+            if causes.len() > 1 {
+                let _ = writeln!(
+                    md,
+                    "\n**Prompts disagree**: {} failing prompt(s) name {} different root causes ({}); see Per-Prompt Results.",
+                    failing,
+                    causes.len(),
+                    causes.iter().copied().collect::<Vec<_>>().join(", ")
+                );
+            } else if failing < a.groups.len() {
+                let _ = writeln!(
+                    md,
+                    "\n**Prompts disagree**: {} of {} prompts fail; see Per-Prompt Results.",
+                    failing,
+                    a.groups.len()
+                );
+            }
+        }
+    }
+    md.push_str("\n---\n\n");
+}
+
+fn summary(a: &Analysis, md: &mut String) {
+    let s = &a.summary;
+    md.push_str("## Summary\n\n| Metric | Value |\n|--------|-------|\n");
+    let _ = writeln!(md, "| **Total Pairs** | {} |", s.total_pairs);
+    let _ = writeln!(md, "| **Pass** | {} ({}) |", s.passed, pct(s.passed, s.total_pairs));
+    let _ = writeln!(md, "| **Fail** | {} ({}) |", s.failed, pct(s.failed, s.total_pairs));
+    let _ = writeln!(md, "| **Missing Pairs** | {} |", s.missing_pairs);
+    let extra = [
+        ("Misaligned (of Fail)", s.misaligned),
+        ("Numeric Faults (of Fail)", s.numeric_faults),
+        ("Duplicate Events Dropped", s.duplicates),
+        ("Unreadable Lines Skipped", s.skipped_lines),
+    ];
+    for (name, n) in extra {
+        if n > 0 {
+            let _ = writeln!(md, "| **{name}** | {n} |");
+        }
+    }
+    md.push('\n');
+}
+
+fn breakdown(a: &Analysis, md: &mut String) {
+    if a.breakdown.is_empty() {
+        return;
+    }
+    md.push_str("## Failure Breakdown\n\n| Root Cause | Count | Percentage |\n|------------|-------|------------|\n");
+    for (class, n) in &a.breakdown {
+        let _ = writeln!(md, "| {class} | {n} | {} |", pct(*n, a.summary.total_pairs));
+    }
+    md.push('\n');
+}
+
+fn origin_text(a: &Analysis, g: &Group) -> String {
+    let Some(ff) = g.first_failure else {
+        return if g.missing > 0 { "incomplete (missing pairs)".into() } else { "—".into() };
+    };
+    match g.origins.iter().find(|o| o.pair == ff) {
+        Some(o) => match o.layers {
+            Some((x, y)) if x != y => format!(
+                "between {} and {} (layers {x}–{y})",
+                list_nodes(&o.upstream),
+                a.pairs[ff].node.map_or(String::new(), |n| format!("`{n}`"))
+            ),
+            _ => format!("`{}`", o.node),
+        },
+        None => a.pair_name(ff),
+    }
+}
+
+fn per_prompt(a: &Analysis, md: &mut String) {
+    if a.groups.len() < 2 {
+        return;
+    }
+    md.push_str("## Per-Prompt Results\n\n| Prompt | pos_id | seq_len (base / cand) | Pairs | Pass | Fail | Missing | Origin | Root Cause |\n|---|---|---|---|---|---|---|---|---|\n");
+    for g in &a.groups {
+        let side = g.pairs.iter().find_map(|&i| a.pairs[i].baseline.zip(a.pairs[i].candidate));
+        let (pos, lens) = match side {
+            Some((b, c)) => (b.pos_id.to_string(), format!("{} / {}", b.seq_len, c.seq_len)),
+            None => ("?".into(), "?".into()),
+        };
+        let name = match g.rank {
+            Some(r) => format!("`{}` (rank {r})", a.prompt_id(g)),
+            None => format!("`{}`", a.prompt_id(g)),
+        };
+        let _ = writeln!(
+            md,
+            "| {name} | {pos} | {lens} | {} | {} | {} | {} | {} | {} |",
+            g.pairs.len(),
+            g.passed,
+            g.failed,
+            g.missing,
+            origin_text(a, g),
+            g.cause.map_or("PASS".to_string(), |c| format!("**{c}**"))
+        );
+    }
+    md.push('\n');
+}
+
+fn fmt_stat(x: f64) -> String {
+    if x.is_nan() {
+        "NaN".into()
+    } else if x.is_infinite() {
+        if x > 0.0 {
+            "Infinity".into()
+        } else {
+            "-Infinity".into()
+        }
+    } else {
+        format!("{x}")
+    }
+}
+
+fn first_failure(a: &Analysis, md: &mut String) {
+    let Some(ff) = a.first_failure else { return };
+    let p = &a.pairs[ff];
+    let (Some(b), Some(c)) = (p.baseline, p.candidate) else { return };
+    md.push_str("## First Failure\n\n");
+    let _ = writeln!(
+        md,
+        "**Location**: `{}` tensor, Layer {}, Prompt `{}`, pos_id {}{}\n",
+        a.collected.point_name(p.key.point),
+        p.key.layer,
+        a.collected.prompts[p.key.prompt as usize],
+        b.pos_id,
+        p.key.rank.map(|r| format!(", rank {r}")).unwrap_or_default()
+    );
+    let _ = writeln!(
+        md,
+        "| Metric | {} (step={}, seq_len={}) | {} (step={}, seq_len={}) | \\|Δ\\| |\n|--------|-----------------|-----------------|-----|",
+        a.options.baseline, b.step, b.seq_len, a.options.candidate, c.step, c.seq_len
+    );
+    let _ = writeln!(md, "| **Hash** | {} | {} | |", b.hash, c.hash);
+    let _ = writeln!(md, "| **Match** | ❌ NO | ❌ NO | |");
+    if b.pos_id != c.pos_id {
+        let _ = writeln!(md, "| **pos_id** | {} | {} | |", b.pos_id, c.pos_id);
+    }
+    let rows: [(&str, f64, f64); 3] = [("min", b.min, c.min), ("max", b.max, c.max), ("mean", b.mean, c.mean)];
+    for (name, x, y) in rows {
+        let _ = writeln!(md, "| {name} | {} | {} | {} |", fmt_stat(x), fmt_stat(y), delta(x, y));
+    }
+    if let (Some(x), Some(y)) = (b.l2, c.l2) {
+        let _ = writeln!(md, "| l2 | {} | {} | {} |", fmt_stat(x), fmt_stat(y), delta(x, y));
+    }
+    for (name, f) in [("nan_count", side_nan as fn(&Side) -> Option<u64>), ("inf_count", side_inf)] {
+        let (x, y) = (f(&b), f(&c));
+        if x.is_some() || y.is_some() {
+            let show = |v: Option<u64>| v.map_or("—".to_string(), |v| v.to_string());
+            let _ = writeln!(md, "| {name} | {} | {} | |", show(x), show(y));
+        }
+    }
+    let _ = writeln!(md, "| line | {} | {} | |", b.loc.line, c.loc.line);
+    md.push('\n');
+    let dtype = a.dtype_of(ff);
+    if let Some(d) = p.delta {
+        let _ = writeln!(md, "**Magnitude** (from stats; no dump): {}.\n", magnitude_sentence(&d, dtype));
+    }
+    let _ = writeln!(md, "**Classification**: {}\n", classification_text(a, ff));
+    md.push_str("---\n\n");
+}
+
+fn side_nan(s: &Side) -> Option<u64> {
+    s.nan_count
+}
+fn side_inf(s: &Side) -> Option<u64> {
+    s.inf_count
+}
+
+fn delta(x: f64, y: f64) -> String {
+    if x == y {
+        "0".into()
+    } else if x.is_finite() && y.is_finite() {
+        format!("{:.3e}", (x - y).abs())
+    } else {
+        "—".into()
+    }
+}
+
+/// One line on why a pair is classified as it is.
+fn classification_text(a: &Analysis, i: usize) -> String {
+    let p = &a.pairs[i];
+    match p.classification {
+        Some(Classification::Originated) => {
+            let g = a.groups.iter().find(|g| g.pairs.contains(&i));
+            let o = g.and_then(|g| g.origins.iter().find(|o| o.pair == i));
+            match o {
+                Some(o) if o.region.len() == 1 => format!(
+                    "ORIGINATED: its traced inputs ({}) match, so the op `{}` itself computes differently.",
+                    list_nodes(&o.upstream),
+                    crate::dataflow::op_of(o.node).0
+                ),
+                Some(o) => format!(
+                    "ORIGINATED: its nearest traced inputs ({}) match; the drift starts in the untraced ops \
+                     between them: {}.",
+                    list_nodes(&o.upstream),
+                    describe_region(&o.region)
+                ),
+                None => "ORIGINATED".into(),
+            }
+        }
+        Some(Classification::Inherited) => {
+            format!("INHERITED from {} (a traced input already drifts).", list_nodes(&p.inherited_from))
+        }
+        Some(Classification::Undetermined) => format!(
+            "UNDETERMINED: its nearest traced input(s) {} are missing or misaligned.",
+            list_nodes(&p.unknown_upstream)
+        ),
+        Some(Classification::Unplaced) => "UNPLACED: the point is not in driftscope's vocabulary.".into(),
+        None if p.status == PairStatus::Misaligned => "MISALIGNED: the two events are about different tokens.".into(),
+        None => "—".into(),
+    }
+}
+
+fn evidence(a: &Analysis, ev: Option<&Evidence>, md: &mut String) {
+    let (Some(ff), Some(ev)) = (a.first_failure, ev) else { return };
+    let p = &a.pairs[ff];
+    md.push_str("## Sample Trace Evidence\n\n");
+    let point = a.collected.point_name(p.key.point);
+    let prompt = &a.collected.prompts[p.key.prompt as usize];
+    for (phase, raw, side) in
+        [(&a.options.baseline, &ev.baseline, p.baseline), (&a.options.candidate, &ev.candidate, p.candidate)]
+    {
+        let line = side.map_or(0, |s| s.loc.line);
+        let _ = writeln!(
+            md,
+            "### {phase} - {point} Layer {} ({prompt}), line {line}\n```json\n{}\n```\n",
+            p.key.layer, raw
+        );
+    }
+    md.push_str("---\n\n");
+}
+
+/// The propagation tree of one group, as lines.
+fn tree(a: &Analysis, g: &Group) -> Vec<String> {
+    let mut globals_before: Vec<String> = vec![];
+    let mut globals_after: Vec<String> = vec![];
+    let mut layers: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    for &i in &g.pairs {
+        let p = &a.pairs[i];
+        let name = a.collected.point_name(p.key.point);
+        let line = format!("{name}: {}", node_status(a, i));
+        match p.key.point {
+            PointId::Known(Point::EmbedOut) => globals_before.push(line),
+            PointId::Known(pt) if !pt.is_per_layer() => globals_after.push(line),
+            _ => layers.entry(p.key.layer).or_default().push(line),
+        }
+    }
+    // Group layers whose lines are identical, as the seed report does.
+    let mut grouped: Vec<(Vec<u32>, Vec<String>)> = vec![];
+    for (l, lines) in layers {
+        match grouped.iter_mut().find(|(_, ls)| *ls == lines) {
+            Some((ids, _)) => ids.push(l),
+            None => grouped.push((vec![l], lines)),
+        }
+    }
+    let mut out = globals_before;
+    for (ids, lines) in grouped {
+        let ids_text = ids.iter().map(u32::to_string).collect::<Vec<_>>().join(", ");
+        out.push(if ids.len() == 1 { format!("Layer {ids_text}:") } else { format!("Layers {ids_text}:") });
+        for (k, line) in lines.iter().enumerate() {
+            let branch = if k + 1 == lines.len() { "└──" } else { "├──" };
+            out.push(format!("  {branch} {line}"));
+        }
+    }
+    out.extend(globals_after);
+    out
+}
+
+/// `✓ MATCH`, `✗ DRIFT (…)`, with the relation to upstream in layer-relative words.
+fn node_status(a: &Analysis, i: usize) -> String {
+    let p = &a.pairs[i];
+    match p.status {
+        PairStatus::Pass => "✓ MATCH (hash identical)".into(),
+        PairStatus::MissingBaseline => format!("? MISSING (no `{}` event)", a.options.baseline),
+        PairStatus::MissingCandidate => format!("? MISSING (no `{}` event)", a.options.candidate),
+        PairStatus::Misaligned => "✗ MISALIGNED (different tokens)".into(),
+        s => {
+            let what = if s == PairStatus::NumericFault { "✗ NUMERIC FAULT" } else { "✗ DRIFT" };
+            let layer = p.key.layer;
+            let why = match p.classification {
+                Some(Classification::Originated) => {
+                    let g = a.groups.iter().find(|g| g.pairs.contains(&i));
+                    match g.and_then(|g| g.origins.iter().find(|o| o.pair == i)) {
+                        Some(o) if o.region.len() == 1 => "originated here: inputs match".to_string(),
+                        Some(o) => {
+                            let span = match o.layers {
+                                Some((x, y)) if x != y => format!(" somewhere in untraced layers {x}–{y}"),
+                                _ => " in the untraced ops before it".to_string(),
+                            };
+                            format!("originated{span}; inputs {} match", relative(&o.upstream, layer))
+                        }
+                        None => "originated".into(),
+                    }
+                }
+                Some(Classification::Inherited) => format!("propagated from {}", relative(&p.inherited_from, layer)),
+                Some(Classification::Undetermined) => {
+                    format!("origin undetermined: {} missing/misaligned", relative(&p.unknown_upstream, layer))
+                }
+                Some(Classification::Unplaced) => "point outside the vocabulary".into(),
+                None => String::new(),
+            };
+            format!("{what} ({why})")
+        }
+    }
+}
+
+/// Names nodes relative to a layer, so that identical layers render identically.
+fn relative(nodes: &[Node], layer: u32) -> String {
+    let mut same: Vec<String> = vec![];
+    let mut earlier = false;
+    let mut global: Vec<String> = vec![];
+    for n in nodes {
+        match n {
+            Node::Layer(l, p) if *l == layer => same.push(p.as_str().to_string()),
+            Node::Layer(..) | Node::LayersAfter(_) => earlier = true,
+            Node::Global(p) => global.push(p.as_str().to_string()),
+        }
+    }
+    let mut parts = global;
+    if earlier {
+        parts.push("the previous traced layer".into());
+    }
+    parts.extend(same);
+    if parts.is_empty() {
+        "the input tokens".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+fn propagation(a: &Analysis, md: &mut String) {
+    if a.verdict == Verdict::Pass {
+        return;
+    }
+    md.push_str("## Drift Propagation Pattern\n\n");
+    let trees: Vec<(String, Vec<String>)> = a
+        .groups
+        .iter()
+        .map(|g| {
+            let name = match g.rank {
+                Some(r) => format!("`{}` rank {r}", a.prompt_id(g)),
+                None => format!("`{}`", a.prompt_id(g)),
+            };
+            (name, tree(a, g))
+        })
+        .collect();
+    let mut shown: Vec<(Vec<String>, Vec<String>)> = vec![];
+    for (name, t) in trees {
+        match shown.iter_mut().find(|(_, st)| *st == t) {
+            Some((names, _)) => names.push(name),
+            None => shown.push((vec![name], t)),
+        }
+    }
+    for (names, t) in &shown {
+        let _ = writeln!(md, "Prompt{} {}:\n```", if names.len() > 1 { "s" } else { "" }, names.join(", "));
+        for line in t {
+            let _ = writeln!(md, "{line}");
+        }
+        md.push_str("```\n\n");
+    }
+    let traced: std::collections::BTreeSet<u32> = a
+        .pairs
+        .iter()
+        .filter(|p| matches!(p.key.point, PointId::Known(pt) if pt.is_per_layer()))
+        .map(|p| p.key.layer)
+        .collect();
+    let untraced: Vec<u32> = (0..a.graph.n_layers).filter(|l| !traced.contains(l)).collect();
+    if !untraced.is_empty() {
+        let _ = writeln!(
+            md,
+            "Layers not traced: {} of {}{}. Drift passing through them is inferred, not observed.\n",
+            ranges(&untraced),
+            a.graph.n_layers,
+            if a.graph.exact { "" } else { " or more (the trace's run_meta does not give n_layers)" }
+        );
+    }
+    md.push_str("---\n\n");
+}
+
+/// `3, 5–7`.
+fn ranges(v: &[u32]) -> String {
+    let mut out: Vec<String> = vec![];
+    let mut i = 0;
+    while i < v.len() {
+        let mut j = i;
+        while j + 1 < v.len() && v[j + 1] == v[j] + 1 {
+            j += 1;
+        }
+        out.push(if i == j { v[i].to_string() } else { format!("{}–{}", v[i], v[j]) });
+        i = j + 1;
+    }
+    out.join(", ")
+}
+
+fn root_cause(a: &Analysis, md: &mut String) {
+    if a.verdict == Verdict::Pass {
+        return;
+    }
+    md.push_str("## Root Cause Analysis\n\n");
+    // Prompts whose first failure has the same cause and the same origin share one explanation.
+    let mut sections: Vec<(String, Vec<&Group>)> = vec![];
+    for g in a.groups.iter().filter(|g| g.cause.is_some()) {
+        let text = group_cause_text(a, g);
+        match sections.iter_mut().find(|(t, _)| *t == text) {
+            Some((_, gs)) => gs.push(g),
+            None => sections.push((text, vec![g])),
+        }
+    }
+    for (text, gs) in &sections {
+        if a.groups.len() > 1 {
+            let names: Vec<String> = gs.iter().map(|g| format!("`{}`", a.prompt_id(g))).collect();
+            let _ = writeln!(md, "**Prompt{} {}**\n", if gs.len() > 1 { "s" } else { "" }, names.join(", "));
+        }
+        let _ = writeln!(md, "{text}\n");
+        evidence_table(a, gs, md);
+    }
+    md.push_str("---\n\n");
+}
+
+/// Per prompt: the shapes and the magnitude at the first failure.
+fn evidence_table(a: &Analysis, gs: &[&Group], md: &mut String) {
+    let rows: Vec<String> = gs
+        .iter()
+        .filter_map(|g| {
+            let ff = g.first_failure?;
+            let p = &a.pairs[ff];
+            let (b, c) = (p.baseline?, p.candidate?);
+            let d = p.delta?;
+            let inherited =
+                g.pairs.iter().filter(|&&i| a.pairs[i].classification == Some(Classification::Inherited)).count();
+            Some(format!(
+                "| `{}` | {} | {} / {} | {:.3e} | {:.3e} | {inherited} |",
+                a.prompt_id(g),
+                b.pos_id,
+                b.seq_len,
+                c.seq_len,
+                d.max_abs_lower_bound,
+                d.rel
+            ))
+        })
+        .collect();
+    if rows.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        md,
+        "| Prompt | pos_id | seq_len ({} / {}) | max \\|Δ\\| ≥ (stats) | relative | later pairs inheriting |\n|---|---|---|---|---|---|",
+        a.options.baseline, a.options.candidate
+    );
+    for r in rows {
+        let _ = writeln!(md, "{r}");
+    }
+    let ff = gs.iter().find_map(|g| g.first_failure);
+    if let Some(d) = ff.and_then(|i| a.pairs[i].delta) {
+        let _ =
+            writeln!(md, "\nMagnitude, first prompt: {}.\n", magnitude_sentence(&d, ff.and_then(|i| a.dtype_of(i))));
+    } else {
+        md.push('\n');
+    }
+}
+
+/// The explanation of one group's root cause, in words that do not depend on the prompt.
+fn group_cause_text(a: &Analysis, g: &Group) -> String {
+    let mut t = String::new();
+    let cause = g.cause.unwrap_or("UNLOCALIZED");
+    let Some(ff) = g.first_failure else {
+        let _ = write!(t, "**{cause}**: no pair differs, but {} pair(s) were traced in one phase only.", g.missing);
+        return t;
+    };
+    let p = &a.pairs[ff];
+    let point = a.collected.point_name(p.key.point);
+    let _ = writeln!(t, "**{cause}**: the first divergence is `{point}` at layer {}.", p.key.layer);
+    let Some(o) = g.origins.iter().find(|o| o.pair == ff) else {
+        let _ = write!(t, "\n{}", classification_text(a, ff));
+        return t.trim_end().to_string();
+    };
+    let _ = writeln!(t);
+    let _ = writeln!(t, "1. Upstream evidence: {} match bitwise in both phases.", list_nodes(&o.upstream));
+    let ops = describe_region(&o.region);
+    match o.layers {
+        Some((x, y)) if x != y => {
+            let _ = writeln!(
+                t,
+                "2. Between them and the first drift lie untraced ops across layers {x}–{y}: {ops}. The origin is \
+                 somewhere in that range; this trace cannot say which op."
+            );
+        }
+        _ if o.region.len() == 1 => {
+            let _ = writeln!(t, "2. The only op between them is {ops}: it computes differently in the two phases.");
+        }
+        _ => {
+            let _ = writeln!(t, "2. The ops between them are untraced: {ops}. One of them computes differently.");
+        }
+    }
+    let _ = writeln!(
+        t,
+        "3. Everything downstream that drifts is inherited from here (see the propagation tree); the \
+         hashes alone cannot tell whether later ops add drift of their own."
+    );
+    let more: Vec<String> =
+        g.origins.iter().filter(|x| x.pair != ff).map(|x| format!("`{}` ({})", x.node, x.cause)).collect();
+    if !more.is_empty() {
+        let _ = writeln!(t, "4. Drift also starts anew, with matching inputs, at: {}.", more.join(", "));
+    }
+    t.trim_end().to_string()
+}
+
+fn recs(a: &Analysis, md: &mut String) {
+    let list = recommendations(a);
+    if list.is_empty() {
+        return;
+    }
+    md.push_str("## Recommendations\n\n");
+    for (i, r) in list.iter().enumerate() {
+        let _ = writeln!(md, "{}. {r}", i + 1);
+    }
+    md.push('\n');
+}
+
+fn appendix(a: &Analysis, md: &mut String) {
+    let missing: Vec<usize> = (0..a.pairs.len()).filter(|&i| a.pairs[i].status.is_missing()).collect();
+    if !missing.is_empty() {
+        md.push_str("## Missing Pairs\n\n| Prompt | Layer | Point | Present in | Line |\n|---|---|---|---|---|\n");
+        for &i in missing.iter().take(100) {
+            let p = &a.pairs[i];
+            let (phase, side) = match p.status {
+                PairStatus::MissingCandidate => (&a.options.baseline, p.baseline),
+                _ => (&a.options.candidate, p.candidate),
+            };
+            let _ = writeln!(
+                md,
+                "| `{}` | {} | `{}` | {phase} | {} |",
+                a.collected.prompts[p.key.prompt as usize],
+                p.key.layer,
+                a.collected.point_name(p.key.point),
+                side.map_or(0, |s| s.loc.line)
+            );
+        }
+        if missing.len() > 100 {
+            let _ = writeln!(md, "\n… and {} more (all in the JSON verdict).", missing.len() - 100);
+        }
+        md.push('\n');
+    }
+    let read = &a.collected.read;
+    if read.bad_line_count > 0 {
+        md.push_str("## Skipped Lines (--lenient)\n\n");
+        for b in &read.bad_lines {
+            let _ = writeln!(md, "- `{}:{}`: {}", a.source, b.line, b.message);
+        }
+        let more = read.bad_line_count - read.bad_lines.len() as u64;
+        if more > 0 {
+            let _ = writeln!(md, "- … and {more} more");
+        }
+        md.push('\n');
+    }
+    if !a.collected.duplicates.is_empty() {
+        md.push_str("## Duplicate Events Dropped (--lenient)\n\n");
+        for d in a.collected.duplicates.iter().take(50) {
+            let _ = writeln!(
+                md,
+                "- `{}` layer {} `{}` in `{}`: line {} kept, line {} dropped",
+                a.collected.prompts[d.key.prompt as usize],
+                d.key.layer,
+                a.collected.point_name(d.key.point),
+                d.phase,
+                d.first_line,
+                d.second_line
+            );
+        }
+        md.push('\n');
+    }
+}

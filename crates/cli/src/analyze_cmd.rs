@@ -1,0 +1,76 @@
+//! `driftscope analyze`: glue between the flags, the analyzer and the output files.
+
+use std::io::Write;
+use std::time::SystemTime;
+
+use anyhow::{Context, Result};
+use driftscope_analyze::report::{json::verdict_json, markdown, ReportContext};
+use driftscope_analyze::{analyze, collect_file, evidence, Options, Verdict};
+use driftscope_trace::ReadOptions;
+
+use crate::args::AnalyzeArgs;
+use crate::output::{check_outputs, write_atomic};
+
+/// Runs the analysis; returns the verdict.
+pub fn run(args: &AnalyzeArgs) -> Result<Verdict> {
+    let outputs: Vec<&std::path::Path> = args.report.iter().chain(args.json.iter()).map(|p| p.as_path()).collect();
+    check_outputs(&[&args.trace], &outputs)?;
+
+    let read_opts = ReadOptions { lenient: args.lenient, ..ReadOptions::default() };
+    let collected = collect_file(&args.trace, &args.baseline, &args.candidate, read_opts)?;
+    let options = Options {
+        baseline: args.baseline.clone(),
+        candidate: args.candidate.clone(),
+        allow_missing: args.allow_missing,
+        lenient: args.lenient,
+    };
+    let analysis = analyze(collected, &args.trace, options)?;
+    let ctx = ReportContext {
+        date: today(),
+        evidence: evidence(&analysis, &args.trace)
+            .with_context(|| format!("cannot read evidence lines back from {}", args.trace.display()))?,
+    };
+    let md = markdown::render(&analysis, &ctx);
+    if let Some(path) = &args.json {
+        let mut text = serde_json::to_string_pretty(&verdict_json(&analysis))?;
+        text.push('\n');
+        write_atomic(path, text.as_bytes())?;
+    }
+    if let Some(path) = &args.report {
+        write_atomic(path, md.as_bytes())?;
+    }
+    let mut stdout = std::io::stdout().lock();
+    if outputs.is_empty() {
+        stdout.write_all(md.as_bytes())?;
+    } else {
+        writeln!(stdout, "{}", verdict_line(&analysis))?;
+    }
+    stdout.flush()?;
+    Ok(analysis.verdict)
+}
+
+/// `FAIL + ROOT_CAUSE: X (first divergence: ...)` or `PASS (...)`.
+pub fn verdict_line(a: &driftscope_analyze::Analysis) -> String {
+    match a.verdict {
+        Verdict::Pass => format!("PASS: all {} pairs bitwise identical", a.summary.total_pairs),
+        Verdict::Fail => {
+            let mut s = format!(
+                "FAIL + ROOT_CAUSE: {} ({} of {} pairs fail, {} missing",
+                a.root_cause.unwrap_or("UNLOCALIZED"),
+                a.summary.failed,
+                a.summary.total_pairs,
+                a.summary.missing_pairs
+            );
+            if let Some(ff) = a.first_failure {
+                s.push_str(&format!("; first divergence: {}", a.pair_name(ff).replace('`', "")));
+            }
+            s.push(')');
+            s
+        }
+    }
+}
+
+fn today() -> String {
+    let now = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    now.get(..10).unwrap_or(&now).to_string()
+}

@@ -1,0 +1,51 @@
+//! Writing result files safely: never over the input, never half-written.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+
+/// The absolute form of a path whose file may not exist yet.
+fn absolute(path: &Path) -> PathBuf {
+    if let Ok(p) = path.canonicalize() {
+        return p;
+    }
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    match (parent.canonicalize(), path.file_name()) {
+        (Ok(dir), Some(name)) => dir.join(name),
+        _ => path.to_path_buf(),
+    }
+}
+
+/// Refuses outputs that would overwrite an input or each other.
+pub fn check_outputs(inputs: &[&Path], outputs: &[&Path]) -> Result<()> {
+    for (i, out) in outputs.iter().enumerate() {
+        let abs = absolute(out);
+        for input in inputs {
+            if absolute(input) == abs {
+                bail!("refusing to write {} over the input {}", out.display(), input.display());
+            }
+        }
+        for other in &outputs[..i] {
+            if absolute(other) == abs {
+                bail!("two outputs name the same file {}", out.display());
+            }
+        }
+        if abs.is_dir() {
+            bail!("{} is a directory, not a file", out.display());
+        }
+    }
+    Ok(())
+}
+
+/// Writes `contents` to `path` atomically: a temporary file in the same directory, then rename.
+pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".driftscope-")
+        .tempfile_in(dir)
+        .with_context(|| format!("cannot create a file in {}", dir.display()))?;
+    tmp.write_all(contents).with_context(|| format!("cannot write {}", path.display()))?;
+    tmp.persist(path).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(())
+}

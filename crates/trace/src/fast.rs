@@ -1,0 +1,556 @@
+//! A fast path for parsing `stage_trace` lines.
+//!
+//! Traces are millions of flat objects with the same dozen fields. This scanner reads such a
+//! line without serde's generic machinery. It is strict: anything it is not sure about (escapes
+//! in strings, unusual numbers, duplicate fields, missing fields, trailing bytes) makes it give
+//! up and return `None`, and the caller parses the line with serde_json, which is the reference
+//! for both the values and the error messages. A test checks on mutated lines that whenever the
+//! fast path answers, serde_json gives the same event.
+
+use std::borrow::Cow;
+
+use crate::event::StageTrace;
+
+struct Cursor<'a> {
+    s: &'a str,
+    b: &'a [u8],
+    i: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn ws(&mut self) {
+        while let Some(b' ' | b'\t' | b'\r' | b'\n') = self.b.get(self.i) {
+            self.i += 1;
+        }
+    }
+
+    fn peek(&self) -> Option<u8> {
+        self.b.get(self.i).copied()
+    }
+
+    fn eat(&mut self, c: u8) -> Option<()> {
+        self.ws();
+        (self.peek()? == c).then(|| self.i += 1)
+    }
+
+    /// A string without escapes or control characters.
+    fn string(&mut self) -> Option<&'a str> {
+        self.eat(b'"')?;
+        let start = self.i;
+        loop {
+            match *self.b.get(self.i)? {
+                b'"' => break,
+                b'\\' | 0..=0x1f => return None,
+                _ => self.i += 1,
+            }
+        }
+        let out = &self.s[start..self.i];
+        self.i += 1;
+        Some(out)
+    }
+
+    /// The extent of a JSON number, checked against the JSON grammar; `true` when it has a
+    /// fraction or exponent.
+    fn number_span(&mut self) -> Option<(&'a str, bool)> {
+        self.ws();
+        let start = self.i;
+        let digits = |c: &mut Self| {
+            let s = c.i;
+            while c.peek().is_some_and(|b| b.is_ascii_digit()) {
+                c.i += 1;
+            }
+            c.i - s
+        };
+        if self.peek() == Some(b'-') {
+            self.i += 1;
+        }
+        let int_start = self.i;
+        let n = digits(self);
+        if n == 0 || (n > 1 && self.b[int_start] == b'0') {
+            return None;
+        }
+        let mut float = false;
+        if self.peek() == Some(b'.') {
+            self.i += 1;
+            if digits(self) == 0 {
+                return None;
+            }
+            float = true;
+        }
+        if let Some(b'e' | b'E') = self.peek() {
+            self.i += 1;
+            if let Some(b'+' | b'-') = self.peek() {
+                self.i += 1;
+            }
+            if digits(self) == 0 {
+                return None;
+            }
+            float = true;
+        }
+        Some((&self.s[start..self.i], float))
+    }
+
+    /// A plain non-negative integer that fits in u64.
+    fn u64(&mut self) -> Option<u64> {
+        self.ws();
+        let start = self.i;
+        let mut v: u64 = 0;
+        while let Some(&b) = self.b.get(self.i) {
+            if !b.is_ascii_digit() {
+                break;
+            }
+            v = v.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+            self.i += 1;
+        }
+        let n = self.i - start;
+        if n == 0 || (n > 1 && self.b[start] == b'0') {
+            return None;
+        }
+        // A fraction or exponent: not an integer; serde decides what to say.
+        if let Some(b'.' | b'e' | b'E') = self.peek() {
+            return None;
+        }
+        Some(v)
+    }
+
+    fn u32(&mut self) -> Option<u32> {
+        u32::try_from(self.u64()?).ok()
+    }
+
+    /// A statistic: a number or one of the non-finite strings.
+    fn stat(&mut self) -> Option<f64> {
+        self.ws();
+        if self.peek() == Some(b'"') {
+            return match self.string()? {
+                "NaN" | "nan" => Some(f64::NAN),
+                "Infinity" | "inf" | "+Infinity" => Some(f64::INFINITY),
+                "-Infinity" | "-inf" => Some(f64::NEG_INFINITY),
+                _ => None,
+            };
+        }
+        let (text, float) = self.number_span()?;
+        if !float && text.len() > 18 {
+            return None; // integers beyond i64/u64 take serde's own path
+        }
+        if let Some(x) = exact_decimal(text) {
+            return Some(x);
+        }
+        // serde_json rejects literals that overflow to infinity.
+        text.parse().ok().filter(|x: &f64| x.is_finite())
+    }
+
+    /// `null` for an optional field.
+    fn null(&mut self) -> bool {
+        self.ws();
+        if self.b[self.i..].starts_with(b"null") {
+            self.i += 4;
+            true
+        } else {
+            false
+        }
+    }
+
+    fn opt<T>(&mut self, f: impl FnOnce(&mut Self) -> Option<T>) -> Option<Option<T>> {
+        if self.null() {
+            Some(None)
+        } else {
+            f(self).map(Some)
+        }
+    }
+
+    fn shape(&mut self) -> Option<Vec<u64>> {
+        self.eat(b'[')?;
+        let mut v = Vec::new();
+        self.ws();
+        if self.peek() == Some(b']') {
+            self.i += 1;
+            return Some(v);
+        }
+        loop {
+            v.push(self.u64()?);
+            self.ws();
+            match self.peek()? {
+                b',' => self.i += 1,
+                b']' => {
+                    self.i += 1;
+                    return Some(v);
+                }
+                _ => return None,
+            }
+        }
+    }
+
+    fn literal(&mut self, word: &[u8]) -> Option<()> {
+        self.b[self.i..].starts_with(word).then(|| self.i += word.len())
+    }
+
+    /// Skips any JSON value (strings without escapes only).
+    fn skip(&mut self, depth: u32) -> Option<()> {
+        if depth > 32 {
+            return None;
+        }
+        self.ws();
+        match self.peek()? {
+            b'"' => self.string().map(|_| ()),
+            b'{' | b'[' => {
+                let close = if self.peek()? == b'{' { b'}' } else { b']' };
+                self.i += 1;
+                self.ws();
+                if self.peek()? == close {
+                    self.i += 1;
+                    return Some(());
+                }
+                loop {
+                    if close == b'}' {
+                        self.string()?;
+                        self.eat(b':')?;
+                    }
+                    self.skip(depth + 1)?;
+                    self.ws();
+                    match self.peek()? {
+                        b',' => self.i += 1,
+                        c if c == close => {
+                            self.i += 1;
+                            return Some(());
+                        }
+                        _ => return None,
+                    }
+                }
+            }
+            b't' => self.literal(b"true"),
+            b'f' => self.literal(b"false"),
+            b'n' => self.literal(b"null"),
+            _ => self.number_span().map(|_| ()),
+        }
+    }
+}
+
+/// Powers of ten that f64 holds exactly.
+const POW10: [f64; 23] = [
+    1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19, 1e20,
+    1e21, 1e22,
+];
+
+/// Clinger's fast path: a decimal whose digits fit in 2^53 and whose power of ten is exact is
+/// one correctly rounded multiplication or division away from its f64. `text` must already be
+/// a valid JSON number. Returns `None` when the fast path does not apply.
+fn exact_decimal(text: &str) -> Option<f64> {
+    let b = text.as_bytes();
+    let (neg, mut i) = if b[0] == b'-' { (true, 1) } else { (false, 0) };
+    let mut mantissa: u64 = 0;
+    let mut exp10: i32 = 0;
+    let mut digits = 0;
+    let mut seen_dot = false;
+    while i < b.len() {
+        match b[i] {
+            c @ b'0'..=b'9' => {
+                if mantissa == 0 && c == b'0' {
+                    // leading zeros add no significant digit
+                } else {
+                    digits += 1;
+                    if digits > 15 {
+                        return None;
+                    }
+                }
+                mantissa = mantissa * 10 + u64::from(c - b'0');
+                if seen_dot {
+                    exp10 -= 1;
+                }
+            }
+            b'.' => seen_dot = true,
+            _ => {
+                // exponent part
+                let e: i32 = text[i + 1..].parse().ok()?;
+                exp10 = exp10.checked_add(e)?;
+                break;
+            }
+        }
+        i += 1;
+    }
+    if mantissa >= 1 << 53 {
+        return None;
+    }
+    let m = mantissa as f64;
+    let v = match exp10 {
+        0 => m,
+        1..=22 => m * POW10[exp10 as usize],
+        -22..=-1 => m / POW10[(-exp10) as usize],
+        _ => return None,
+    };
+    Some(if neg { -v } else { v })
+}
+
+/// The fields the fast path reads, by bit number; other names are skipped.
+const FIELDS: [&str; 21] = [
+    "event",
+    "prompt_id",
+    "phase",
+    "point",
+    "layer",
+    "step",
+    "pos_id",
+    "seq_len",
+    "hash",
+    "min",
+    "max",
+    "mean",
+    "dtype",
+    "shape",
+    "numel",
+    "l2",
+    "nan_count",
+    "inf_count",
+    "token_id",
+    "rank",
+    "tensor",
+];
+
+/// The bit of a field name (31 for names the fast path does not read): a switch on length and
+/// two bytes picks the one candidate, and one comparison confirms it.
+fn field_bit(key: &str) -> u32 {
+    let b = key.as_bytes();
+    let guess = match (b.len(), b.first().copied().unwrap_or(0), b.get(1).copied().unwrap_or(0)) {
+        (5, b'e', _) => 0,
+        (9, b'p', _) => 1,
+        (5, b'p', b'h') => 2,
+        (5, b'p', b'o') => 3,
+        (5, b'l', _) => 4,
+        (4, b's', _) => 5,
+        (6, b'p', _) => 6,
+        (7, b's', _) => 7,
+        (4, b'h', _) => 8,
+        (3, b'm', b'i') => 9,
+        (3, b'm', b'a') => 10,
+        (4, b'm', _) => 11,
+        (5, b'd', _) => 12,
+        (5, b's', _) => 13,
+        (5, b'n', _) => 14,
+        (2, b'l', _) => 15,
+        (9, b'n', _) => 16,
+        (9, b'i', _) => 17,
+        (8, b't', _) => 18,
+        (4, b'r', _) => 19,
+        (6, b't', _) => 20,
+        _ => return 31,
+    };
+    if FIELDS[guess as usize] == key {
+        guess
+    } else {
+        31
+    }
+}
+
+/// Parses a `stage_trace` line, or returns `None` when serde_json must decide.
+pub(crate) fn parse_stage(line: &str) -> Option<StageTrace<'_>> {
+    let mut c = Cursor { s: line, b: line.as_bytes(), i: 0 };
+    c.eat(b'{')?;
+    let mut seen = 0u32;
+    let (mut prompt_id, mut phase, mut point) = (None, None, None);
+    let (mut layer, mut step, mut pos_id, mut seq_len, mut hash) = (None, None, None, None, None);
+    let (mut min, mut max, mut mean) = (None, None, None);
+    let mut ev = StageTrace {
+        event: "stage_trace",
+        prompt_id: Cow::Borrowed(""),
+        phase: Cow::Borrowed(""),
+        point: Cow::Borrowed(""),
+        layer: 0,
+        step: 0,
+        pos_id: 0,
+        seq_len: 0,
+        hash: 0,
+        min: 0.0,
+        max: 0.0,
+        mean: 0.0,
+        dtype: None,
+        shape: None,
+        numel: None,
+        l2: None,
+        nan_count: None,
+        inf_count: None,
+        token_id: None,
+        rank: None,
+        tensor: None,
+    };
+    c.ws();
+    if c.peek()? == b'}' {
+        return None;
+    }
+    loop {
+        let key = c.string()?;
+        c.eat(b':')?;
+        let bit = field_bit(key);
+        if bit != 31 {
+            if seen & (1 << bit) != 0 {
+                return None; // duplicate field: serde reports it
+            }
+            seen |= 1 << bit;
+        }
+        match bit {
+            0 => {
+                if c.string()? != "stage_trace" {
+                    return None;
+                }
+            }
+            1 => prompt_id = Some(c.string()?),
+            2 => phase = Some(c.string()?),
+            3 => point = Some(c.string()?),
+            4 => layer = Some(c.u32()?),
+            5 => step = Some(c.u64()?),
+            6 => pos_id = Some(c.u64()?),
+            7 => seq_len = Some(c.u64()?),
+            8 => hash = Some(c.u64()?),
+            9 => min = Some(c.stat()?),
+            10 => max = Some(c.stat()?),
+            11 => mean = Some(c.stat()?),
+            12 => ev.dtype = c.opt(|c| c.string())?.map(Cow::Borrowed),
+            13 => ev.shape = c.opt(|c| c.shape())?,
+            14 => ev.numel = c.opt(|c| c.u64())?,
+            15 => ev.l2 = c.opt(|c| c.stat())?,
+            16 => ev.nan_count = c.opt(|c| c.u64())?,
+            17 => ev.inf_count = c.opt(|c| c.u64())?,
+            18 => ev.token_id = c.opt(|c| c.u64())?,
+            19 => ev.rank = c.opt(|c| c.u32())?,
+            20 => ev.tensor = c.opt(|c| c.string())?.map(Cow::Borrowed),
+            _ => c.skip(0)?,
+        }
+        c.ws();
+        match c.peek()? {
+            b',' => c.i += 1,
+            b'}' => {
+                c.i += 1;
+                break;
+            }
+            _ => return None,
+        }
+    }
+    c.ws();
+    if c.i != c.b.len() {
+        return None;
+    }
+    ev.prompt_id = Cow::Borrowed(prompt_id?);
+    ev.phase = Cow::Borrowed(phase?);
+    ev.point = Cow::Borrowed(point?);
+    (ev.layer, ev.step, ev.pos_id, ev.seq_len, ev.hash) = (layer?, step?, pos_id?, seq_len?, hash?);
+    (ev.min, ev.max, ev.mean) = (min?, max?, mean?);
+    Some(ev)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LINES: [&str; 4] = [
+        r#"{"event":"stage_trace","prompt_id":"p0_short","phase":"decode0","point":"attn_out","layer":0,"step":1,"pos_id":37,"seq_len":1,"hash":10153995460507501903,"min":-0.00519423,"max":0.00725079,"mean":-0.0000474128}"#,
+        r#"{"event":"stage_trace","prompt_id":"p","phase":"prefill_last","point":"x_in","layer":3,"step":0,"pos_id":5,"seq_len":6,"hash":0,"min":-1e-3,"max":"Infinity","mean":2,"dtype":"bf16","shape":[1,576],"numel":576,"l2":12.5,"nan_count":0,"inf_count":1,"token_id":314,"rank":null,"tensor":"t0","vendor":{"a":[1,true,null,"x"],"b":{}}}"#,
+        r#" { "event" : "stage_trace" , "prompt_id" : "é p" , "phase":"decode0","point":"q","layer":4294967295,"step":0,"pos_id":0,"seq_len":1,"hash":18446744073709551615,"min":0,"max":0.5E+2,"mean":-0.0} "#,
+        r#"{"event":"stage_trace","prompt_id":"x","phase":"y","point":"z","layer":1,"step":2,"pos_id":3,"seq_len":4,"hash":5,"min":1,"max":2,"mean":1.5,"shape":[]}"#,
+    ];
+
+    fn same(a: &StageTrace<'_>, b: &StageTrace<'_>) -> bool {
+        // Compare through JSON so NaN equals NaN and -0.0 is told from 0.0.
+        serde_json::to_string(a).unwrap() == serde_json::to_string(b).unwrap()
+    }
+
+    #[test]
+    fn agrees_with_serde_on_valid_lines() {
+        for line in LINES {
+            let fast = parse_stage(line).unwrap_or_else(|| panic!("fast path gave up on {line}"));
+            let slow: StageTrace<'_> = serde_json::from_str(line).unwrap();
+            assert!(same(&fast, &slow), "{line}");
+        }
+    }
+
+    /// Mutates valid lines at random: whenever the fast path answers, serde must agree.
+    #[test]
+    fn never_answers_where_serde_would_not() {
+        let alphabet = br#"{}[]":,.-+eE0123456789 \nautrsfl"#;
+        let mut rng = 0x2545_F491_4F6C_DD1Du64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let (mut answered, mut total) = (0, 0);
+        for round in 0..100_000 {
+            let mut bytes = LINES[round % LINES.len()].as_bytes().to_vec();
+            for _ in 0..1 + next() % 3 {
+                let at = (next() % bytes.len() as u64) as usize;
+                let ch = alphabet[(next() % alphabet.len() as u64) as usize];
+                match next() % 3 {
+                    0 => bytes[at] = ch,
+                    1 => bytes.insert(at, ch),
+                    _ => {
+                        bytes.remove(at);
+                    }
+                }
+            }
+            let Ok(line) = std::str::from_utf8(&bytes) else { continue };
+            total += 1;
+            if let Some(fast) = parse_stage(line) {
+                answered += 1;
+                match serde_json::from_str::<StageTrace<'_>>(line) {
+                    Ok(slow) => assert!(same(&fast, &slow), "values differ on {line}"),
+                    Err(e) => panic!("fast path accepted a line serde rejects ({e}): {line}"),
+                }
+            }
+        }
+        assert!(answered > total / 20, "the fast path should still answer many mutated lines ({answered}/{total})");
+    }
+
+    #[test]
+    fn exact_decimals_match_the_correctly_rounded_parse() {
+        for text in [
+            "0",
+            "-0",
+            "1",
+            "-0.00519423",
+            "0.00725079",
+            "-0.0000474128",
+            "123456789012345",
+            "0.1",
+            "0.3",
+            "1.5e-7",
+            "2E+3",
+            "9007199254740991",
+            "0.000019228000000000003",
+            "1e23",
+            "1e-23",
+            "17.37",
+        ] {
+            let want: f64 = text.parse().unwrap();
+            if let Some(got) = exact_decimal(text) {
+                assert_eq!(got.to_bits(), want.to_bits(), "{text}");
+            }
+        }
+        assert_eq!(exact_decimal("-0.00519423"), Some(-0.00519423));
+        assert_eq!(exact_decimal("0.000019228000000000003"), None, "more than 15 digits");
+        assert_eq!(exact_decimal("1e23"), None);
+    }
+
+    #[test]
+    fn field_bits_name_every_field() {
+        for (i, name) in FIELDS.iter().enumerate() {
+            assert_eq!(field_bit(name), i as u32, "{name}");
+        }
+        for other in ["", "x", "events", "prompt", "mins", "ma", "vendor", "pos", "tokens_id"] {
+            assert_eq!(field_bit(other), 31, "{other}");
+        }
+    }
+
+    #[test]
+    fn gives_up_on_what_it_does_not_handle() {
+        let base = LINES[0];
+        for bad in [
+            base.replace("p0_short", r"p0\u0041"),
+            base.replace(r#""layer":0"#, r#""layer":0,"layer":0"#),
+            base.replace(r#""hash":10153995460507501903"#, r#""hash":18446744073709551616"#),
+            base.replace(r#""hash":10153995460507501903"#, r#""hash":1.0"#),
+            base.replace(r#""seq_len":1,"#, ""),
+            format!("{base}x"),
+            base.replace(r#""min":-0.00519423"#, r#""min":01"#),
+        ] {
+            assert!(parse_stage(&bad).is_none(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,565 @@
+//! Streaming, parallel reading of JSONL traces.
+//!
+//! The input is read in chunks of whole lines; each chunk is split at line boundaries and parsed
+//! on all cores, then handed to the caller's sink in file order. Memory stays at a few chunks
+//! whatever the file size: nothing builds a document of the whole file.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+
+use rayon::prelude::*;
+use serde::Deserialize;
+
+use crate::event::{RunMeta, StageTrace};
+
+/// Where an event sits in its file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Loc {
+    /// 1-based line number.
+    pub line: u64,
+    /// Byte offset of the line's first byte.
+    pub offset: u64,
+    /// Length of the line in bytes, without its newline.
+    pub len: u32,
+}
+
+/// One parsed line.
+// Nearly every line is a `stage_trace`: boxing it would cost an allocation per event.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Record<'a> {
+    /// A `stage_trace` event.
+    Stage(StageTrace<'a>),
+    /// A `run_meta` event.
+    Meta(Box<RunMeta>),
+    /// An event this format version does not define (skipped by analysis).
+    Other(Cow<'a, str>),
+}
+
+/// A line that could not be read as an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadLine {
+    /// 1-based line number.
+    pub line: u64,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+/// How to treat bad lines.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadOptions {
+    /// Skip bad lines (counted and listed in [`ReadStats`]) instead of failing.
+    pub lenient: bool,
+    /// How many bad lines to keep for messages; reading stops at this many in strict mode.
+    pub max_listed: usize,
+    /// Bytes read per chunk.
+    pub chunk_size: usize,
+}
+
+impl Default for ReadOptions {
+    fn default() -> Self {
+        ReadOptions { lenient: false, max_listed: 20, chunk_size: 8 << 20 }
+    }
+}
+
+/// What a read saw.
+#[derive(Debug, Clone, Default)]
+pub struct ReadStats {
+    /// Bytes read.
+    pub bytes: u64,
+    /// Lines read (blank ones included).
+    pub lines: u64,
+    /// `stage_trace` events delivered.
+    pub stage_events: u64,
+    /// `run_meta` events delivered.
+    pub meta_events: u64,
+    /// Events of unknown kinds, skipped.
+    pub other_events: u64,
+    /// Bad lines seen (lenient mode skips them).
+    pub bad_line_count: u64,
+    /// The first `max_listed` bad lines.
+    pub bad_lines: Vec<BadLine>,
+}
+
+/// Why a trace could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum TraceError {
+    /// The file could not be opened or read.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The trace file.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// The file holds no event at all.
+    #[error("{}: the trace is empty (no events)", path.display())]
+    Empty {
+        /// The trace file.
+        path: PathBuf,
+    },
+    /// Some lines are not valid events (strict mode).
+    #[error("{}", BadLinesDisplay { path, lines, total: *total })]
+    BadLines {
+        /// The trace file.
+        path: PathBuf,
+        /// The first bad lines.
+        lines: Vec<BadLine>,
+        /// How many bad lines were seen before reading stopped.
+        total: u64,
+    },
+}
+
+struct BadLinesDisplay<'a> {
+    path: &'a Path,
+    lines: &'a [BadLine],
+    total: u64,
+}
+
+impl fmt::Display for BadLinesDisplay<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, bad) in self.lines.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}:{}: {}", self.path.display(), bad.line, bad.message)?;
+        }
+        let more = self.total.saturating_sub(self.lines.len() as u64);
+        if more > 0 {
+            write!(f, "\n... and {more} more bad line(s)")?;
+        }
+        Ok(())
+    }
+}
+
+/// Work done on each event on the reader's worker threads, before events reach the sink in file
+/// order. Lets a consumer turn borrowed events into its own records in parallel.
+pub trait Visit: Sync {
+    /// What the visitor makes of one event; may borrow from the line.
+    type Item<'a>: Send;
+    /// Called on a worker thread for every event.
+    fn visit<'a>(&self, record: Record<'a>, loc: Loc) -> Self::Item<'a>;
+}
+
+/// The visitor that hands events on unchanged.
+struct Identity;
+
+impl Visit for Identity {
+    type Item<'a> = (Record<'a>, Loc);
+    fn visit<'a>(&self, record: Record<'a>, loc: Loc) -> Self::Item<'a> {
+        (record, loc)
+    }
+}
+
+/// Reads a trace file, calling `sink` for every event in file order.
+pub fn read_file(
+    path: &Path,
+    opts: ReadOptions,
+    mut sink: impl FnMut(Record<'_>, Loc),
+) -> Result<ReadStats, TraceError> {
+    read_file_visit(path, opts, &Identity, |(rec, loc)| sink(rec, loc))
+}
+
+/// Reads a trace file: `visitor` runs on every event on all cores, then `sink` receives the
+/// visitor's items in file order.
+pub fn read_file_visit<V: Visit>(
+    path: &Path,
+    opts: ReadOptions,
+    visitor: &V,
+    sink: impl FnMut(V::Item<'_>),
+) -> Result<ReadStats, TraceError> {
+    let io_err = |source| TraceError::Io { path: path.to_path_buf(), source };
+    let file = File::open(path).map_err(io_err)?;
+    let stats = read_visit(file, opts, visitor, sink).map_err(io_err)?;
+    if stats.bad_line_count > 0 && !opts.lenient {
+        return Err(TraceError::BadLines {
+            path: path.to_path_buf(),
+            lines: stats.bad_lines,
+            total: stats.bad_line_count,
+        });
+    }
+    if stats.stage_events + stats.meta_events + stats.other_events == 0 && stats.bad_line_count == 0 {
+        return Err(TraceError::Empty { path: path.to_path_buf() });
+    }
+    Ok(stats)
+}
+
+/// Reads JSONL from any reader, calling `sink` for every event in order. Bad lines are recorded
+/// in the returned stats; in strict mode reading stops once `max_listed` of them were seen.
+pub fn read_jsonl<R: Read + Send>(
+    input: R,
+    opts: ReadOptions,
+    mut sink: impl FnMut(Record<'_>, Loc),
+) -> io::Result<ReadStats> {
+    read_visit(input, opts, &Identity, |(rec, loc)| sink(rec, loc))
+}
+
+/// [`read_jsonl`] with a parallel visitor (see [`read_file_visit`]).
+///
+/// A reader thread fills blocks of whole lines while the worker threads parse the previous
+/// block; blocks are recycled, so memory stays at a few blocks whatever the input size.
+pub fn read_visit<R: Read + Send, V: Visit>(
+    input: R,
+    opts: ReadOptions,
+    visitor: &V,
+    mut sink: impl FnMut(V::Item<'_>),
+) -> io::Result<ReadStats> {
+    let chunk = opts.chunk_size.max(1 << 10);
+    let mut stats = ReadStats::default();
+    let (full_tx, full_rx) = mpsc::sync_channel::<io::Result<Block>>(1);
+    let (free_tx, free_rx) = mpsc::channel::<Block>();
+    std::thread::scope(|scope| {
+        scope.spawn(move || fill_blocks(input, chunk, full_tx, free_rx));
+        let mut base_offset = 0u64;
+        for block in full_rx {
+            let block = block?;
+            let lines_before = stats.lines;
+            let data = &block.data[..block.end];
+            parse_block(data, base_offset, lines_before, block.eof, opts, &mut stats, visitor, &mut sink);
+            stats.bytes += block.end as u64;
+            base_offset += block.end as u64;
+            if !opts.lenient && stats.bad_line_count as usize >= opts.max_listed {
+                break; // dropping the receiver stops the reader thread
+            }
+            let _ = free_tx.send(block);
+        }
+        Ok(stats)
+    })
+}
+
+/// A buffer of whole lines: `data[..end]`.
+struct Block {
+    data: Vec<u8>,
+    end: usize,
+    eof: bool,
+}
+
+/// The reader thread: fills blocks that end at a newline (or at the end of the input) and sends
+/// them on; the bytes after the last newline start the next block.
+fn fill_blocks<R: Read>(
+    mut input: R,
+    chunk: usize,
+    full: mpsc::SyncSender<io::Result<Block>>,
+    free: mpsc::Receiver<Block>,
+) {
+    let mut carry: Vec<u8> = Vec::new();
+    loop {
+        let mut data = free.try_recv().map(|b| b.data).unwrap_or_default();
+        if data.len() < (chunk + carry.len()).max(chunk * 2) {
+            data.resize((chunk + carry.len()).max(chunk * 2), 0);
+        }
+        data[..carry.len()].copy_from_slice(&carry);
+        let mut filled = carry.len();
+        let mut eof = false;
+        // Read at least a chunk, and on until the block holds a newline or the input ends
+        // (a line longer than a chunk makes the block grow).
+        let mut target = chunk;
+        loop {
+            while filled < target && !eof {
+                if filled == data.len() {
+                    data.resize(data.len() * 2, 0);
+                }
+                match input.read(&mut data[filled..]) {
+                    Ok(0) => eof = true,
+                    Ok(n) => filled += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        let _ = full.send(Err(e));
+                        return;
+                    }
+                }
+            }
+            if eof || memchr::memchr(b'\n', &data[carry.len()..filled]).is_some() {
+                break;
+            }
+            target = filled + chunk;
+        }
+        let end = if eof { filled } else { memchr::memrchr(b'\n', &data[..filled]).map_or(filled, |i| i + 1) };
+        carry.clear();
+        carry.extend_from_slice(&data[end..filled]);
+        if full.send(Ok(Block { data, end, eof })).is_err() || eof {
+            return;
+        }
+    }
+}
+
+/// One line's parse result.
+enum Parsed<T> {
+    Blank,
+    Event(T, EventKind),
+    Bad(u64, String),
+}
+
+#[derive(Clone, Copy)]
+enum EventKind {
+    Stage,
+    Meta,
+    Other,
+}
+
+/// Parses a block of whole lines on all cores and delivers the results in order.
+#[allow(clippy::too_many_arguments)]
+fn parse_block<'a, V: Visit>(
+    block: &'a [u8],
+    base_offset: u64,
+    base_line: u64,
+    ends_file: bool,
+    opts: ReadOptions,
+    stats: &mut ReadStats,
+    visitor: &V,
+    sink: &mut impl FnMut(V::Item<'a>),
+) {
+    let parts = split_at_lines(block, 16 << 10);
+    // Line numbers of each part's first line: count newlines first (cheap), then parse.
+    let counts: Vec<u64> = parts.par_iter().map(|&(s, e)| count_newlines(&block[s..e])).collect();
+    let mut first_lines = Vec::with_capacity(parts.len());
+    let mut line = base_line;
+    for (i, &(s, e)) in parts.iter().enumerate() {
+        first_lines.push(line + 1);
+        // A part without a final newline (the end of the file) still holds one more line.
+        line += counts[i] + u64::from(e > s && block[e - 1] != b'\n');
+    }
+    let parsed: Vec<Vec<Parsed<V::Item<'a>>>> = parts
+        .par_iter()
+        .zip(first_lines.par_iter())
+        .map(|(&(start, end), &first_line)| {
+            let mut out = Vec::with_capacity((end - start) / 96 + 8);
+            let mut pos = start;
+            let mut line_no = first_line;
+            while pos < end {
+                let nl = memchr(b'\n', &block[pos..end]).map(|i| pos + i);
+                let line_end = nl.unwrap_or(end);
+                let last_of_file = ends_file && nl.is_none();
+                let raw = &block[pos..line_end];
+                let loc = Loc { line: line_no, offset: base_offset + pos as u64, len: raw.len() as u32 };
+                out.push(match parse_line(raw, last_of_file) {
+                    Line::Blank => Parsed::Blank,
+                    Line::Bad(msg) => Parsed::Bad(line_no, msg),
+                    Line::Event(rec) => {
+                        let kind = match rec {
+                            Record::Stage(_) => EventKind::Stage,
+                            Record::Meta(_) => EventKind::Meta,
+                            Record::Other(_) => EventKind::Other,
+                        };
+                        Parsed::Event(visitor.visit(rec, loc), kind)
+                    }
+                });
+                pos = line_end + 1;
+                line_no += 1;
+            }
+            out
+        })
+        .collect();
+    for item in parsed.into_iter().flatten() {
+        match item {
+            Parsed::Blank => {}
+            Parsed::Event(item, kind) => {
+                match kind {
+                    EventKind::Stage => stats.stage_events += 1,
+                    EventKind::Meta => stats.meta_events += 1,
+                    EventKind::Other => stats.other_events += 1,
+                }
+                sink(item);
+            }
+            Parsed::Bad(line, message) => {
+                stats.bad_line_count += 1;
+                if stats.bad_lines.len() < opts.max_listed {
+                    stats.bad_lines.push(BadLine { line, message });
+                }
+            }
+        }
+    }
+    stats.lines = line;
+}
+
+fn count_newlines(bytes: &[u8]) -> u64 {
+    memchr::memchr_iter(b'\n', bytes).count() as u64
+}
+
+/// Splits `block` into ranges of about `target` bytes that end at newlines (small enough that
+/// each range's parse results fit in memory the allocator reuses).
+fn split_at_lines(block: &[u8], target: usize) -> Vec<(usize, usize)> {
+    let mut parts = Vec::new();
+    let mut start = 0;
+    while start < block.len() {
+        let mut end = (start + target).min(block.len());
+        if end < block.len() {
+            end = match memchr(b'\n', &block[end..]) {
+                Some(i) => end + i + 1,
+                None => block.len(),
+            };
+        }
+        parts.push((start, end));
+        start = end;
+    }
+    parts
+}
+
+use memchr::memchr;
+
+#[derive(Deserialize)]
+struct Tag<'a> {
+    #[serde(borrow)]
+    event: Option<Cow<'a, str>>,
+}
+
+/// One line, parsed.
+#[allow(clippy::large_enum_variant)]
+enum Line<'a> {
+    Blank,
+    Event(Record<'a>),
+    Bad(String),
+}
+
+/// Parses one line (without its newline).
+fn parse_line(raw: &[u8], last_of_file: bool) -> Line<'_> {
+    let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
+    if raw.iter().all(u8::is_ascii_whitespace) {
+        return Line::Blank;
+    }
+    let line = match std::str::from_utf8(raw) {
+        Ok(s) => s,
+        Err(e) => return Line::Bad(format!("not valid UTF-8 (bad byte at column {})", e.valid_up_to() + 1)),
+    };
+    let bad = |what: &str, e: serde_json::Error| {
+        let truncated = last_of_file && e.classify() == serde_json::error::Category::Eof;
+        let msg = json_message(&e);
+        Line::Bad(if truncated {
+            format!("truncated last line (the file ends in the middle of an event): {msg}")
+        } else {
+            format!("{what}{msg}")
+        })
+    };
+    if !line.trim_start().starts_with('{') {
+        return match serde_json::from_str::<serde::de::IgnoredAny>(line) {
+            Err(e) => bad("", e),
+            Ok(_) => Line::Bad("not a JSON object (each line must hold one event object)".to_string()),
+        };
+    }
+    const STAGE_PREFIX: &str = r#"{"event":"stage_trace""#;
+    let event: Cow<'_, str> = if line.starts_with(STAGE_PREFIX) {
+        Cow::Borrowed("stage_trace")
+    } else {
+        match serde_json::from_str::<Tag<'_>>(line) {
+            Ok(Tag { event: Some(event) }) => event,
+            Ok(Tag { event: None }) => return Line::Bad("missing field `event`".to_string()),
+            Err(e) => return bad("", e),
+        }
+    };
+    match event.as_ref() {
+        "stage_trace" => match crate::fast::parse_stage(line).map_or_else(|| serde_json::from_str(line), Ok) {
+            Ok(ev) => Line::Event(Record::Stage(ev)),
+            Err(e) => bad("stage_trace: ", e),
+        },
+        "run_meta" => match RunMeta::from_json(line) {
+            Ok(meta) => Line::Event(Record::Meta(Box::new(meta))),
+            Err(e) => bad("run_meta: ", e),
+        },
+        _ => Line::Event(Record::Other(event)),
+    }
+}
+
+/// serde_json's message with its "at line 1 column N" turned into "(column N)".
+fn json_message(e: &serde_json::Error) -> String {
+    let text = e.to_string();
+    match text.rfind(" at line ") {
+        Some(i) => format!("{} (column {})", &text[..i], e.column()),
+        None => text,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EV: &str = r#"{"event":"stage_trace","prompt_id":"p","phase":"decode0","point":"x_in","layer":3,"step":1,"pos_id":5,"seq_len":1,"hash":7,"min":0,"max":1,"mean":0.5}"#;
+
+    fn read(text: &str, opts: ReadOptions) -> (Vec<(String, Loc)>, ReadStats) {
+        let mut got = Vec::new();
+        let stats = read_jsonl(text.as_bytes(), opts, |rec, loc| {
+            let name = match rec {
+                Record::Stage(ev) => format!("{}@{}", ev.point, ev.layer),
+                Record::Meta(m) => format!("meta:{}", m.engine.unwrap_or_default()),
+                Record::Other(name) => format!("other:{name}"),
+            };
+            got.push((name, loc));
+        })
+        .unwrap();
+        (got, stats)
+    }
+
+    #[test]
+    fn lines_offsets_and_kinds_are_exact_across_tiny_chunks() {
+        let text = format!(
+            "{}\n\n{}\r\n{EV}\n{{\"event\":\"vendor_x\",\"a\":1}}\n{EV}",
+            r#"{"engine":"e","event":"run_meta"}"#,
+            EV.replace("x_in", "q")
+        );
+        for chunk_size in [1, 7, 64, 1 << 20] {
+            let opts = ReadOptions { chunk_size, ..Default::default() };
+            let (got, stats) = read(&text, opts);
+            let names: Vec<&str> = got.iter().map(|(n, _)| n.as_str()).collect();
+            assert_eq!(names, ["meta:e", "q@3", "x_in@3", "other:vendor_x", "x_in@3"]);
+            let lines: Vec<u64> = got.iter().map(|(_, l)| l.line).collect();
+            assert_eq!(lines, [1, 3, 4, 5, 6]);
+            for (_, loc) in &got {
+                let slice = &text[loc.offset as usize..][..loc.len as usize];
+                assert!(slice.trim_end_matches('\r').ends_with('}'), "{slice:?}");
+            }
+            assert_eq!((stats.stage_events, stats.meta_events, stats.other_events), (3, 1, 1));
+            assert_eq!((stats.lines, stats.bytes), (6, text.len() as u64));
+        }
+    }
+
+    #[test]
+    fn bad_lines_name_their_problem() {
+        let text = [
+            "{not json",
+            &EV.replace(r#""hash":7"#, r#""hash":-7"#),
+            &EV.replace(r#""layer":3,"#, ""),
+            r#"{"prompt_id":"p"}"#,
+            &EV.replace(r#""max":1"#, r#""max":NaN"#),
+            EV,
+            &EV[..40],
+        ]
+        .join("\n");
+        let (got, stats) = read(&text, ReadOptions { lenient: true, ..Default::default() });
+        assert_eq!(got.len(), 1);
+        let msgs: Vec<(u64, &str)> = stats.bad_lines.iter().map(|b| (b.line, b.message.as_str())).collect();
+        assert_eq!(msgs.len(), 6, "{msgs:?}");
+        assert!(msgs[0].1.contains("key must be a string"), "{msgs:?}");
+        assert!(msgs[1].1.starts_with("stage_trace: hash is negative (-7)"), "{msgs:?}");
+        assert!(msgs[2].1.contains("missing field `layer`"), "{msgs:?}");
+        assert_eq!(msgs[3].1, "missing field `event`");
+        assert!(msgs[4].1.contains("expected value (column"), "{msgs:?}");
+        assert_eq!(msgs[5].0, 7);
+        assert!(msgs[5].1.starts_with("truncated last line"), "{msgs:?}");
+    }
+
+    #[test]
+    fn non_utf8_is_reported_with_its_column() {
+        let mut bytes = EV.as_bytes().to_vec();
+        bytes[30] = 0xff;
+        let stats = read_jsonl(&bytes[..], ReadOptions::default(), |_, _| {}).unwrap();
+        assert_eq!(stats.bad_lines[0], BadLine { line: 1, message: "not valid UTF-8 (bad byte at column 31)".into() });
+    }
+
+    #[test]
+    fn strict_read_file_fails_with_path_and_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.jsonl");
+        std::fs::write(&path, format!("{EV}\n{{\"event\":\"stage_trace\"}}\n")).unwrap();
+        let err = read_file(&path, ReadOptions::default(), |_, _| {}).unwrap_err();
+        let text = err.to_string();
+        assert!(text.starts_with(&format!("{}:2: stage_trace: missing field", path.display())), "{text}");
+        std::fs::write(&path, "\n  \n").unwrap();
+        let err = read_file(&path, ReadOptions::default(), |_, _| {}).unwrap_err();
+        assert!(err.to_string().ends_with("the trace is empty (no events)"));
+        let missing = dir.path().join("nope.jsonl");
+        assert!(matches!(read_file(&missing, ReadOptions::default(), |_, _| {}), Err(TraceError::Io { .. })));
+    }
+}
