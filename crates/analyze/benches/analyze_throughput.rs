@@ -68,9 +68,10 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn peak_rss_mib() -> Option<f64> {
+/// A field of /proc/self/status in MiB (Linux only).
+fn status_mib(field: &str) -> Option<f64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = status.lines().find(|l| l.starts_with(field))?;
     let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024.0)
 }
@@ -116,6 +117,7 @@ fn main() -> std::io::Result<()> {
 
     let mut times = Vec::new();
     let mut pairs = 0;
+    let mut anon = 0.0f64;
     for _ in 0..reps {
         let t = Instant::now();
         let mut n = 0u64;
@@ -128,6 +130,9 @@ fn main() -> std::io::Result<()> {
         let total = t.elapsed().as_secs_f64();
         println!("  parse only {t_parse:.3} s, collect {t_collect:.3} s, analyze {:.3} s", total - t_collect);
         times.push(total);
+        // Anonymous memory while the analysis is alive: what the pairs cost (the trace itself is
+        // memory-mapped, so its pages count in the resident set but not here).
+        anon = anon.max(status_mib("RssAnon:").unwrap_or(0.0));
         pairs = a.summary.total_pairs;
         assert_eq!(a.root_cause, Some("RESIDUAL_ADD_MISMATCH"));
     }
@@ -137,8 +142,12 @@ fn main() -> std::io::Result<()> {
         mb / s,
         events as f64 / s / 1e6
     );
-    if let Some(peak) = peak_rss_mib() {
-        println!("peak resident memory: {peak:.0} MiB ({:.0} bytes/pair)", peak * 1048576.0 / pairs as f64);
+    if let Some(peak) = status_mib("VmHWM:") {
+        println!(
+            "memory: analysis alive {anon:.0} MiB anonymous ({:.0} bytes/pair); peak resident {peak:.0} MiB \
+             (includes the memory-mapped trace pages)",
+            anon * 1048576.0 / pairs as f64
+        );
     }
     Ok(())
 }

@@ -113,7 +113,7 @@ fn advise_group(a: &Analysis, g: &Group, out: &mut Vec<String>) {
         return;
     };
     let p = &a.pairs[ff];
-    let (b, c) = (p.baseline.unwrap_or_else(|| unreachable!()), p.candidate.unwrap_or_else(|| unreachable!()));
+    let (Some(b), Some(c)) = (a.base(p), a.cand(p)) else { return };
     if p.status == PairStatus::Misaligned {
         out.push(format!(
             "{} compares different tokens (pos_id {} vs {}, token_id {:?} vs {:?}): fix the position/token \
@@ -132,8 +132,9 @@ fn advise_group(a: &Analysis, g: &Group, out: &mut Vec<String>) {
         a.options.baseline, b.seq_len, b.step, a.options.candidate, c.seq_len, c.step
     );
     let dtype = a.dtype_of(ff);
-    let size = p.delta.map(|d| magnitude_sentence(&d, dtype)).unwrap_or_default();
-    let mag = p.delta.map(|d| magnitude(&d, dtype));
+    let delta = a.delta(p);
+    let size = delta.map(|d| magnitude_sentence(&d, dtype)).unwrap_or_default();
+    let mag = delta.map(|d| magnitude(&d, dtype));
     match (p.classification, origin) {
         (Some(Classification::Originated), Some(o)) => {
             out.push(format!(
@@ -161,7 +162,7 @@ fn advise_group(a: &Analysis, g: &Group, out: &mut Vec<String>) {
             "The first drift, at {}, cannot be placed: its nearest traced upstream point(s) {} are missing or \
              misaligned. Trace them in both phases.",
             a.pair_name(ff),
-            list_nodes(&p.unknown_upstream)
+            list_nodes(p.unknown_upstream())
         )),
         _ => out.push(format!(
             "The first drift is at {}, a point outside driftscope's vocabulary, so the dataflow analysis cannot \
@@ -274,8 +275,8 @@ fn propagation_advice(a: &Analysis, g: &Group, ff: usize, out: &mut Vec<String>)
         .rev()
         .find(|&&i| matches!(a.pairs[i].status, PairStatus::Drift | PairStatus::NumericFault))
         .copied();
-    let (Some(d0), Some(last)) = (a.pairs[ff].delta, last) else { return };
-    let Some(d1) = a.pairs[last].delta else { return };
+    let (Some(d0), Some(last)) = (a.delta(&a.pairs[ff]), last) else { return };
+    let Some(d1) = a.delta(&a.pairs[last]) else { return };
     let trend = if d1.rel > 2.0 * d0.rel {
         "grows"
     } else if d1.rel < 0.5 * d0.rel {

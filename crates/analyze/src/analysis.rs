@@ -145,18 +145,38 @@ pub struct PairResult {
     pub status: PairStatus,
     /// For failures: where the drift comes from.
     pub classification: Option<Classification>,
+    /// How a drifting pair relates to its upstream (boxed: most pairs have none).
+    pub relations: Option<Box<Relations>>,
+    /// The baseline event (index into [`Collected::sides`]).
+    pub baseline: Option<u32>,
+    /// The candidate event (index into [`Collected::sides`]).
+    pub candidate: Option<u32>,
+}
+
+/// The upstream points a drifting pair was judged by.
+#[derive(Debug, Clone, Default)]
+pub struct Relations {
     /// For inherited drift: the drifting upstream points it comes from.
     pub inherited_from: Vec<Node>,
     /// For originated or undetermined drift: the untraced ops between it and the traced upstream.
     pub untraced_between: Vec<Node>,
     /// For undetermined drift: the upstream points that are missing or misaligned.
     pub unknown_upstream: Vec<Node>,
-    /// The baseline event.
-    pub baseline: Option<Side>,
-    /// The candidate event.
-    pub candidate: Option<Side>,
-    /// Stat deltas, for complete pairs.
-    pub delta: Option<StatDelta>,
+}
+
+impl PairResult {
+    /// The drifting upstream points (inherited drift).
+    pub fn inherited_from(&self) -> &[Node] {
+        self.relations.as_ref().map_or(&[], |r| &r.inherited_from)
+    }
+    /// The untraced ops between the pair and its traced upstream.
+    pub fn untraced_between(&self) -> &[Node] {
+        self.relations.as_ref().map_or(&[], |r| &r.untraced_between)
+    }
+    /// The missing or misaligned upstream points (undetermined drift).
+    pub fn unknown_upstream(&self) -> &[Node] {
+        self.relations.as_ref().map_or(&[], |r| &r.unknown_upstream)
+    }
 }
 
 /// A place where drift starts.
@@ -294,10 +314,25 @@ impl Analysis {
         &self.collected.prompts[g.prompt as usize]
     }
 
+    /// The baseline event of a pair.
+    pub fn base(&self, p: &PairResult) -> Option<Side> {
+        p.baseline.map(|i| self.collected.sides[i as usize])
+    }
+
+    /// The candidate event of a pair.
+    pub fn cand(&self, p: &PairResult) -> Option<Side> {
+        p.candidate.map(|i| self.collected.sides[i as usize])
+    }
+
+    /// Stat deltas of a complete pair.
+    pub fn delta(&self, p: &PairResult) -> Option<StatDelta> {
+        self.base(p).zip(self.cand(p)).map(|(b, c)| StatDelta::of(&b, &c))
+    }
+
     /// The dtype of a pair, when its events name one.
     pub fn dtype_of(&self, i: usize) -> Option<DType> {
         let p = &self.pairs[i];
-        let idx = p.baseline.and_then(|s| s.dtype).or(p.candidate.and_then(|s| s.dtype))?;
+        let idx = self.base(p).and_then(|s| s.dtype).or(self.cand(p).and_then(|s| s.dtype))?;
         DType::parse(&self.collected.dtypes[idx as usize])
     }
 
@@ -345,10 +380,11 @@ pub fn analyze(mut collected: Collected, source: &Path, options: Options) -> Res
     };
 
     let mut pairs: Vec<PairResult> = {
-        let slots = std::mem::take(&mut collected.pairs);
-        collected.order.par_iter().map(|&i| compare(&slots[i as usize].0, &slots[i as usize].1)).collect()
+        let (slots, sides) = (&collected.pairs, &collected.sides);
+        collected.order.par_iter().map(|&i| compare(&slots[i as usize].0, &slots[i as usize].1, sides)).collect()
     };
     collected.order = Vec::new();
+    collected.pairs = Vec::new();
 
     let missing: Vec<usize> = (0..pairs.len()).filter(|&i| pairs[i].status.is_missing()).collect();
     if !missing.is_empty() && !options.allow_missing {
@@ -361,7 +397,7 @@ pub fn analyze(mut collected: Collected, source: &Path, options: Options) -> Res
                     PairStatus::MissingCandidate => (&options.baseline, &options.candidate, p.baseline),
                     _ => (&options.candidate, &options.baseline, p.candidate),
                 };
-                let line = side.map_or(0, |s| s.loc.line);
+                let line = side.map_or(0, |s| collected.sides[s as usize].loc.line);
                 format!(
                     "{file}:{line}: `{present}` event for prompt `{}`, layer {}, point `{}` has no `{absent}` event to pair with",
                     collected.prompts[p.key.prompt as usize],
@@ -458,8 +494,9 @@ pub fn drift_class(point: &str, status: PairStatus) -> String {
 }
 
 /// Compares the two sides of a key.
-fn compare(key: &Key, slot: &Slot) -> PairResult {
-    let status = match (&slot.baseline, &slot.candidate) {
+fn compare(key: &Key, slot: &Slot, sides: &[Side]) -> PairResult {
+    let side = |i: Option<u32>| i.map(|i| &sides[i as usize]);
+    let status = match (side(slot.baseline), side(slot.candidate)) {
         (Some(b), Some(c)) => {
             let token_differs = matches!((b.token_id, c.token_id), (Some(x), Some(y)) if x != y);
             if b.pos_id != c.pos_id || token_differs {
@@ -483,12 +520,9 @@ fn compare(key: &Key, slot: &Slot) -> PairResult {
         },
         status,
         classification: None,
-        inherited_from: vec![],
-        untraced_between: vec![],
-        unknown_upstream: vec![],
+        relations: None,
         baseline: slot.baseline,
         candidate: slot.candidate,
-        delta: slot.baseline.zip(slot.candidate).map(|(b, c)| StatDelta::of(&b, &c)),
     }
 }
 
@@ -590,16 +624,20 @@ fn classify_group(g: &mut Group, pairs: &mut [PairResult], graph: &Graph) {
         if !drifting.is_empty() {
             drifting.sort_by_key(|n| n.order());
             p.classification = Some(Classification::Inherited);
-            p.inherited_from = drifting;
+            p.relations = Some(Box::new(Relations { inherited_from: drifting, ..Relations::default() }));
             continue;
         }
         region.sort_by_key(|n| n.order());
-        p.untraced_between = region[..region.len() - 1].to_vec();
+        let mut rel = Relations { untraced_between: region[..region.len() - 1].to_vec(), ..Relations::default() };
         if !unknown.is_empty() {
             unknown.sort_by_key(|n| n.order());
             p.classification = Some(Classification::Undetermined);
-            p.unknown_upstream = unknown;
+            rel.unknown_upstream = unknown;
+            p.relations = Some(Box::new(rel));
         } else {
+            if !rel.untraced_between.is_empty() {
+                p.relations = Some(Box::new(rel));
+            }
             matched.sort_by_key(|n| n.order());
             p.classification = Some(Classification::Originated);
             let layers = region

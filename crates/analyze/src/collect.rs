@@ -9,7 +9,7 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use driftscope_trace::{read_file_visit, Loc, Point, ReadOptions, ReadStats, Record, RunMeta, TraceError, Visit};
+use driftscope_trace::{eq_short, read_file_visit, Loc, Point, ReadOptions, ReadStats, Record, RunMeta, TraceError, Visit};
 use rayon::prelude::*;
 use rustc_hash::FxHashMap;
 
@@ -70,13 +70,13 @@ pub struct Side {
     pub dtype: Option<u16>,
 }
 
-/// Both sides of one key.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+/// Both sides of one key, as indices into [`Collected::sides`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Slot {
     /// The baseline phase's event.
-    pub baseline: Option<Side>,
+    pub baseline: Option<u32>,
     /// The candidate phase's event.
-    pub candidate: Option<Side>,
+    pub candidate: Option<u32>,
 }
 
 /// A second event for a key and phase that already had one.
@@ -101,6 +101,8 @@ pub struct Collected {
     pub other_points: Vec<String>,
     /// Dtype names, in order of first appearance.
     pub dtypes: Vec<String>,
+    /// The events of the two phases, in file order (duplicates left out).
+    pub sides: Vec<Side>,
     /// Every key with its two sides, in order of first appearance.
     pub pairs: Vec<(Key, Slot)>,
     /// Indices into `pairs` in dataflow order: by prompt (file order), rank, then the position
@@ -171,9 +173,9 @@ impl Visit for Visitor<'_> {
             Record::Meta(meta) => return Item::Meta(meta, loc),
             Record::Other(_) => return Item::Skip,
         };
-        let candidate = if ev.phase == self.baseline {
+        let candidate = if eq_short(ev.phase.as_bytes(), self.baseline.as_bytes()) {
             false
-        } else if ev.phase == self.candidate {
+        } else if eq_short(ev.phase.as_bytes(), self.candidate.as_bytes()) {
             true
         } else {
             return Item::OtherPhase(ev.phase);
@@ -217,7 +219,7 @@ struct Interner {
 impl Interner {
     fn get(&mut self, names: &mut Vec<String>, name: &str) -> u32 {
         if let Some((last, i)) = &self.last {
-            if last == name {
+            if eq_short(last.as_bytes(), name.as_bytes()) {
                 return *i;
             }
         }
@@ -302,10 +304,13 @@ pub fn collect_file(path: &Path, baseline: &str, candidate: &str, opts: ReadOpti
                 Some(first) => c.duplicates.push(Duplicate {
                     key,
                     phase: if candidate { visitor.candidate } else { visitor.baseline }.to_string(),
-                    first_line: first.loc.line,
+                    first_line: c.sides[*first as usize].loc.line,
                     second_line: side.loc.line,
                 }),
-                None => *place = Some(side),
+                None => {
+                    *place = Some(c.sides.len() as u32);
+                    c.sides.push(side);
+                }
             }
         }
         Item::OtherPhase(phase) => match c.phase_counts.get_mut(phase.as_ref()) {

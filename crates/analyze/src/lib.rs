@@ -33,7 +33,7 @@ pub fn read_line_at(path: &Path, loc: Loc) -> std::io::Result<String> {
 pub fn evidence(a: &Analysis, path: &Path) -> std::io::Result<Option<report::Evidence>> {
     let Some(ff) = a.first_failure else { return Ok(None) };
     let p = &a.pairs[ff];
-    let (Some(b), Some(c)) = (p.baseline, p.candidate) else { return Ok(None) };
+    let (Some(b), Some(c)) = (a.base(p), a.cand(p)) else { return Ok(None) };
     Ok(Some(report::Evidence {
         baseline: report::pretty::pretty_json(&read_line_at(path, b.loc)?),
         candidate: report::pretty::pretty_json(&read_line_at(path, c.loc)?),

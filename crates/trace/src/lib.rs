@@ -12,6 +12,7 @@ mod reader;
 mod row;
 
 pub use event::{RunMeta, StageTrace, FORMAT_VERSION};
+pub use fast::eq_short;
 pub use point::{Point, UnknownPoint};
 pub use reader::{
     read_file, read_file_visit, read_jsonl, read_visit, BadLine, Loc, ReadOptions, ReadStats, Record, TraceError, Visit,

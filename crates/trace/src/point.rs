@@ -129,7 +129,28 @@ impl Point {
 
     /// Parses a trace name; `None` for names outside the vocabulary.
     pub fn parse(name: &str) -> Option<Point> {
-        Point::ALL.iter().copied().find(|p| p.as_str() == name)
+        // A match compiles to a switch on length and bytes: this runs once per event.
+        Some(match name {
+            "embed_out" => Point::EmbedOut,
+            "x_in" => Point::XIn,
+            "attn_norm" => Point::AttnNorm,
+            "q" => Point::Q,
+            "k" => Point::K,
+            "v" => Point::V,
+            "q_rope" => Point::QRope,
+            "k_rope" => Point::KRope,
+            "attn_ctx" => Point::AttnCtx,
+            "attn_out" => Point::AttnOut,
+            "x_mid" => Point::XMid,
+            "mlp_norm" => Point::MlpNorm,
+            "gate" => Point::Gate,
+            "up" => Point::Up,
+            "act" => Point::Act,
+            "mlp_out" => Point::MlpOut,
+            "final_norm" => Point::FinalNorm,
+            "logits" => Point::Logits,
+            _ => return None,
+        })
     }
 }
 

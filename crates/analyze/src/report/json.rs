@@ -25,7 +25,7 @@ fn num(x: f64) -> Value {
     }
 }
 
-fn side(s: &Option<Side>) -> Value {
+fn side(s: Option<Side>) -> Value {
     match s {
         None => Value::Null,
         Some(s) => json!({
@@ -81,11 +81,11 @@ fn pair(a: &Analysis, p: &PairResult) -> Value {
         "status": p.status,
         "classification": p.classification,
         "drift_class": drift_class,
-        "inherited_from": nodes(&p.inherited_from),
-        "untraced_between": nodes(&p.untraced_between),
-        "baseline": side(&p.baseline),
-        "candidate": side(&p.candidate),
-        "stat_delta": p.delta,
+        "inherited_from": nodes(p.inherited_from()),
+        "untraced_between": nodes(p.untraced_between()),
+        "baseline": side(a.base(p)),
+        "candidate": side(a.cand(p)),
+        "stat_delta": a.delta(p),
     })
 }
 
@@ -95,7 +95,7 @@ pub fn verdict_json(a: &Analysis) -> Value {
     let breakdown: Map<String, Value> = a.breakdown.iter().map(|(k, n)| (k.clone(), json!(n))).collect();
     let first_failure = a.first_failure.map(|i| {
         let p = &a.pairs[i];
-        let (b, c) = (p.baseline.as_ref(), p.candidate.as_ref());
+        let (b, c) = (a.base(p), a.cand(p));
         json!({
             "prompt_id": a.collected.prompts[p.key.prompt as usize],
             "point": a.collected.point_name(p.key.point),
@@ -109,7 +109,7 @@ pub fn verdict_json(a: &Analysis) -> Value {
             "candidate_line": c.map(|s| s.loc.line),
             "status": p.status,
             "classification": p.classification,
-            "stat_delta": p.delta,
+            "stat_delta": a.delta(p),
         })
     });
     let mut origins = Map::new();

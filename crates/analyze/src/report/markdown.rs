@@ -164,7 +164,7 @@ fn per_prompt(a: &Analysis, md: &mut String) {
     }
     md.push_str("## Per-Prompt Results\n\n| Prompt | pos_id | seq_len (base / cand) | Pairs | Pass | Fail | Missing | Origin | Root Cause |\n|---|---|---|---|---|---|---|---|---|\n");
     for g in &a.groups {
-        let side = g.pairs.iter().find_map(|&i| a.pairs[i].baseline.zip(a.pairs[i].candidate));
+        let side = g.pairs.iter().find_map(|&i| a.base(&a.pairs[i]).zip(a.cand(&a.pairs[i])));
         let (pos, lens) = match side {
             Some((b, c)) => (b.pos_id.to_string(), format!("{} / {}", b.seq_len, c.seq_len)),
             None => ("?".into(), "?".into()),
@@ -204,7 +204,7 @@ fn fmt_stat(x: f64) -> String {
 fn first_failure(a: &Analysis, md: &mut String) {
     let Some(ff) = a.first_failure else { return };
     let p = &a.pairs[ff];
-    let (Some(b), Some(c)) = (p.baseline, p.candidate) else { return };
+    let (Some(b), Some(c)) = (a.base(p), a.cand(p)) else { return };
     md.push_str("## First Failure\n\n");
     let _ = writeln!(
         md,
@@ -242,7 +242,7 @@ fn first_failure(a: &Analysis, md: &mut String) {
     let _ = writeln!(md, "| line | {} | {} | |", b.loc.line, c.loc.line);
     md.push('\n');
     let dtype = a.dtype_of(ff);
-    if let Some(d) = p.delta {
+    if let Some(d) = a.delta(p) {
         let _ = writeln!(md, "**Magnitude** (from stats; no dump): {}.\n", magnitude_sentence(&d, dtype));
     }
     let _ = writeln!(md, "**Classification**: {}\n", classification_text(a, ff));
@@ -289,11 +289,11 @@ fn classification_text(a: &Analysis, i: usize) -> String {
             }
         }
         Some(Classification::Inherited) => {
-            format!("INHERITED from {} (a traced input already drifts).", list_nodes(&p.inherited_from))
+            format!("INHERITED from {} (a traced input already drifts).", list_nodes(p.inherited_from()))
         }
         Some(Classification::Undetermined) => format!(
             "UNDETERMINED: its nearest traced input(s) {} are missing or misaligned.",
-            list_nodes(&p.unknown_upstream)
+            list_nodes(p.unknown_upstream())
         ),
         Some(Classification::Unplaced) => "UNPLACED: the point is not in driftscope's vocabulary.".into(),
         None if p.status == PairStatus::Misaligned => "MISALIGNED: the two events are about different tokens.".into(),
@@ -308,7 +308,7 @@ fn evidence(a: &Analysis, ev: Option<&Evidence>, md: &mut String) {
     let point = a.collected.point_name(p.key.point);
     let prompt = &a.collected.prompts[p.key.prompt as usize];
     for (phase, raw, side) in
-        [(&a.options.baseline, &ev.baseline, p.baseline), (&a.options.candidate, &ev.candidate, p.candidate)]
+        [(&a.options.baseline, &ev.baseline, a.base(p)), (&a.options.candidate, &ev.candidate, a.cand(p))]
     {
         let line = side.map_or(0, |s| s.loc.line);
         let _ = writeln!(
@@ -382,9 +382,9 @@ fn node_status(a: &Analysis, i: usize) -> String {
                         None => "originated".into(),
                     }
                 }
-                Some(Classification::Inherited) => format!("propagated from {}", relative(&p.inherited_from, layer)),
+                Some(Classification::Inherited) => format!("propagated from {}", relative(p.inherited_from(), layer)),
                 Some(Classification::Undetermined) => {
-                    format!("origin undetermined: {} missing/misaligned", relative(&p.unknown_upstream, layer))
+                    format!("origin undetermined: {} missing/misaligned", relative(p.unknown_upstream(), layer))
                 }
                 Some(Classification::Unplaced) => "point outside the vocabulary".into(),
                 None => String::new(),
@@ -514,8 +514,8 @@ fn evidence_table(a: &Analysis, gs: &[&Group], md: &mut String) {
         .filter_map(|g| {
             let ff = g.first_failure?;
             let p = &a.pairs[ff];
-            let (b, c) = (p.baseline?, p.candidate?);
-            let d = p.delta?;
+            let (b, c) = (a.base(p)?, a.cand(p)?);
+            let d = a.delta(p)?;
             let inherited =
                 g.pairs.iter().filter(|&&i| a.pairs[i].classification == Some(Classification::Inherited)).count();
             Some(format!(
@@ -541,7 +541,7 @@ fn evidence_table(a: &Analysis, gs: &[&Group], md: &mut String) {
         let _ = writeln!(md, "{r}");
     }
     let ff = gs.iter().find_map(|g| g.first_failure);
-    if let Some(d) = ff.and_then(|i| a.pairs[i].delta) {
+    if let Some(d) = ff.and_then(|i| a.delta(&a.pairs[i])) {
         let _ =
             writeln!(md, "\nMagnitude, first prompt: {}.\n", magnitude_sentence(&d, ff.and_then(|i| a.dtype_of(i))));
     } else {
@@ -614,8 +614,8 @@ fn appendix(a: &Analysis, md: &mut String) {
         for &i in missing.iter().take(100) {
             let p = &a.pairs[i];
             let (phase, side) = match p.status {
-                PairStatus::MissingCandidate => (&a.options.baseline, p.baseline),
-                _ => (&a.options.candidate, p.candidate),
+                PairStatus::MissingCandidate => (&a.options.baseline, a.base(p)),
+                _ => (&a.options.candidate, a.cand(p)),
             };
             let _ = writeln!(
                 md,
