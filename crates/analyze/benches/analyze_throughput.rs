@@ -115,6 +115,21 @@ fn main() -> std::io::Result<()> {
     let floor = median(floor);
     println!("read floor (read + count newlines): median {floor:.3} s = {:.0} MB/s", mb / floor);
 
+    // Peer: the straightforward reader, serde_json into the same event struct, line by line on
+    // one thread, with no pairing at all.
+    let text = std::fs::read_to_string(&path)?;
+    let t = Instant::now();
+    let mut parsed = 0u64;
+    for line in text.lines() {
+        if serde_json::from_str::<driftscope_trace::StageTrace<'_>>(line).is_ok() {
+            parsed += 1;
+        }
+    }
+    let peer = t.elapsed().as_secs_f64();
+    drop(text);
+    assert_eq!(parsed, events);
+    println!("peer: serde_json::from_str per line, 1 thread, parse only: {peer:.3} s = {:.0} MB/s", mb / peer);
+
     let mut times = Vec::new();
     let mut pairs = 0;
     let mut anon = 0.0f64;
