@@ -9,7 +9,9 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use driftscope_trace::{eq_short, read_file_visit, Loc, Point, ReadOptions, ReadStats, Record, RunMeta, TraceError, Visit};
+use driftscope_trace::{
+    eq_short, read_file_visit, Loc, Point, ReadOptions, ReadStats, Record, RunMeta, TraceError, Visit,
+};
 use rayon::prelude::*;
 use rustc_hash::FxHashMap;
 

@@ -550,9 +550,23 @@ mod tests {
 
     #[test]
     fn eq_short_is_equality() {
-        let words = ["", "a", "ab", "abc", "abcd", "abcde", "prefill_last", "prefill_lasT", "decode0", "decode1",
-            "0123456789abcdef", "0123456789abcdeg", "0123456789abcdef01234567", "1123456789abcdef01234567",
-            "0123456789abcdef012345678"];
+        let words = [
+            "",
+            "a",
+            "ab",
+            "abc",
+            "abcd",
+            "abcde",
+            "prefill_last",
+            "prefill_lasT",
+            "decode0",
+            "decode1",
+            "0123456789abcdef",
+            "0123456789abcdeg",
+            "0123456789abcdef01234567",
+            "1123456789abcdef01234567",
+            "0123456789abcdef012345678",
+        ];
         for a in words {
             for b in words {
                 assert_eq!(eq_short(a.as_bytes(), b.as_bytes()), a == b, "{a:?} vs {b:?}");

@@ -1,0 +1,79 @@
+//! Shape-dependent kernels, as production engines choose them (see the module docs).
+
+use super::reduce::{
+    dot_blocked, dot_lanes8, par_attention, par_matmul, rmsnorm_with, sumsq_blocked128, sumsq_lanes8, Softmax,
+};
+use super::{AttnShape, Kernels};
+use crate::weights::Matrix;
+
+/// The `fast` profile.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Fast;
+
+/// From this many rows on, RMSNorm switches to its blocked reduction.
+pub const RMSNORM_BLOCKED_FROM_ROWS: usize = 32;
+/// KV tile of the prefill attention kernel.
+pub const PREFILL_KV_TILE: usize = 32;
+
+/// Number of KV splits of the decode kernel for a context length: one per 64 keys, at most 8.
+pub fn decode_splits(ctx: usize) -> usize {
+    ctx.div_ceil(64).clamp(1, 8)
+}
+
+impl Kernels for Fast {
+    fn name(&self) -> &'static str {
+        "fast"
+    }
+
+    fn matmul(&self, x: &[f32], rows: usize, w: &Matrix, out: &mut [f32]) {
+        if rows == 1 {
+            par_matmul(x, rows, w, out, dot_lanes8) // GEMV
+        } else {
+            par_matmul(x, rows, w, out, dot_blocked) // GEMM
+        }
+    }
+
+    fn rmsnorm(&self, x: &[f32], rows: usize, weight: &[f32], eps: f32, out: &mut [f32]) {
+        if rows >= RMSNORM_BLOCKED_FROM_ROWS {
+            rmsnorm_with(x, rows, weight, eps, out, sumsq_blocked128)
+        } else {
+            rmsnorm_with(x, rows, weight, eps, out, sumsq_lanes8)
+        }
+    }
+
+    fn attention(&self, q: &[f32], rows: usize, pos0: usize, k: &[f32], v: &[f32], shape: AttnShape, out: &mut [f32]) {
+        let d = shape.head_dim;
+        let stride = shape.n_kv_heads * d;
+        let scale = 1.0 / (d as f32).sqrt();
+        let decode = rows == 1;
+        par_attention(q, rows, pos0, shape, out, |qh, off, ctx, o| {
+            if decode {
+                // Flash-decoding: split the keys into `decode_splits(ctx)` ranges, reduce each on
+                // its own, then combine the partial softmax states.
+                let splits = decode_splits(ctx);
+                let len = ctx.div_ceil(splits);
+                let mut total = Softmax::new(d);
+                for s in 0..splits {
+                    let (j0, j1) = (s * len, ((s + 1) * len).min(ctx));
+                    if j0 >= j1 {
+                        continue;
+                    }
+                    let mut part = Softmax::new(d);
+                    part.absorb(qh, k, v, stride, off, j0, j1, scale);
+                    total.merge(&part);
+                }
+                total.finish(o);
+            } else {
+                // Flash attention: one pass over KV tiles with an online softmax.
+                let mut st = Softmax::new(d);
+                let mut j = 0;
+                while j < ctx {
+                    let j1 = (j + PREFILL_KV_TILE).min(ctx);
+                    st.absorb(qh, k, v, stride, off, j, j1, scale);
+                    j = j1;
+                }
+                st.finish(o);
+            }
+        });
+    }
+}

@@ -1,0 +1,102 @@
+//! Kernels: the shape-sensitive reductions of a transformer, behind one trait.
+//!
+//! Three implementations:
+//! - [`Reference`]: plain loops accumulating in f64, the oracle of the tests (the trait's
+//!   default methods call it).
+//! - [`Fast`]: shape-dependent kernels as production engines have them. One row takes a GEMV
+//!   with 8 accumulators; many rows take a K-blocked GEMM; prefill attention walks KV tiles with
+//!   an online softmax while decode attention splits the KV range into a number of splits chosen
+//!   from the context length (flash-decoding); RMSNorm blocks its reduction differently from 32
+//!   rows on. Each choice changes the order of additions, so prefill and decode drift.
+//! - [`Invariant`]: batch-invariant kernels. Every output element is reduced in one fixed order
+//!   whatever the number of rows or the query length: the GEMM order for every row count, a fixed
+//!   KV split size, one RMSNorm order. Prefill and decode are bitwise equal.
+//!
+//! No kernel relies on floating-point reassociation by the compiler (Rust never does it) or on
+//! fused multiply-add, so the order written in the source is the order computed on every target.
+
+mod fast;
+mod invariant;
+mod reduce;
+mod reference;
+
+pub use fast::Fast;
+pub use invariant::Invariant;
+pub use reference::Reference;
+
+use crate::weights::Matrix;
+
+/// Attention geometry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnShape {
+    /// Query heads.
+    pub n_heads: usize,
+    /// Key/value heads.
+    pub n_kv_heads: usize,
+    /// Width of a head.
+    pub head_dim: usize,
+}
+
+/// The kernels the forward pass needs. Default methods are the reference implementation.
+pub trait Kernels: Sync + Send {
+    /// Profile name for traces and reports.
+    fn name(&self) -> &'static str;
+
+    /// `out[r, o] = Σ_i x[r, i] · w[o, i]` for `rows` rows of `x` (`[rows, w.cols]`).
+    fn matmul(&self, x: &[f32], rows: usize, w: &Matrix, out: &mut [f32]) {
+        reference::matmul(x, rows, w, out)
+    }
+
+    /// Per row: `out = x / sqrt(mean(x²) + eps) · weight`.
+    fn rmsnorm(&self, x: &[f32], rows: usize, weight: &[f32], eps: f32, out: &mut [f32]) {
+        reference::rmsnorm(x, rows, weight, eps, out)
+    }
+
+    /// Causal attention of `rows` query rows at positions `pos0..pos0+rows` over the cached keys
+    /// and values `[0, pos0 + rows)` (`[ctx, kv_dim]` each). `q` and `out` are
+    /// `[rows, n_heads * head_dim]`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention(&self, q: &[f32], rows: usize, pos0: usize, k: &[f32], v: &[f32], shape: AttnShape, out: &mut [f32]) {
+        reference::attention(q, rows, pos0, k, v, shape, out)
+    }
+}
+
+/// The kernel profiles a user can choose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Profile {
+    /// Shape-dependent kernels (drift between prefill and decode).
+    Fast,
+    /// Batch-invariant kernels (prefill and decode bitwise equal).
+    Invariant,
+    /// The plain f64-accumulating oracle (slow).
+    Reference,
+}
+
+impl Profile {
+    /// The profile's kernels.
+    pub fn kernels(self) -> &'static dyn Kernels {
+        match self {
+            Profile::Fast => &Fast,
+            Profile::Invariant => &Invariant,
+            Profile::Reference => &Reference,
+        }
+    }
+
+    /// Name as written in traces.
+    pub fn as_str(self) -> &'static str {
+        self.kernels().name()
+    }
+
+    /// Parses `fast`, `invariant` or `reference`.
+    pub fn parse(name: &str) -> Option<Profile> {
+        match name {
+            "fast" => Some(Profile::Fast),
+            "invariant" => Some(Profile::Invariant),
+            "reference" => Some(Profile::Reference),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

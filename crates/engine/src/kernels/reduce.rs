@@ -1,0 +1,226 @@
+//! Reduction orders shared by the kernels. Each function fixes its order of additions exactly;
+//! the kernels differ only in which of these they pick for which shape.
+
+/// Sequential dot product.
+pub fn dot_seq(a: &[f32], b: &[f32]) -> f32 {
+    let mut s = 0.0f32;
+    for (x, y) in a.iter().zip(b) {
+        s += x * y;
+    }
+    s
+}
+
+/// Dot product with 8 interleaved accumulators (lane `i % 8`), summed as a balanced tree, then
+/// the tail in order: the GEMV order.
+pub fn dot_lanes8(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let mut acc = [0.0f32; 8];
+    let (ac, bc) = (a[..n].chunks_exact(8), b[..n].chunks_exact(8));
+    let (ta, tb) = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut s = ((acc[0] + acc[4]) + (acc[2] + acc[6])) + ((acc[1] + acc[5]) + (acc[3] + acc[7]));
+    for (x, y) in ta.iter().zip(tb) {
+        s += x * y;
+    }
+    s
+}
+
+/// K-blocked dot product: blocks of 64, each reduced with 4 interleaved accumulators summed
+/// pairwise, block sums added in order: the GEMM order.
+pub fn dot_blocked(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let mut total = 0.0f32;
+    for (xa, xb) in a[..n].chunks(64).zip(b[..n].chunks(64)) {
+        let mut acc = [0.0f32; 4];
+        let (ac, bc) = (xa.chunks_exact(4), xb.chunks_exact(4));
+        let (ta, tb) = (ac.remainder(), bc.remainder());
+        for (x, y) in ac.zip(bc) {
+            for l in 0..4 {
+                acc[l] += x[l] * y[l];
+            }
+        }
+        let mut block = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+        for (x, y) in ta.iter().zip(tb) {
+            block += x * y;
+        }
+        total += block;
+    }
+    total
+}
+
+/// Sum of squares with 8 interleaved accumulators.
+pub fn sumsq_lanes8(x: &[f32]) -> f32 {
+    dot_lanes8(x, x)
+}
+
+/// Sum of squares in blocks of 128, each with 4 accumulators.
+pub fn sumsq_blocked128(x: &[f32]) -> f32 {
+    let mut total = 0.0f32;
+    for block in x.chunks(128) {
+        let mut acc = [0.0f32; 4];
+        let c = block.chunks_exact(4);
+        let tail = c.remainder();
+        for v in c {
+            for l in 0..4 {
+                acc[l] += v[l] * v[l];
+            }
+        }
+        let mut s = (acc[0] + acc[2]) + (acc[1] + acc[3]);
+        for v in tail {
+            s += v * v;
+        }
+        total += s;
+    }
+    total
+}
+
+/// Runs `dot(x_row, w_row)` for every row of `x` and of `w`, in parallel over tiles of output
+/// features; the reduction order is the one `dot` fixes, whatever the tiling.
+pub fn par_matmul(
+    x: &[f32],
+    rows: usize,
+    w: &crate::weights::Matrix,
+    out: &mut [f32],
+    dot: impl Fn(&[f32], &[f32]) -> f32 + Sync,
+) {
+    use rayon::prelude::*;
+    const TILE: usize = 32;
+    let (k, n) = (w.cols, w.rows);
+    assert_eq!(x.len(), rows * k, "matmul input is not [rows, in]");
+    assert_eq!(out.len(), rows * n, "matmul output is not [rows, out]");
+    let tiles: Vec<Vec<f32>> = (0..n.div_ceil(TILE))
+        .into_par_iter()
+        .map(|t| {
+            let (o0, o1) = (t * TILE, ((t + 1) * TILE).min(n));
+            let mut part = Vec::with_capacity(rows * (o1 - o0));
+            for r in 0..rows {
+                let xr = &x[r * k..(r + 1) * k];
+                for o in o0..o1 {
+                    part.push(dot(xr, w.row(o)));
+                }
+            }
+            part
+        })
+        .collect();
+    for (t, part) in tiles.iter().enumerate() {
+        let (o0, o1) = (t * TILE, ((t + 1) * TILE).min(n));
+        let width = o1 - o0;
+        for r in 0..rows {
+            out[r * n + o0..r * n + o1].copy_from_slice(&part[r * width..(r + 1) * width]);
+        }
+    }
+}
+
+/// Per row: `out = x · inv_rms · weight` with `inv_rms = 1 / sqrt(sumsq / n + eps)`.
+pub fn rmsnorm_with(
+    x: &[f32],
+    rows: usize,
+    weight: &[f32],
+    eps: f32,
+    out: &mut [f32],
+    sumsq: impl Fn(&[f32]) -> f32 + Sync,
+) {
+    use rayon::prelude::*;
+    let n = weight.len();
+    assert_eq!(x.len(), rows * n, "rmsnorm input is not [rows, n]");
+    out.par_chunks_mut(n).zip(x.par_chunks(n)).for_each(|(o, xr)| {
+        let inv = 1.0 / (sumsq(xr) / n as f32 + eps).sqrt();
+        for ((o, &v), &g) in o.iter_mut().zip(xr).zip(weight) {
+            *o = v * inv * g;
+        }
+    });
+}
+
+/// Running softmax state of one query head: max score, sum of exponentials, weighted values.
+pub struct Softmax {
+    pub m: f32,
+    pub l: f32,
+    pub acc: Vec<f32>,
+}
+
+impl Softmax {
+    pub fn new(d: usize) -> Softmax {
+        Softmax { m: f32::NEG_INFINITY, l: 0.0, acc: vec![0.0; d] }
+    }
+
+    /// Folds in the keys `[j0, j1)`: scores first, then their max, then exponentials and values
+    /// in order, rescaling what was accumulated before when the max grows.
+    pub fn absorb(
+        &mut self,
+        q: &[f32],
+        keys: &[f32],
+        vals: &[f32],
+        stride: usize,
+        off: usize,
+        j0: usize,
+        j1: usize,
+        scale: f32,
+    ) {
+        let d = q.len();
+        let scores: Vec<f32> =
+            (j0..j1).map(|j| dot_seq(q, &keys[j * stride + off..j * stride + off + d]) * scale).collect();
+        let m_new = scores.iter().fold(self.m, |m, &s| m.max(s));
+        if m_new == f32::NEG_INFINITY {
+            return;
+        }
+        let c = (self.m - m_new).exp();
+        self.l *= c;
+        for a in &mut self.acc {
+            *a *= c;
+        }
+        for (j, s) in (j0..j1).zip(scores) {
+            let p = (s - m_new).exp();
+            self.l += p;
+            let vj = &vals[j * stride + off..j * stride + off + d];
+            for (a, &vv) in self.acc.iter_mut().zip(vj) {
+                *a += p * vv;
+            }
+        }
+        self.m = m_new;
+    }
+
+    /// Merges another partial state (of keys after this one's).
+    pub fn merge(&mut self, other: &Softmax) {
+        if other.m == f32::NEG_INFINITY {
+            return;
+        }
+        let m = self.m.max(other.m);
+        let (ca, cb) = ((self.m - m).exp(), (other.m - m).exp());
+        self.l = self.l * ca + other.l * cb;
+        for (a, &b) in self.acc.iter_mut().zip(&other.acc) {
+            *a = *a * ca + b * cb;
+        }
+        self.m = m;
+    }
+
+    /// Writes `acc / l`.
+    pub fn finish(&self, out: &mut [f32]) {
+        for (o, &a) in out.iter_mut().zip(&self.acc) {
+            *o = a / self.l;
+        }
+    }
+}
+
+/// Runs `head(q_head, kv_offset, ctx_len, out_head)` for every (row, head) in parallel.
+pub fn par_attention(
+    q: &[f32],
+    rows: usize,
+    pos0: usize,
+    shape: super::AttnShape,
+    out: &mut [f32],
+    head: impl Fn(&[f32], usize, usize, &mut [f32]) + Sync,
+) {
+    use rayon::prelude::*;
+    let d = shape.head_dim;
+    let group = shape.n_heads / shape.n_kv_heads;
+    assert_eq!(q.len(), rows * shape.n_heads * d, "attention q is not [rows, n_heads * head_dim]");
+    out.par_chunks_mut(d).enumerate().for_each(|(i, o)| {
+        let (r, h) = (i / shape.n_heads, i % shape.n_heads);
+        let qh = &q[(r * shape.n_heads + h) * d..(r * shape.n_heads + h + 1) * d];
+        head(qh, (h / group) * d, pos0 + r + 1, o);
+    });
+}

@@ -1,0 +1,139 @@
+//! Every kernel against the reference, on odd shapes; the invariance property of `invariant`
+//! and the shape dependence of `fast`.
+
+use super::*;
+use crate::weights::Matrix;
+
+/// Deterministic patterned data (no RNG): values in about [-1, 1].
+fn data(n: usize, seed: u32) -> Vec<f32> {
+    (0..n).map(|i| (i as f32 * 0.7311 + seed as f32 * 1.37).sin() * 0.9 + (i % 7) as f32 * 0.01).collect()
+}
+
+fn max_rel_err(got: &[f32], want: &[f32]) -> f32 {
+    let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-30);
+    got.iter().zip(want).fold(0.0f32, |m, (a, b)| m.max((a - b).abs())) / scale
+}
+
+/// f32 kernels may differ from the f64 oracle by rounding only: this budget is about 50 ulps of
+/// the largest output, for reductions of a few hundred terms.
+const F32_BUDGET: f32 = 50.0 * f32::EPSILON;
+
+const PROFILES: [&dyn Kernels; 2] = [&Fast, &Invariant];
+
+#[test]
+fn matmul_matches_reference_on_odd_shapes() {
+    for (rows, k, n) in [(1, 5, 3), (1, 67, 13), (3, 64, 7), (7, 130, 33), (33, 11, 65), (2, 576, 40)] {
+        let (x, w) = (data(rows * k, 1), Matrix::new(n, k, data(n * k, 2)));
+        let mut want = vec![0.0; rows * n];
+        Reference.matmul(&x, rows, &w, &mut want);
+        for kern in PROFILES {
+            let mut got = vec![f32::NAN; rows * n];
+            kern.matmul(&x, rows, &w, &mut got);
+            let e = max_rel_err(&got, &want);
+            assert!(e < F32_BUDGET, "matmul({},rows={rows},k={k},n={n}): rel err {e}", kern.name());
+        }
+    }
+}
+
+#[test]
+fn rmsnorm_matches_reference_on_odd_shapes() {
+    for (rows, n) in [(1, 5), (1, 129), (31, 64), (32, 64), (40, 257)] {
+        let (x, g) = (data(rows * n, 3), data(n, 4));
+        let mut want = vec![0.0; rows * n];
+        Reference.rmsnorm(&x, rows, &g, 1e-5, &mut want);
+        for kern in PROFILES {
+            let mut got = vec![f32::NAN; rows * n];
+            kern.rmsnorm(&x, rows, &g, 1e-5, &mut got);
+            let e = max_rel_err(&got, &want);
+            assert!(e < F32_BUDGET, "rmsnorm({},rows={rows},n={n}): rel err {e}", kern.name());
+        }
+    }
+}
+
+fn attn_case(rows: usize, pos0: usize, shape: AttnShape) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let ctx = pos0 + rows;
+    let kv = shape.n_kv_heads * shape.head_dim;
+    (data(rows * shape.n_heads * shape.head_dim, 5), data(ctx * kv, 6), data(ctx * kv, 7))
+}
+
+#[test]
+fn attention_matches_reference_on_odd_shapes() {
+    let shapes = [
+        AttnShape { n_heads: 1, n_kv_heads: 1, head_dim: 2 },
+        AttnShape { n_heads: 4, n_kv_heads: 2, head_dim: 6 },
+        AttnShape { n_heads: 9, n_kv_heads: 3, head_dim: 16 },
+    ];
+    for shape in shapes {
+        for (rows, pos0) in [(1, 0), (1, 64), (1, 200), (5, 0), (7, 60), (33, 97)] {
+            let (q, k, v) = attn_case(rows, pos0, shape);
+            let mut want = vec![0.0; q.len()];
+            Reference.attention(&q, rows, pos0, &k, &v, shape, &mut want);
+            for kern in PROFILES {
+                let mut got = vec![f32::NAN; q.len()];
+                kern.attention(&q, rows, pos0, &k, &v, shape, &mut got);
+                let e = max_rel_err(&got, &want);
+                assert!(e < F32_BUDGET, "attention({},{shape:?},rows={rows},pos0={pos0}): rel err {e}", kern.name());
+            }
+        }
+    }
+}
+
+/// The property `invariant` exists for: a row's result does not depend on how many rows share
+/// the call, nor does a query's attention depend on the query length.
+#[test]
+fn invariant_is_bitwise_independent_of_row_count_and_query_length() {
+    let (k, n, rows) = (130, 45, 37);
+    let (x, w) = (data(rows * k, 8), Matrix::new(n, k, data(n * k, 9)));
+    let mut all = vec![0.0; rows * n];
+    Invariant.matmul(&x, rows, &w, &mut all);
+    let mut all_norm = vec![0.0; rows * k];
+    Invariant.rmsnorm(&x, rows, &data(k, 10), 1e-5, &mut all_norm);
+    for r in [0, 1, 17, rows - 1] {
+        let mut one = vec![0.0; n];
+        Invariant.matmul(&x[r * k..(r + 1) * k], 1, &w, &mut one);
+        assert_eq!(bits(&one), bits(&all[r * n..(r + 1) * n]), "matmul row {r}");
+        let mut one = vec![0.0; k];
+        Invariant.rmsnorm(&x[r * k..(r + 1) * k], 1, &data(k, 10), 1e-5, &mut one);
+        assert_eq!(bits(&one), bits(&all_norm[r * k..(r + 1) * k]), "rmsnorm row {r}");
+    }
+    let shape = AttnShape { n_heads: 4, n_kv_heads: 2, head_dim: 8 };
+    let (q, kc, vc) = attn_case(300, 0, shape);
+    let mut prefill = vec![0.0; q.len()];
+    Invariant.attention(&q, 300, 0, &kc, &vc, shape, &mut prefill);
+    let width = shape.n_heads * shape.head_dim;
+    for p in [0, 1, 63, 64, 65, 127, 128, 255, 256, 299] {
+        let mut dec = vec![0.0; width];
+        Invariant.attention(&q[p * width..(p + 1) * width], 1, p, &kc, &vc, shape, &mut dec);
+        assert_eq!(bits(&dec), bits(&prefill[p * width..(p + 1) * width]), "attention at position {p}");
+    }
+}
+
+/// `fast` really is shape-dependent: one row and many rows reduce in different orders, so some
+/// outputs differ in their last bits (otherwise it could not reproduce engine drift).
+#[test]
+fn fast_differs_between_one_row_and_many() {
+    let (k, n, rows) = (576, 64, 4);
+    let (x, w) = (data(rows * k, 11), Matrix::new(n, k, data(n * k, 12)));
+    let mut many = vec![0.0; rows * n];
+    Fast.matmul(&x, rows, &w, &mut many);
+    let mut one = vec![0.0; n];
+    Fast.matmul(&x[..k], 1, &w, &mut one);
+    assert_ne!(bits(&one), bits(&many[..n]), "GEMV and GEMM orders should not agree bitwise");
+    let shape = AttnShape { n_heads: 2, n_kv_heads: 1, head_dim: 8 };
+    let (q, kc, vc) = attn_case(200, 0, shape);
+    let mut prefill = vec![0.0; q.len()];
+    Fast.attention(&q, 200, 0, &kc, &vc, shape, &mut prefill);
+    let width = shape.n_heads * shape.head_dim;
+    let differing = (64..200)
+        .filter(|&p| {
+            let mut dec = vec![0.0; width];
+            Fast.attention(&q[p * width..(p + 1) * width], 1, p, &kc, &vc, shape, &mut dec);
+            bits(&dec) != bits(&prefill[p * width..(p + 1) * width])
+        })
+        .count();
+    assert!(differing > 0, "split-KV decode should differ from tiled prefill somewhere");
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|x| x.to_bits()).collect()
+}

@@ -1,0 +1,184 @@
+//! GGUF v2/v3 (`general.architecture = llama`) through candle's reader, which handles the
+//! container and dequantizes every ggml type (F32, F16, BF16, Q4_0, Q4_1, Q5_x, Q8_0, K-quants).
+
+use std::fs::File;
+use std::io::BufReader;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::Device;
+
+use super::{expect_shape, matrix, validated, Loaded};
+use crate::config::{Config, RopeLayout};
+use crate::error::EngineError;
+use crate::model::Model;
+use crate::tokenizer::Tokenizer;
+use crate::weights::{LayerWeights, Weights};
+
+struct Gguf<'a> {
+    path: &'a Path,
+    file: BufReader<File>,
+    content: Content,
+}
+
+impl Gguf<'_> {
+    fn key(&self, key: &str) -> Result<&Value, EngineError> {
+        self.content.metadata.get(key).ok_or_else(|| EngineError::Config {
+            path: self.path.to_path_buf(),
+            key: key.into(),
+            message: "missing from the GGUF metadata".into(),
+        })
+    }
+
+    fn bad(&self, key: &str, e: impl std::fmt::Display) -> EngineError {
+        EngineError::Config { path: self.path.to_path_buf(), key: key.into(), message: e.to_string() }
+    }
+
+    fn usize(&self, key: &str) -> Result<usize, EngineError> {
+        let v = self.key(key)?;
+        v.to_u64().or_else(|_| v.to_u32().map(u64::from)).map(|x| x as usize).map_err(|e| self.bad(key, e))
+    }
+
+    fn f64_or(&self, key: &str, default: f64) -> Result<f64, EngineError> {
+        match self.content.metadata.get(key) {
+            None => Ok(default),
+            Some(v) => v.to_f32().map(f64::from).or_else(|_| v.to_f64()).map_err(|e| self.bad(key, e)),
+        }
+    }
+
+    fn strings(&self, key: &str) -> Result<Vec<String>, EngineError> {
+        let arr = self.key(key)?.to_vec().map_err(|e| self.bad(key, e))?;
+        arr.iter().map(|v| v.to_string().cloned().map_err(|e| self.bad(key, e))).collect()
+    }
+
+    /// Reads and dequantizes a tensor; returns its shape (`[rows, cols]` row-major) and values.
+    fn tensor(&mut self, name: &str) -> Result<(Vec<usize>, Vec<f32>), EngineError> {
+        let err = |message: String| EngineError::Tensor { path: self.path.to_path_buf(), tensor: name.into(), message };
+        let info = self.content.tensor_infos.get(name).ok_or_else(|| err("missing from the file".into()))?;
+        let at = self.content.tensor_data_offset + info.offset;
+        let dtype = info.ggml_dtype;
+        let q = self
+            .content
+            .tensor(&mut self.file, name, &Device::Cpu)
+            .map_err(|e| err(format!("cannot read {dtype:?} data at offset {at}: {e}")))?;
+        let shape = q.shape().dims().to_vec();
+        let values = q
+            .dequantize(&Device::Cpu)
+            .and_then(|t| t.flatten_all())
+            .and_then(|t| t.to_vec1::<f32>())
+            .map_err(|e| err(format!("cannot dequantize {dtype:?} data at offset {at}: {e}")))?;
+        Ok((shape, values))
+    }
+}
+
+/// Loads a GGUF llama-family model and its tokenizer.
+pub fn load_gguf(path: &Path) -> Result<Loaded, EngineError> {
+    let io = |source| EngineError::Io { path: path.to_path_buf(), source };
+    let mut file = BufReader::new(File::open(path).map_err(io)?);
+    let content =
+        Content::read(&mut file).map_err(|e| EngineError::Gguf { path: path.to_path_buf(), message: e.to_string() })?;
+    let mut g = Gguf { path, file, content };
+
+    let arch = g.key("general.architecture")?.to_string().map_err(|e| g.bad("general.architecture", e))?.clone();
+    if arch != "llama" {
+        return Err(EngineError::UnsupportedArch { path: path.to_path_buf(), arch });
+    }
+    let a = |k: &str| format!("{arch}.{k}");
+    let hidden = g.usize(&a("embedding_length"))?;
+    let n_heads = g.usize(&a("attention.head_count"))?;
+    let n_kv_heads = if g.content.metadata.contains_key(&a("attention.head_count_kv")) {
+        g.usize(&a("attention.head_count_kv"))?
+    } else {
+        n_heads
+    };
+    let head_dim = if g.content.metadata.contains_key(&a("rope.dimension_count")) {
+        g.usize(&a("rope.dimension_count"))?
+    } else {
+        hidden / n_heads.max(1)
+    };
+    let embed_rows = g.content.tensor_infos.get("token_embd.weight").map(|t| t.shape.dims().to_vec());
+    let vocab = match embed_rows.as_deref() {
+        Some([rows, _]) => *rows,
+        _ => g.usize(&a("vocab_size"))?,
+    };
+    let name = match g.content.metadata.get("general.name").and_then(|v| v.to_string().ok()) {
+        Some(n) => n.clone(),
+        None => path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
+    };
+    let config = validated(
+        path,
+        Config {
+            name,
+            n_layers: g.usize(&a("block_count"))?,
+            hidden,
+            ffn: g.usize(&a("feed_forward_length"))?,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            vocab,
+            rope_theta: g.f64_or(&a("rope.freq_base"), 10_000.0)?,
+            rms_eps: g.f64_or(&a("attention.layer_norm_rms_epsilon"), 1e-5)? as f32,
+            max_context: g.usize(&a("context_length")).unwrap_or(4096),
+            rope_layout: RopeLayout::Interleaved,
+        },
+    )?;
+
+    let c = &config;
+    let mat = |g: &mut Gguf<'_>, name: &str, rows: usize, cols: usize| {
+        let (shape, data) = g.tensor(name)?;
+        matrix(path, name, &shape, data, rows, cols)
+    };
+    let embed = mat(&mut g, "token_embd.weight", c.vocab, c.hidden)?;
+    let mut layers = Vec::with_capacity(c.n_layers);
+    for i in 0..c.n_layers {
+        let n = |s: &str| format!("blk.{i}.{s}.weight");
+        let vecn = |g: &mut Gguf<'_>, name: String| -> Result<Vec<f32>, EngineError> {
+            let (shape, data) = g.tensor(&name)?;
+            expect_shape(path, &name, &shape, c.hidden, 0)?;
+            Ok(data)
+        };
+        layers.push(LayerWeights {
+            attn_norm: vecn(&mut g, n("attn_norm"))?,
+            wq: mat(&mut g, &n("attn_q"), c.q_dim(), c.hidden)?,
+            wk: mat(&mut g, &n("attn_k"), c.kv_dim(), c.hidden)?,
+            wv: mat(&mut g, &n("attn_v"), c.kv_dim(), c.hidden)?,
+            wo: mat(&mut g, &n("attn_output"), c.hidden, c.q_dim())?,
+            mlp_norm: vecn(&mut g, n("ffn_norm"))?,
+            w_gate: mat(&mut g, &n("ffn_gate"), c.ffn, c.hidden)?,
+            w_up: mat(&mut g, &n("ffn_up"), c.ffn, c.hidden)?,
+            w_down: mat(&mut g, &n("ffn_down"), c.hidden, c.ffn)?,
+        });
+    }
+    let (shape, final_norm) = g.tensor("output_norm.weight")?;
+    expect_shape(path, "output_norm.weight", &shape, c.hidden, 0)?;
+    let lm_head = if g.content.tensor_infos.contains_key("output.weight") {
+        Some(mat(&mut g, "output.weight", c.vocab, c.hidden)?)
+    } else {
+        None // tied to token_embd
+    };
+    let tokenizer = gguf_tokenizer(&g)?;
+    Ok(Loaded { model: Model { weights: Weights { embed, layers, final_norm, lm_head }, config }, tokenizer })
+}
+
+fn gguf_tokenizer(g: &Gguf<'_>) -> Result<Tokenizer, EngineError> {
+    let model = g.key("tokenizer.ggml.model")?.to_string().map_err(|e| g.bad("tokenizer.ggml.model", e))?;
+    if model != "gpt2" {
+        return Err(g.bad(
+            "tokenizer.ggml.model",
+            format!("`{model}` tokenizers are not supported yet (supported: gpt2-style BPE)"),
+        ));
+    }
+    let tokens = g.strings("tokenizer.ggml.tokens")?;
+    let merges = g.strings("tokenizer.ggml.merges")?;
+    let types: Vec<i32> = match g.content.metadata.get("tokenizer.ggml.token_type") {
+        Some(v) => v
+            .to_vec()
+            .map_err(|e| g.bad("tokenizer.ggml.token_type", e))?
+            .iter()
+            .map(|t| t.to_i32().map_err(|e| g.bad("tokenizer.ggml.token_type", e)))
+            .collect::<Result<_, _>>()?,
+        None => vec![1; tokens.len()],
+    };
+    let pre = g.content.metadata.get("tokenizer.ggml.pre").and_then(|v| v.to_string().ok()).map_or("default", |s| s);
+    Tokenizer::from_gguf_bpe(tokens, merges, &types, pre)
+}

@@ -1,0 +1,179 @@
+//! Hugging Face checkpoints: `config.json`, `*.safetensors` (f32, f16 or bf16) and
+//! `tokenizer.json`. Their q/k weights pair RoPE dimensions as halves `(i, i + d/2)`.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use safetensors::{Dtype, SafeTensors};
+use serde::Deserialize;
+
+use super::{expect_shape, matrix, validated, Loaded};
+use crate::config::{Config, RopeLayout};
+use crate::error::EngineError;
+use crate::model::Model;
+use crate::tokenizer::Tokenizer;
+use crate::weights::{LayerWeights, Weights};
+
+#[derive(Deserialize)]
+struct HfConfig {
+    #[serde(default)]
+    architectures: Vec<String>,
+    hidden_size: usize,
+    intermediate_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    num_key_value_heads: Option<usize>,
+    head_dim: Option<usize>,
+    vocab_size: usize,
+    #[serde(default = "default_theta")]
+    rope_theta: f64,
+    #[serde(default = "default_eps")]
+    rms_norm_eps: f64,
+    #[serde(default = "default_ctx")]
+    max_position_embeddings: usize,
+    #[serde(default)]
+    tie_word_embeddings: bool,
+    #[serde(default)]
+    _name_or_path: Option<String>,
+}
+
+fn default_theta() -> f64 {
+    10_000.0
+}
+fn default_eps() -> f64 {
+    1e-6
+}
+fn default_ctx() -> usize {
+    4096
+}
+
+/// Raw tensor bytes from all safetensors files of a checkpoint.
+struct Tensors {
+    files: Vec<(std::path::PathBuf, Vec<u8>)>,
+    index: HashMap<String, usize>,
+}
+
+impl Tensors {
+    fn get(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>), EngineError> {
+        let &i = self.index.get(name).ok_or_else(|| EngineError::Tensor {
+            path: self.files.first().map(|f| f.0.clone()).unwrap_or_default(),
+            tensor: name.into(),
+            message: "missing from the checkpoint".into(),
+        })?;
+        let (path, bytes) = &self.files[i];
+        let err = |message: String| EngineError::Tensor { path: path.clone(), tensor: name.into(), message };
+        let st = SafeTensors::deserialize(bytes).map_err(|e| err(e.to_string()))?;
+        let view = st.tensor(name).map_err(|e| err(e.to_string()))?;
+        let data = view.data();
+        let values: Vec<f32> = match view.dtype() {
+            Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            Dtype::F16 => data.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            Dtype::BF16 => data.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            other => return Err(err(format!("dtype {other:?} is not supported (f32, f16, bf16)"))),
+        };
+        Ok((view.shape().to_vec(), values))
+    }
+}
+
+/// Loads a Hugging Face Llama-family checkpoint directory.
+pub fn load_hf(dir: &Path) -> Result<Loaded, EngineError> {
+    let cfg_path = dir.join("config.json");
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| EngineError::Io { path, source }
+    };
+    let text = std::fs::read_to_string(&cfg_path).map_err(io(&cfg_path))?;
+    let hf: HfConfig = serde_json::from_str(&text).map_err(|e| EngineError::Config {
+        path: cfg_path.clone(),
+        key: "config.json".into(),
+        message: e.to_string(),
+    })?;
+    if let Some(arch) = hf.architectures.first() {
+        let ok = ["LlamaForCausalLM", "MistralForCausalLM"].contains(&arch.as_str());
+        if !ok {
+            return Err(EngineError::UnsupportedArch { path: cfg_path, arch: arch.clone() });
+        }
+    }
+    let n_kv = hf.num_key_value_heads.unwrap_or(hf.num_attention_heads);
+    let config = validated(
+        &cfg_path,
+        Config {
+            name: dir.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_default(),
+            n_layers: hf.num_hidden_layers,
+            hidden: hf.hidden_size,
+            ffn: hf.intermediate_size,
+            n_heads: hf.num_attention_heads,
+            n_kv_heads: n_kv,
+            head_dim: hf.head_dim.unwrap_or(hf.hidden_size / hf.num_attention_heads.max(1)),
+            vocab: hf.vocab_size,
+            rope_theta: hf.rope_theta,
+            rms_eps: hf.rms_norm_eps as f32,
+            max_context: hf.max_position_embeddings,
+            rope_layout: RopeLayout::Halves,
+        },
+    )?;
+
+    let mut files = Vec::new();
+    let mut index = HashMap::new();
+    let mut names: Vec<_> = std::fs::read_dir(dir)
+        .map_err(io(dir))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    names.sort();
+    if names.is_empty() {
+        return Err(EngineError::Config {
+            path: dir.to_path_buf(),
+            key: "*.safetensors".into(),
+            message: "no safetensors file in the directory".into(),
+        });
+    }
+    for p in names {
+        let bytes = std::fs::read(&p).map_err(io(&p))?;
+        let st = SafeTensors::deserialize(&bytes).map_err(|e| EngineError::Tensor {
+            path: p.clone(),
+            tensor: "(header)".into(),
+            message: e.to_string(),
+        })?;
+        for name in st.names() {
+            index.insert(name.to_string(), files.len());
+        }
+        files.push((p, bytes));
+    }
+    let t = Tensors { files, index };
+    let c = &config;
+    let mat = |name: &str, rows: usize, cols: usize| {
+        let (shape, data) = t.get(name)?;
+        matrix(dir, name, &shape, data, rows, cols)
+    };
+    let vecn = |name: &str| -> Result<Vec<f32>, EngineError> {
+        let (shape, data) = t.get(name)?;
+        expect_shape(dir, name, &shape, c.hidden, 0)?;
+        Ok(data)
+    };
+    let embed = mat("model.embed_tokens.weight", c.vocab, c.hidden)?;
+    let mut layers = Vec::with_capacity(c.n_layers);
+    for i in 0..c.n_layers {
+        let n = |s: &str| format!("model.layers.{i}.{s}.weight");
+        layers.push(LayerWeights {
+            attn_norm: vecn(&n("input_layernorm"))?,
+            wq: mat(&n("self_attn.q_proj"), c.q_dim(), c.hidden)?,
+            wk: mat(&n("self_attn.k_proj"), c.kv_dim(), c.hidden)?,
+            wv: mat(&n("self_attn.v_proj"), c.kv_dim(), c.hidden)?,
+            wo: mat(&n("self_attn.o_proj"), c.hidden, c.q_dim())?,
+            mlp_norm: vecn(&n("post_attention_layernorm"))?,
+            w_gate: mat(&n("mlp.gate_proj"), c.ffn, c.hidden)?,
+            w_up: mat(&n("mlp.up_proj"), c.ffn, c.hidden)?,
+            w_down: mat(&n("mlp.down_proj"), c.hidden, c.ffn)?,
+        });
+    }
+    let final_norm = vecn("model.norm.weight")?;
+    let lm_head = if !hf.tie_word_embeddings && t.index.contains_key("lm_head.weight") {
+        Some(mat("lm_head.weight", c.vocab, c.hidden)?)
+    } else {
+        None
+    };
+    let tok_path = dir.join("tokenizer.json");
+    let tokenizer = if tok_path.exists() { Tokenizer::from_file(&tok_path)? } else { Tokenizer::Bytes };
+    Ok(Loaded { model: Model { weights: Weights { embed, layers, final_norm, lm_head }, config }, tokenizer })
+}

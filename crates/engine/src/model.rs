@@ -1,0 +1,245 @@
+//! The forward pass of a Llama-family model, read top to bottom in dataflow order:
+//! embedding → per layer (RMSNorm → Q/K/V → RoPE → causal GQA attention over the KV cache →
+//! output projection → residual → RMSNorm → SwiGLU MLP → residual) → final RMSNorm → LM head.
+//!
+//! One `forward` serves prefill (many tokens) and decode (one token), as in gpt-fast: the KV
+//! cache holds what earlier calls computed. Every intermediate is named by a trace [`Point`]
+//! where it is computed; a [`Tracer`] is asked first whether it wants a point, so tracing off
+//! costs one branch. Activations and the cache are rounded to the storage dtype at op
+//! boundaries, as GPU engines store them.
+//!
+//! Reference: Touvron et al., "Llama 2" (2023); llama.cpp `llm_build_llama` for the GGUF layout.
+
+use driftscope_trace::{DType, Point};
+use half::{bf16, f16};
+
+use crate::config::{Config, RopeLayout};
+use crate::kernels::{AttnShape, Kernels};
+use crate::weights::Weights;
+
+/// Observes trace points. The engine calls [`Tracer::wants`] before copying anything.
+pub trait Tracer {
+    /// Whether the point at this layer (0 for model-global points) should be recorded.
+    fn wants(&self, point: Point, layer: u32) -> bool;
+    /// One traced row, already rounded to `dtype` (the values are exact in that dtype).
+    fn record(&mut self, point: Point, layer: u32, row: &[f32], dtype: DType);
+}
+
+/// Rounds values to the storage dtype (a no-op for f32).
+pub fn round_to(x: &mut [f32], dtype: DType) {
+    match dtype {
+        DType::F32 => {}
+        DType::BF16 => x.iter_mut().for_each(|v| *v = bf16::from_f32(*v).to_f32()),
+        DType::F16 => x.iter_mut().for_each(|v| *v = f16::from_f32(*v).to_f32()),
+    }
+}
+
+/// Keys and values of every position computed so far, per layer: `[pos, kv_dim]`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct KvCache {
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    len: usize,
+}
+
+impl KvCache {
+    /// An empty cache for a model.
+    pub fn new(config: &Config) -> KvCache {
+        KvCache { k: vec![Vec::new(); config.n_layers], v: vec![Vec::new(); config.n_layers], len: 0 }
+    }
+
+    /// Positions held.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether no position is held.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Keeps only the first `len` positions (for prefix reuse).
+    pub fn truncate(&mut self, len: usize, kv_dim: usize) {
+        for layer in self.k.iter_mut().chain(self.v.iter_mut()) {
+            layer.truncate(len * kv_dim);
+        }
+        self.len = self.len.min(len);
+    }
+}
+
+/// How to run a forward call.
+pub struct Run<'a> {
+    /// The kernel profile.
+    pub kernels: &'a dyn Kernels,
+    /// Storage dtype of activations and cache.
+    pub dtype: DType,
+    /// Row of this call to trace (0-based within the call), if any.
+    pub trace_row: Option<usize>,
+    /// Where traced rows go.
+    pub tracer: Option<&'a mut dyn Tracer>,
+}
+
+/// A model: its shape and its weights.
+#[derive(Debug, Clone)]
+pub struct Model {
+    /// Shape.
+    pub config: Config,
+    /// Weights.
+    pub weights: Weights,
+}
+
+/// Records `row` of `x` (`[rows, width]`) if the tracer wants the point.
+fn trace(run: &mut Run<'_>, point: Point, layer: usize, x: &[f32], width: usize) {
+    let (Some(row), Some(tracer)) = (run.trace_row, run.tracer.as_deref_mut()) else { return };
+    if tracer.wants(point, layer as u32) {
+        tracer.record(point, layer as u32, &x[row * width..(row + 1) * width], run.dtype);
+    }
+}
+
+impl Model {
+    /// Runs `tokens` at positions `cache.len()..`, appends their keys and values to the cache,
+    /// and returns the logits of the last row (`[vocab]`).
+    pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, run: &mut Run<'_>) -> Vec<f32> {
+        let c = &self.config;
+        let w = &self.weights;
+        let k = run.kernels;
+        let (t, d, dt) = (tokens.len(), c.hidden, run.dtype);
+        let (qd, kvd) = (c.q_dim(), c.kv_dim());
+        let pos0 = cache.len;
+        assert!(t > 0, "forward needs at least one token");
+
+        // x: [t, hidden], the residual stream.
+        let mut x = vec![0.0f32; t * d];
+        for (row, &tok) in x.chunks_mut(d).zip(tokens) {
+            row.copy_from_slice(w.embed.row(tok as usize));
+        }
+        round_to(&mut x, dt);
+        trace(run, Point::EmbedOut, 0, &x, d);
+
+        let mut h = vec![0.0f32; t * d]; // [t, hidden]: normed input of a sub-block
+        let mut q = vec![0.0f32; t * qd]; // [t, n_heads * head_dim]
+        let mut kk = vec![0.0f32; t * kvd]; // [t, n_kv_heads * head_dim]
+        let mut vv = vec![0.0f32; t * kvd]; // [t, n_kv_heads * head_dim]
+        let mut ctx = vec![0.0f32; t * qd]; // [t, n_heads * head_dim]
+        let mut proj = vec![0.0f32; t * d]; // [t, hidden]: attn_out or mlp_out
+        let mut gate = vec![0.0f32; t * c.ffn]; // [t, ffn]
+        let mut up = vec![0.0f32; t * c.ffn]; // [t, ffn]
+        let shape = AttnShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim };
+
+        for (l, lw) in w.layers.iter().enumerate() {
+            trace(run, Point::XIn, l, &x, d);
+
+            k.rmsnorm(&x, t, &lw.attn_norm, c.rms_eps, &mut h);
+            round_to(&mut h, dt);
+            trace(run, Point::AttnNorm, l, &h, d);
+
+            for (out, m, point) in
+                [(&mut q, &lw.wq, Point::Q), (&mut kk, &lw.wk, Point::K), (&mut vv, &lw.wv, Point::V)]
+            {
+                k.matmul(&h, t, m, out);
+                round_to(out, dt);
+                trace(run, point, l, out, m.rows);
+            }
+
+            rope(&mut q, c.n_heads, c.head_dim, pos0, c.rope_theta, c.rope_layout);
+            round_to(&mut q, dt);
+            trace(run, Point::QRope, l, &q, qd);
+            rope(&mut kk, c.n_kv_heads, c.head_dim, pos0, c.rope_theta, c.rope_layout);
+            round_to(&mut kk, dt);
+            trace(run, Point::KRope, l, &kk, kvd);
+
+            cache.k[l].extend_from_slice(&kk);
+            cache.v[l].extend_from_slice(&vv);
+            k.attention(&q, t, pos0, &cache.k[l], &cache.v[l], shape, &mut ctx);
+            round_to(&mut ctx, dt);
+            trace(run, Point::AttnCtx, l, &ctx, qd);
+
+            k.matmul(&ctx, t, &lw.wo, &mut proj);
+            round_to(&mut proj, dt);
+            trace(run, Point::AttnOut, l, &proj, d);
+
+            for (xi, pi) in x.iter_mut().zip(&proj) {
+                *xi += pi;
+            }
+            round_to(&mut x, dt);
+            trace(run, Point::XMid, l, &x, d);
+
+            k.rmsnorm(&x, t, &lw.mlp_norm, c.rms_eps, &mut h);
+            round_to(&mut h, dt);
+            trace(run, Point::MlpNorm, l, &h, d);
+
+            k.matmul(&h, t, &lw.w_gate, &mut gate);
+            round_to(&mut gate, dt);
+            trace(run, Point::Gate, l, &gate, c.ffn);
+            k.matmul(&h, t, &lw.w_up, &mut up);
+            round_to(&mut up, dt);
+            trace(run, Point::Up, l, &up, c.ffn);
+
+            // act = silu(gate) * up, in place of `gate`.
+            for (g, u) in gate.iter_mut().zip(&up) {
+                *g = *g / (1.0 + (-*g).exp()) * u;
+            }
+            round_to(&mut gate, dt);
+            trace(run, Point::Act, l, &gate, c.ffn);
+
+            k.matmul(&gate, t, &lw.w_down, &mut proj);
+            round_to(&mut proj, dt);
+            trace(run, Point::MlpOut, l, &proj, d);
+
+            for (xi, pi) in x.iter_mut().zip(&proj) {
+                *xi += pi;
+            }
+            round_to(&mut x, dt);
+        }
+        cache.len += t;
+
+        // Final norm and LM head only for the rows that need them: the last, and the traced one.
+        let mut rows: Vec<usize> = vec![t - 1];
+        if let Some(r) = run.trace_row.filter(|&r| r != t - 1) {
+            rows.insert(0, r);
+        }
+        let sel: Vec<f32> = rows.iter().flat_map(|&r| x[r * d..(r + 1) * d].iter().copied()).collect();
+        let mut normed = vec![0.0f32; sel.len()];
+        k.rmsnorm(&sel, rows.len(), &w.final_norm, c.rms_eps, &mut normed);
+        round_to(&mut normed, dt);
+        let head = w.lm_head();
+        let mut logits = vec![0.0f32; rows.len() * head.rows];
+        k.matmul(&normed, rows.len(), head, &mut logits);
+        round_to(&mut logits, dt);
+        if let Some(pos_in_sel) = run.trace_row.and_then(|r| rows.iter().position(|&x| x == r)) {
+            let saved = run.trace_row;
+            run.trace_row = Some(pos_in_sel);
+            trace(run, Point::FinalNorm, 0, &normed, d);
+            trace(run, Point::Logits, 0, &logits, head.rows);
+            run.trace_row = saved;
+        }
+        logits[(rows.len() - 1) * head.rows..].to_vec()
+    }
+}
+
+/// Applies rotary position embeddings to `x` (`[rows, heads * head_dim]`), row `r` at position
+/// `pos0 + r`. Angles are computed in f64 from the position, so every path gets the same ones.
+pub fn rope(x: &mut [f32], heads: usize, head_dim: usize, pos0: usize, theta: f64, layout: RopeLayout) {
+    let half = head_dim / 2;
+    let width = heads * head_dim;
+    for (r, row) in x.chunks_mut(width).enumerate() {
+        let pos = (pos0 + r) as f64;
+        let (cos, sin): (Vec<f32>, Vec<f32>) = (0..half)
+            .map(|i| {
+                let angle = pos * theta.powf(-2.0 * i as f64 / head_dim as f64);
+                (angle.cos() as f32, angle.sin() as f32)
+            })
+            .unzip();
+        for head in row.chunks_mut(head_dim) {
+            for i in 0..half {
+                let (a, b) = match layout {
+                    RopeLayout::Interleaved => (2 * i, 2 * i + 1),
+                    RopeLayout::Halves => (i, i + half),
+                };
+                let (x0, x1) = (head[a], head[b]);
+                head[a] = x0 * cos[i] - x1 * sin[i];
+                head[b] = x0 * sin[i] + x1 * cos[i];
+            }
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! Runs prompts through the two phases that driftscope compares, and writes the trace.
+//!
+//! - `prefill_last`: prefill the N tokens, trace position N-1 (step 0, seq_len N).
+//! - `decode0`: prefill the first N-1 tokens, then decode token N-1 over that cache and trace
+//!   it (step 1, seq_len 1).
+//!
+//! Prompts are paired by token ids: both phases see exactly the same ids.
+
+use std::io::Write;
+
+use driftscope_trace::{hash_bf16, hash_f16, hash_f32, DType, Point, RowStats, RunMeta, StageTrace};
+use half::{bf16, f16};
+
+use crate::kernels::Profile;
+use crate::model::{KvCache, Model, Run, Tracer};
+
+/// One prompt, as token ids.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prompt {
+    /// Its id in the trace.
+    pub id: String,
+    /// Its token ids.
+    pub tokens: Vec<u32>,
+}
+
+/// What to trace and how to compute.
+#[derive(Debug, Clone)]
+pub struct RunSpec {
+    /// Kernel profile.
+    pub profile: Profile,
+    /// Storage dtype.
+    pub dtype: DType,
+    /// Layers to trace (`None`: all).
+    pub layers: Option<Vec<u32>>,
+    /// Points to trace (`None`: all).
+    pub points: Option<Vec<Point>>,
+}
+
+/// A phase of a prompt: how it is computed and which position it traces.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Prefill all N tokens, trace the last.
+    PrefillLast,
+    /// Prefill N-1 tokens, decode the last one.
+    Decode0,
+}
+
+impl Phase {
+    /// Name in traces.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::PrefillLast => "prefill_last",
+            Phase::Decode0 => "decode0",
+        }
+    }
+}
+
+/// Writes `stage_trace` events for the rows the engine hands over.
+pub struct JsonlTracer<'w> {
+    out: &'w mut dyn Write,
+    spec: &'w RunSpec,
+    prompt_id: &'w str,
+    phase: &'static str,
+    step: u64,
+    pos_id: u64,
+    seq_len: u64,
+    token_id: u64,
+    /// Events written.
+    pub events: u64,
+    /// The first write error, if any (the engine cannot take errors from a tracer).
+    pub error: Option<std::io::Error>,
+    line: Vec<u8>,
+}
+
+impl Tracer for JsonlTracer<'_> {
+    fn wants(&self, point: Point, layer: u32) -> bool {
+        let layer_ok = !point.is_per_layer() || self.spec.layers.as_ref().is_none_or(|ls| ls.contains(&layer));
+        layer_ok && self.spec.points.as_ref().is_none_or(|ps| ps.contains(&point)) && self.error.is_none()
+    }
+
+    fn record(&mut self, point: Point, layer: u32, row: &[f32], dtype: DType) {
+        let (hash, stats) = match dtype {
+            DType::F32 => (hash_f32(row), RowStats::of_f32(row)),
+            DType::BF16 => {
+                let v: Vec<bf16> = row.iter().map(|&x| bf16::from_f32(x)).collect();
+                (hash_bf16(&v), RowStats::of_bf16(&v))
+            }
+            DType::F16 => {
+                let v: Vec<f16> = row.iter().map(|&x| f16::from_f32(x)).collect();
+                (hash_f16(&v), RowStats::of_f16(&v))
+            }
+        };
+        let ev = StageTrace {
+            event: "stage_trace",
+            prompt_id: self.prompt_id.into(),
+            phase: self.phase.into(),
+            point: point.as_str().into(),
+            layer,
+            step: self.step,
+            pos_id: self.pos_id,
+            seq_len: self.seq_len,
+            hash,
+            min: stats.min,
+            max: stats.max,
+            mean: stats.mean,
+            dtype: Some(dtype.as_str().into()),
+            shape: Some(vec![row.len() as u64]),
+            numel: Some(stats.numel),
+            l2: Some(stats.l2),
+            nan_count: Some(stats.nan_count),
+            inf_count: Some(stats.inf_count),
+            token_id: Some(self.token_id),
+            rank: None,
+            tensor: None,
+        };
+        self.line.clear();
+        let res = serde_json::to_writer(&mut self.line, &ev).map_err(std::io::Error::other).and_then(|()| {
+            self.line.push(b'\n');
+            self.out.write_all(&self.line)
+        });
+        match res {
+            Ok(()) => self.events += 1,
+            Err(e) => self.error = Some(e),
+        }
+    }
+}
+
+/// Runs one phase of one prompt; returns the logits at the traced position.
+pub fn run_phase(
+    model: &Model,
+    prompt: &Prompt,
+    phase: Phase,
+    spec: &RunSpec,
+    out: &mut dyn Write,
+) -> std::io::Result<(Vec<f32>, u64)> {
+    let n = prompt.tokens.len();
+    assert!(n > 0, "a prompt needs at least one token");
+    let mut tracer = JsonlTracer {
+        out,
+        spec,
+        prompt_id: &prompt.id,
+        phase: phase.as_str(),
+        step: 0,
+        pos_id: (n - 1) as u64,
+        seq_len: n as u64,
+        token_id: u64::from(prompt.tokens[n - 1]),
+        events: 0,
+        error: None,
+        line: Vec::with_capacity(512),
+    };
+    let kernels = spec.profile.kernels();
+    let mut cache = KvCache::new(&model.config);
+    let logits = match phase {
+        Phase::PrefillLast => {
+            let mut run = Run { kernels, dtype: spec.dtype, trace_row: Some(n - 1), tracer: Some(&mut tracer) };
+            model.forward(&prompt.tokens, &mut cache, &mut run)
+        }
+        Phase::Decode0 => {
+            if n > 1 {
+                let mut run = Run { kernels, dtype: spec.dtype, trace_row: None, tracer: None };
+                model.forward(&prompt.tokens[..n - 1], &mut cache, &mut run);
+            }
+            tracer.step = 1;
+            tracer.seq_len = 1;
+            let mut run = Run { kernels, dtype: spec.dtype, trace_row: Some(0), tracer: Some(&mut tracer) };
+            model.forward(&prompt.tokens[n - 1..], &mut cache, &mut run)
+        }
+    };
+    match tracer.error {
+        Some(e) => Err(e),
+        None => Ok((logits, tracer.events)),
+    }
+}
+
+/// Writes the `run_meta` line.
+pub fn write_meta(out: &mut dyn Write, meta: &RunMeta) -> std::io::Result<()> {
+    serde_json::to_writer(&mut *out, meta).map_err(std::io::Error::other)?;
+    out.write_all(b"\n")
+}
