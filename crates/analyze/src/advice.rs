@@ -45,6 +45,15 @@ fn sci(x: f64) -> String {
     }
 }
 
+/// A relative size: `0.725%`, or `5.80e-8` when a percentage would round to zero.
+fn relative(rel: f64) -> String {
+    if rel >= 1e-5 {
+        format!("{:.3}%", rel * 100.0)
+    } else {
+        format!("{rel:.2e}")
+    }
+}
+
 /// One sentence on the size of a pair's drift.
 pub fn magnitude_sentence(delta: &StatDelta, dtype: Option<DType>) -> String {
     let dt = dtype.map_or("16-bit (dtype not traced)".to_string(), |d| d.as_str().to_string());
@@ -53,10 +62,10 @@ pub fn magnitude_sentence(delta: &StatDelta, dtype: Option<DType>) -> String {
              low-order bits of some elements differ"
             .to_string(),
         m => format!(
-            "the stats differ by up to {} ({:.3}% of the row's largest magnitude; the largest element-wise \
+            "the stats differ by up to {} ({} of the row's largest magnitude; the largest element-wise \
              difference is at least this large), {} the rounding step of {dt} ({})",
             sci(delta.max_abs_lower_bound),
-            delta.rel * 100.0,
+            relative(delta.rel),
             if m == Magnitude::Rounding { "within a few times" } else { "far above" },
             sci(epsilon(dtype)),
         ),
@@ -137,9 +146,13 @@ fn advise_group(a: &Analysis, g: &Group, out: &mut Vec<String>) {
     let mag = delta.map(|d| magnitude(&d, dtype));
     match (p.classification, origin) {
         (Some(Classification::Originated), Some(o)) => {
+            let which = if o.region.len() == 1 {
+                "the op itself computes differently"
+            } else {
+                "one of these ops computes differently"
+            };
             out.push(format!(
-                "Drift starts at {}: its traced inputs ({}) match, so one of these ops computes differently: {}. \
-                 Magnitude: {size}.",
+                "Drift starts at {}: its traced inputs ({}) match, so {which}: {}. Magnitude: {size}.",
                 a.pair_name(ff),
                 list_nodes(&o.upstream),
                 describe_region(&o.region)

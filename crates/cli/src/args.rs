@@ -18,10 +18,70 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the reference engine and analyze its trace: writes trace, report and verdict.
+    ///
+    /// The main job: `driftscope check` runs the built-in model with the `fast` profile.
+    Check(CheckArgs),
+    /// Run prompts through the reference engine's prefill and decode paths and write a trace.
+    Run(RunArgs),
     /// Analyze a trace: pair two phases, find where drift originates, write the report.
     ///
     /// Without --report or --json the Markdown report goes to stdout.
     Analyze(AnalyzeArgs),
+}
+
+/// Flags shared by `run` and `check`: what model, which prompts, what to trace, how to compute.
+#[derive(Debug, Args)]
+pub struct EngineArgs {
+    /// The model: `builtin` (a small model generated from a fixed seed, no download), `smollm2`
+    /// (SmolLM2-135M-Instruct fetched by scripts/fetch-smollm2.sh), a .gguf file, or a directory
+    /// with config.json and *.safetensors.
+    #[arg(long, value_name = "MODEL", default_value = "builtin")]
+    pub model: String,
+
+    /// Prompts: JSON Lines of {"id": ..., "text": ...} or {"id": ..., "token_ids": [...]}.
+    /// Default: p0_short, p1_medium (~150 tokens) and p2_long (~600 tokens).
+    #[arg(long, value_name = "FILE")]
+    pub prompts: Option<PathBuf>,
+
+    /// Layers to trace: `all`, or a list such as `0,1,2,4,8` or `0-3,8`.
+    #[arg(long, value_name = "LIST", default_value = "all")]
+    pub layers: String,
+
+    /// Points to trace: `all`, or a list such as `x_in,attn_out,mlp_out`.
+    #[arg(long, value_name = "LIST", default_value = "all")]
+    pub points: String,
+
+    /// Kernel profile: `fast` (shape-dependent kernels, as production engines) or `invariant`
+    /// (batch-invariant kernels: prefill and decode bitwise equal).
+    #[arg(long, value_name = "PROFILE", default_value = "fast", value_parser = ["fast", "invariant", "reference"])]
+    pub profile: String,
+
+    /// Storage dtype of activations and the KV cache (compute is f32).
+    #[arg(long, value_name = "DTYPE", default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
+    pub dtype: String,
+}
+
+/// Flags of `driftscope run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+
+    /// Where to write the trace (JSON Lines).
+    #[arg(long, value_name = "FILE.jsonl")]
+    pub out: PathBuf,
+}
+
+/// Flags of `driftscope check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub engine: EngineArgs,
+
+    /// Folder for trace.jsonl, report.md and verdict.json (created if needed).
+    #[arg(long, value_name = "DIR", default_value = "driftscope-out")]
+    pub out: PathBuf,
 }
 
 /// Flags of `driftscope analyze`.
@@ -67,7 +127,7 @@ mod tests {
     fn flags_parse_with_defaults() {
         Cli::command().debug_assert();
         let cli = Cli::try_parse_from(["driftscope", "analyze", "t.jsonl"]).unwrap();
-        let Command::Analyze(a) = cli.command;
+        let Command::Analyze(a) = cli.command else { panic!("analyze") };
         assert_eq!((a.baseline.as_str(), a.candidate.as_str()), ("prefill_last", "decode0"));
         assert!(a.report.is_none() && a.json.is_none() && !a.lenient && !a.allow_missing);
         let cli = Cli::try_parse_from([
@@ -86,10 +146,50 @@ mod tests {
             "--allow-missing",
         ])
         .unwrap();
-        let Command::Analyze(a) = cli.command;
+        let Command::Analyze(a) = cli.command else { panic!("analyze") };
         assert_eq!((a.baseline.as_str(), a.candidate.as_str()), ("a", "b"));
         assert_eq!(a.report.unwrap(), PathBuf::from("r.md"));
         assert!(a.lenient && a.allow_missing);
         assert!(Cli::try_parse_from(["driftscope", "analyze"]).is_err());
+    }
+
+    #[test]
+    fn run_and_check_flags() {
+        let cli = Cli::try_parse_from(["driftscope", "check"]).unwrap();
+        let Command::Check(c) = cli.command else { panic!("check") };
+        assert_eq!(
+            (c.engine.model.as_str(), c.engine.profile.as_str(), c.engine.dtype.as_str()),
+            ("builtin", "fast", "f32")
+        );
+        assert_eq!((c.engine.layers.as_str(), c.engine.points.as_str()), ("all", "all"));
+        assert_eq!(c.out, PathBuf::from("driftscope-out"));
+        let cli = Cli::try_parse_from([
+            "driftscope",
+            "run",
+            "--model",
+            "smollm2",
+            "--prompts",
+            "p.jsonl",
+            "--layers",
+            "0,1,2,4,8",
+            "--points",
+            "x_in,attn_out",
+            "--profile",
+            "invariant",
+            "--dtype",
+            "bf16",
+            "--out",
+            "t.jsonl",
+        ])
+        .unwrap();
+        let Command::Run(r) = cli.command else { panic!("run") };
+        assert_eq!(
+            (r.engine.model.as_str(), r.engine.profile.as_str(), r.engine.dtype.as_str()),
+            ("smollm2", "invariant", "bf16")
+        );
+        assert_eq!(r.engine.prompts, Some(PathBuf::from("p.jsonl")));
+        assert!(Cli::try_parse_from(["driftscope", "run"]).is_err(), "--out is required");
+        assert!(Cli::try_parse_from(["driftscope", "check", "--profile", "slow"]).is_err());
+        assert!(Cli::try_parse_from(["driftscope", "check", "--dtype", "f64"]).is_err());
     }
 }

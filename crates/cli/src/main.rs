@@ -5,6 +5,7 @@
 mod analyze_cmd;
 mod args;
 mod output;
+mod run_cmd;
 
 use std::process::ExitCode;
 
@@ -24,6 +25,8 @@ fn main() -> ExitCode {
     };
     let result = match &cli.command {
         Command::Analyze(a) => analyze_cmd::run(a),
+        Command::Check(c) => run_cmd::check(c),
+        Command::Run(r) => run_cmd::run(r).map(|()| Verdict::Pass),
     };
     match result {
         Ok(Verdict::Pass) => ExitCode::SUCCESS,

@@ -65,13 +65,13 @@ impl Config {
                 return Err(format!("{name} is 0"));
             }
         }
-        if self.n_heads % self.n_kv_heads != 0 {
+        if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(format!("n_heads {} is not a multiple of n_kv_heads {}", self.n_heads, self.n_kv_heads));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(format!("head_dim {} is odd; RoPE needs pairs", self.head_dim));
         }
-        if !(self.rms_eps > 0.0) || !(self.rope_theta > 0.0) {
+        if self.rms_eps.is_nan() || self.rms_eps <= 0.0 || self.rope_theta.is_nan() || self.rope_theta <= 0.0 {
             return Err(format!("rms_eps {} and rope_theta {} must be positive", self.rms_eps, self.rope_theta));
         }
         Ok(())

@@ -10,6 +10,7 @@ pub mod error;
 pub mod kernels;
 pub mod load;
 pub mod model;
+pub mod prompts;
 pub mod runner;
 pub mod synthetic;
 pub mod tokenizer;

@@ -1,8 +1,9 @@
 //! SmolLM2-135M-Instruct (Q4_1 GGUF) against an independent reference: gguf-py's dequantizer and
 //! a float64 numpy forward pass (`scripts/reference_logits.py` wrote `golden/smollm2_reference.json`).
 //!
-//! The model is fetched by `scripts/fetch-smollm2.sh`. Without it these tests say so and pass,
-//! unless `DRIFTSCOPE_REQUIRE_SMOLLM2` is set (CI sets it, so there they always run).
+//! The model is fetched by `scripts/fetch-smollm2.sh` (the README's test command runs it first).
+//! Without it these tests say so and pass, unless `CI` or `DRIFTSCOPE_REQUIRE_SMOLLM2` is set:
+//! in CI they always run.
 
 mod common;
 
@@ -25,10 +26,8 @@ fn model() -> Option<&'static Loaded> {
         .get_or_init(|| match find_smollm2() {
             Some(path) => Some(load_gguf(&path).unwrap_or_else(|e| panic!("{e}"))),
             None => {
-                assert!(
-                    std::env::var_os("DRIFTSCOPE_REQUIRE_SMOLLM2").is_none(),
-                    "SmolLM2 is required but not in the cache: run scripts/fetch-smollm2.sh"
-                );
+                let required = ["CI", "DRIFTSCOPE_REQUIRE_SMOLLM2"].iter().any(|k| std::env::var_os(k).is_some());
+                assert!(!required, "SmolLM2 is required but not in the cache: run scripts/fetch-smollm2.sh");
                 eprintln!("SmolLM2 not in the cache (scripts/fetch-smollm2.sh): skipping");
                 None
             }
@@ -84,7 +83,8 @@ fn dequantization_matches_gguf_py_exactly() {
 }
 
 /// The prefill logits of "The capital of France is": " Paris" first near 17.37, the top 10 in
-/// the reference's order, every logit within 2e-3 of the float64 reference (f32 activations).
+/// the reference's order, every logit within 5e-5 of the float64 reference (f32 activations;
+/// measured: 3e-6 reference kernels, 8e-6 fast, 6e-6 invariant).
 #[test]
 fn logits_match_the_float64_reference() {
     let Some(m) = model() else { return };
@@ -105,7 +105,8 @@ fn logits_match_the_float64_reference() {
         for &(id, want) in &top {
             worst = worst.max((f64::from(logits[id]) - want).abs());
         }
-        assert!(worst < 2e-3, "{profile:?}: max |Δlogit| over the top 10 is {worst}");
+        eprintln!("{profile:?}: max |Δlogit| over the top 10 = {worst:.2e}");
+        assert!(worst < 5e-5, "{profile:?}: max |Δlogit| over the top 10 is {worst}");
         let mut order: Vec<usize> = top.iter().map(|t| t.0).collect();
         order.sort_by(|&a, &b| logits[b].total_cmp(&logits[a]));
         assert_eq!(order, top.iter().map(|t| t.0).collect::<Vec<_>>(), "{profile:?}: top-10 order");

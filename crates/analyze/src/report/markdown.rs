@@ -345,7 +345,7 @@ fn tree(a: &Analysis, g: &Group) -> Vec<String> {
     }
     let mut out = globals_before;
     for (ids, lines) in grouped {
-        let ids_text = ids.iter().map(u32::to_string).collect::<Vec<_>>().join(", ");
+        let ids_text = ranges(&ids, 3);
         out.push(if ids.len() == 1 { format!("Layer {ids_text}:") } else { format!("Layers {ids_text}:") });
         for (k, line) in lines.iter().enumerate() {
             let branch = if k + 1 == lines.len() { "└──" } else { "├──" };
@@ -459,7 +459,7 @@ fn propagation(a: &Analysis, md: &mut String) {
         let _ = writeln!(
             md,
             "Layers not traced: {} of {}{}. Drift passing through them is inferred, not observed.\n",
-            ranges(&untraced),
+            ranges(&untraced, 2),
             a.graph.n_layers,
             if a.graph.exact { "" } else { " or more (the trace's run_meta does not give n_layers)" }
         );
@@ -467,8 +467,8 @@ fn propagation(a: &Analysis, md: &mut String) {
     md.push_str("---\n\n");
 }
 
-/// `3, 5–7`.
-fn ranges(v: &[u32]) -> String {
+/// `3, 5–7`: runs of at least `min_run` consecutive numbers become ranges.
+fn ranges(v: &[u32], min_run: usize) -> String {
     let mut out: Vec<String> = vec![];
     let mut i = 0;
     while i < v.len() {
@@ -476,7 +476,11 @@ fn ranges(v: &[u32]) -> String {
         while j + 1 < v.len() && v[j + 1] == v[j] + 1 {
             j += 1;
         }
-        out.push(if i == j { v[i].to_string() } else { format!("{}–{}", v[i], v[j]) });
+        if j + 1 - i >= min_run.max(2) {
+            out.push(format!("{}–{}", v[i], v[j]));
+        } else {
+            out.extend(v[i..=j].iter().map(u32::to_string));
+        }
         i = j + 1;
     }
     out.join(", ")

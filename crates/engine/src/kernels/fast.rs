@@ -1,7 +1,7 @@
 //! Shape-dependent kernels, as production engines choose them (see the module docs).
 
 use super::reduce::{
-    dot_blocked, dot_lanes8, par_attention, par_matmul, rmsnorm_with, sumsq_blocked128, sumsq_lanes8, Softmax,
+    dot_blocked, dot_lanes8, par_attention, par_matmul, rmsnorm_with, sumsq_blocked128, sumsq_lanes8, KvHead, Softmax,
 };
 use super::{AttnShape, Kernels};
 use crate::weights::Matrix;
@@ -59,7 +59,7 @@ impl Kernels for Fast {
                         continue;
                     }
                     let mut part = Softmax::new(d);
-                    part.absorb(qh, k, v, stride, off, j0, j1, scale);
+                    part.absorb(qh, &KvHead { k, v, stride, off }, j0, j1, scale);
                     total.merge(&part);
                 }
                 total.finish(o);
@@ -69,7 +69,7 @@ impl Kernels for Fast {
                 let mut j = 0;
                 while j < ctx {
                     let j1 = (j + PREFILL_KV_TILE).min(ctx);
-                    st.absorb(qh, k, v, stride, off, j, j1, scale);
+                    st.absorb(qh, &KvHead { k, v, stride, off }, j, j1, scale);
                     j = j1;
                 }
                 st.finish(o);

@@ -1,6 +1,6 @@
 //! Batch-invariant kernels: one reduction order per output element, whatever the shape.
 
-use super::reduce::{dot_blocked, par_attention, par_matmul, rmsnorm_with, sumsq_lanes8, Softmax};
+use super::reduce::{dot_blocked, par_attention, par_matmul, rmsnorm_with, sumsq_lanes8, KvHead, Softmax};
 use super::{AttnShape, Kernels};
 use crate::weights::Matrix;
 
@@ -36,7 +36,7 @@ impl Kernels for Invariant {
             while j < ctx {
                 let j1 = (j + KV_SPLIT).min(ctx);
                 let mut part = Softmax::new(d);
-                part.absorb(qh, k, v, stride, off, j, j1, scale);
+                part.absorb(qh, &KvHead { k, v, stride, off }, j, j1, scale);
                 total.merge(&part);
                 j = j1;
             }

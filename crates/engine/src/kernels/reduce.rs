@@ -135,6 +135,14 @@ pub fn rmsnorm_with(
     });
 }
 
+/// One KV head inside the cache: rows of `stride` values, the head starting at `off`.
+pub struct KvHead<'a> {
+    pub k: &'a [f32],
+    pub v: &'a [f32],
+    pub stride: usize,
+    pub off: usize,
+}
+
 /// Running softmax state of one query head: max score, sum of exponentials, weighted values.
 pub struct Softmax {
     pub m: f32,
@@ -149,20 +157,10 @@ impl Softmax {
 
     /// Folds in the keys `[j0, j1)`: scores first, then their max, then exponentials and values
     /// in order, rescaling what was accumulated before when the max grows.
-    pub fn absorb(
-        &mut self,
-        q: &[f32],
-        keys: &[f32],
-        vals: &[f32],
-        stride: usize,
-        off: usize,
-        j0: usize,
-        j1: usize,
-        scale: f32,
-    ) {
-        let d = q.len();
+    pub fn absorb(&mut self, q: &[f32], kv: &KvHead<'_>, j0: usize, j1: usize, scale: f32) {
+        let (d, stride, off, vals) = (q.len(), kv.stride, kv.off, kv.v);
         let scores: Vec<f32> =
-            (j0..j1).map(|j| dot_seq(q, &keys[j * stride + off..j * stride + off + d]) * scale).collect();
+            (j0..j1).map(|j| dot_seq(q, &kv.k[j * stride + off..j * stride + off + d]) * scale).collect();
         let m_new = scores.iter().fold(self.m, |m, &s| m.max(s));
         if m_new == f32::NEG_INFINITY {
             return;

@@ -1,0 +1,237 @@
+//! `driftscope run` and `driftscope check`: glue between the flags, the engine, the trace file and
+//! the analyzer.
+
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::time::{Instant, SystemTime};
+
+use anyhow::{bail, Context, Result};
+use driftscope_analyze::report::{json::verdict_json, markdown, ReportContext};
+use driftscope_analyze::{analyze, collect_file, evidence, Options, Verdict};
+use driftscope_engine::load::{cache_dir, find_smollm2, load};
+use driftscope_engine::prompts::{default_prompts, read_prompts};
+use driftscope_engine::runner::{run_phase, write_meta, Phase, Prompt, RunSpec};
+use driftscope_engine::synthetic::default_model;
+use driftscope_engine::{Loaded, Profile, Tokenizer};
+use driftscope_trace::{DType, Point, ReadOptions, RunMeta, FORMAT_VERSION};
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::analyze_cmd::verdict_line;
+use crate::args::{CheckArgs, EngineArgs, RunArgs};
+use crate::output::{check_outputs, write_atomic};
+
+/// `driftscope run`.
+pub fn run(args: &RunArgs) -> Result<()> {
+    check_outputs(&args.engine.prompts.iter().map(PathBuf::as_path).collect::<Vec<_>>(), &[&args.out])?;
+    trace_to(&args.engine, &args.out)?;
+    Ok(())
+}
+
+/// `driftscope check`: run, then analyze; returns the verdict.
+pub fn check(args: &CheckArgs) -> Result<Verdict> {
+    std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
+    let (trace, report, verdict_path) =
+        (args.out.join("trace.jsonl"), args.out.join("report.md"), args.out.join("verdict.json"));
+    let inputs: Vec<&Path> = args.engine.prompts.iter().map(PathBuf::as_path).collect();
+    check_outputs(&inputs, &[&trace, &report, &verdict_path])?;
+    trace_to(&args.engine, &trace)?;
+
+    let collected = collect_file(&trace, "prefill_last", "decode0", ReadOptions::default())?;
+    let analysis = analyze(collected, &trace, Options::default())?;
+    let ctx = ReportContext { date: today(), evidence: evidence(&analysis, &trace)? };
+    write_atomic(&report, markdown::render(&analysis, &ctx).as_bytes())?;
+    let mut json = serde_json::to_string_pretty(&verdict_json(&analysis))?;
+    json.push('\n');
+    write_atomic(&verdict_path, json.as_bytes())?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", verdict_line(&analysis))?;
+    writeln!(out, "report: {}\nverdict: {}\ntrace: {}", report.display(), verdict_path.display(), trace.display())?;
+    Ok(analysis.verdict)
+}
+
+/// Runs the engine over the prompts and writes the trace atomically to `path`.
+fn trace_to(args: &EngineArgs, path: &Path) -> Result<()> {
+    let started = Instant::now();
+    let (loaded, model_desc) = resolve_model(&args.model)?;
+    let model = &loaded.model;
+    let c = &model.config;
+    let prompts = match &args.prompts {
+        Some(p) => read_prompts(p, &loaded.tokenizer, c.vocab)?,
+        None => default_prompts(&loaded.tokenizer)?,
+    };
+    if let Some(p) = prompts.iter().find(|p| p.tokens.len() > c.max_context) {
+        bail!("prompt `{}` has {} tokens, more than the model's context of {}", p.id, p.tokens.len(), c.max_context);
+    }
+    let spec = RunSpec {
+        profile: Profile::parse(&args.profile).with_context(|| format!("unknown profile `{}`", args.profile))?,
+        dtype: DType::parse(&args.dtype).with_context(|| format!("unknown dtype `{}`", args.dtype))?,
+        layers: parse_layers(&args.layers, c.n_layers)?,
+        points: parse_points(&args.points)?,
+    };
+    let meta = RunMeta {
+        format_version: Some(FORMAT_VERSION),
+        engine: Some(format!("driftscope-engine {}", env!("CARGO_PKG_VERSION"))),
+        model: Some(model_desc),
+        n_layers: Some(c.n_layers as u32),
+        dtype: Some(spec.dtype.as_str().into()),
+        device: Some(device()),
+        host: host(),
+        profile: Some(spec.profile.as_str().into()),
+        date: Some(humantime::format_rfc3339_seconds(SystemTime::now()).to_string()),
+        command: Some(std::env::args().collect::<Vec<_>>().join(" ")),
+        run_mode: Some("single process, CPU".into()),
+        ..RunMeta::default()
+    };
+
+    let mut buf = BufWriter::new(Vec::new());
+    write_meta(&mut buf, &meta)?;
+    let bar = progress(prompts.len() as u64 * 2);
+    let mut events = 0;
+    for prompt in &prompts {
+        for phase in [Phase::PrefillLast, Phase::Decode0] {
+            bar.set_message(format!("{} {} ({} tokens)", prompt.id, phase.as_str(), prompt.tokens.len()));
+            let (_, n) = run_phase(model, prompt, phase, &spec, &mut buf)?;
+            events += n;
+            bar.inc(1);
+        }
+    }
+    bar.finish_and_clear();
+    let bytes = buf.into_inner().context("cannot buffer the trace")?;
+    write_atomic(path, &bytes)?;
+    eprintln!(
+        "traced {} prompt(s) ({} tokens) x 2 phases on {} ({} profile, {}): {events} events in {:.1} s -> {}",
+        prompts.len(),
+        describe_lengths(&prompts),
+        c.name,
+        spec.profile.as_str(),
+        spec.dtype.as_str(),
+        started.elapsed().as_secs_f64(),
+        path.display()
+    );
+    Ok(())
+}
+
+fn describe_lengths(prompts: &[Prompt]) -> String {
+    prompts.iter().map(|p| p.tokens.len().to_string()).collect::<Vec<_>>().join(", ")
+}
+
+fn progress(total: u64) -> ProgressBar {
+    let bar = ProgressBar::new(total);
+    if let Ok(style) = ProgressStyle::with_template("{spinner} [{bar:30}] {pos}/{len} {msg} ({elapsed})") {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar
+}
+
+/// The model named on the command line, and how to describe it in the trace.
+fn resolve_model(spec: &str) -> Result<(Loaded, String)> {
+    match spec {
+        "builtin" => {
+            let model = default_model();
+            let desc = model.config.name.clone();
+            Ok((Loaded { model, tokenizer: Tokenizer::Bytes }, desc))
+        }
+        "smollm2" => {
+            let Some(path) = find_smollm2() else {
+                let dir = cache_dir().map(|d| d.join("smollm2").display().to_string()).unwrap_or_default();
+                bail!("SmolLM2 is not in the cache ({dir}); fetch it with `bash scripts/fetch-smollm2.sh`");
+            };
+            let loaded = load(&path)?;
+            Ok((loaded, "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to f32)".into()))
+        }
+        path => {
+            let p = Path::new(path);
+            if !p.exists() {
+                bail!("{path}: no such model file or directory (or use `builtin` or `smollm2`)");
+            }
+            let loaded = load(p)?;
+            let name = p.file_name().map_or_else(|| path.to_string(), |f| f.to_string_lossy().into_owned());
+            Ok((loaded, name))
+        }
+    }
+}
+
+/// `all`, or `0,1,2,4,8`, or `0-3,8`; every layer must exist.
+pub fn parse_layers(text: &str, n_layers: usize) -> Result<Option<Vec<u32>>> {
+    if text == "all" {
+        return Ok(None);
+    }
+    let mut out = Vec::new();
+    for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        let parse =
+            |s: &str| s.trim().parse::<u32>().with_context(|| format!("--layers: `{part}` is not a layer or range"));
+        let (a, b) = (parse(a)?, parse(b)?);
+        if a > b || b as usize >= n_layers {
+            bail!("--layers: `{part}` is outside the model's layers 0-{}", n_layers - 1);
+        }
+        out.extend(a..=b);
+    }
+    if out.is_empty() {
+        bail!("--layers: no layer given");
+    }
+    out.sort_unstable();
+    out.dedup();
+    Ok(Some(out))
+}
+
+/// `all`, or a comma-separated list of trace points.
+pub fn parse_points(text: &str) -> Result<Option<Vec<Point>>> {
+    if text == "all" {
+        return Ok(None);
+    }
+    let points: Vec<Point> = text
+        .split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| p.parse::<Point>().map_err(|e| anyhow::anyhow!("--points: {e}")))
+        .collect::<Result<_>>()?;
+    if points.is_empty() {
+        bail!("--points: no point given");
+    }
+    Ok(Some(points))
+}
+
+fn device() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_string());
+    format!("cpu ({cpu}, {} threads)", std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+fn host() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string()).filter(|h| !h.is_empty())
+}
+
+fn today() -> String {
+    let now = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
+    now.get(..10).unwrap_or(&now).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_lists() {
+        assert_eq!(parse_layers("all", 30).unwrap(), None);
+        assert_eq!(parse_layers("0,1,2,4,8", 30).unwrap(), Some(vec![0, 1, 2, 4, 8]));
+        assert_eq!(parse_layers("8,0-2,2", 30).unwrap(), Some(vec![0, 1, 2, 8]));
+        assert!(parse_layers("30", 30).unwrap_err().to_string().contains("outside the model's layers 0-29"));
+        assert!(parse_layers("x", 30).is_err());
+        assert!(parse_layers("3-1", 30).is_err());
+    }
+
+    #[test]
+    fn point_lists() {
+        assert_eq!(parse_points("all").unwrap(), None);
+        assert_eq!(parse_points("x_in, attn_out").unwrap(), Some(vec![Point::XIn, Point::AttnOut]));
+        assert!(parse_points("x_in,attn").unwrap_err().to_string().contains("unknown trace point `attn`"));
+    }
+}

@@ -1,0 +1,116 @@
+//! `driftscope run` and `driftscope check` end to end, on the built-in model.
+
+mod support;
+
+use serde_json::Value;
+use support::*;
+
+fn read_json(path: &std::path::Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+#[test]
+fn check_fast_finds_drift_and_names_the_originating_point() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = driftscope(&["check"], dir.path());
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(stdout(&out).starts_with("FAIL + ROOT_CAUSE: "), "{}", stdout(&out));
+    let v = read_json(&dir.path().join("driftscope-out/verdict.json"));
+    assert_eq!(v["verdict"], "FAIL");
+    assert_eq!(v["total_pairs"], 3 * (3 + 15 * 4));
+    assert_eq!(v["missing_pairs"], 0);
+    // The embedding is a copy and never drifts; the first drift has an origin in layer 0.
+    assert_eq!(v["pairs"][0]["key"]["point"], "embed_out");
+    assert_eq!(v["pairs"][0]["status"], "PASS");
+    let origin = &v["origin"]["p0_short"];
+    assert_eq!(origin["layer"], 0, "{origin}");
+    assert_eq!(origin["region"].as_array().unwrap().len(), 1, "all points traced: the origin is one op");
+    let md = std::fs::read_to_string(dir.path().join("driftscope-out/report.md")).unwrap();
+    assert!(md.contains("**Kernel Profile**: fast") && md.contains("**Engine**: driftscope-engine"), "{md}");
+    let trace = std::fs::read_to_string(dir.path().join("driftscope-out/trace.jsonl")).unwrap();
+    assert!(trace.starts_with(r#"{"event":"run_meta","format_version":1"#), "{trace:.200}");
+    assert!(trace.contains(r#""n_layers":4"#));
+}
+
+#[test]
+fn check_invariant_passes_bitwise_in_every_dtype() {
+    for dtype in ["f32", "bf16", "f16"] {
+        let dir = tempfile::tempdir().unwrap();
+        let out = driftscope(&["check", "--profile", "invariant", "--dtype", dtype, "--out", "o"], dir.path());
+        assert_eq!(out.status.code(), Some(0), "{dtype}: {}{}", stdout(&out), stderr(&out));
+        assert!(stdout(&out).starts_with("PASS: all 189 pairs bitwise identical"), "{}", stdout(&out));
+        let v = read_json(&dir.path().join("o/verdict.json"));
+        assert_eq!((v["passed"].as_u64(), v["failed"].as_u64()), (Some(189), Some(0)));
+        let first = &v["pairs"][1]["baseline"];
+        assert_eq!(first["seq_len"], 24, "p0_short prefills its 24 byte tokens");
+    }
+}
+
+#[test]
+fn run_traces_the_chosen_prompts_layers_and_points() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("p.jsonl"),
+        "{\"id\":\"a\",\"text\":\"hello\"}\n\n{\"id\":\"b\",\"token_ids\":[1,2,3,250]}\n",
+    )
+    .unwrap();
+    let out = driftscope(
+        &["run", "--prompts", "p.jsonl", "--layers", "0,2-3", "--points", "x_in,attn_out,logits", "--out", "t.jsonl"],
+        dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let text = std::fs::read_to_string(dir.path().join("t.jsonl")).unwrap();
+    let events: Vec<Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(events[0]["event"], "run_meta");
+    let stage: Vec<&Value> = events.iter().filter(|e| e["event"] == "stage_trace").collect();
+    // 2 prompts x 2 phases x (3 layers x 2 points + logits)
+    assert_eq!(stage.len(), 2 * 2 * 7);
+    let b_decode: Vec<&&Value> = stage.iter().filter(|e| e["prompt_id"] == "b" && e["phase"] == "decode0").collect();
+    assert!(b_decode.iter().all(|e| e["pos_id"] == 3 && e["seq_len"] == 1 && e["step"] == 1 && e["token_id"] == 250));
+    let a_prefill = stage.iter().find(|e| e["prompt_id"] == "a" && e["phase"] == "prefill_last").unwrap();
+    assert_eq!((a_prefill["pos_id"].as_u64(), a_prefill["seq_len"].as_u64()), (Some(4), Some(5)));
+    let layers: std::collections::BTreeSet<u64> = stage.iter().map(|e| e["layer"].as_u64().unwrap()).collect();
+    assert_eq!(layers.into_iter().collect::<Vec<_>>(), [0, 2, 3]);
+    // And the trace analyzes: the gaps between traced points are reported, not guessed.
+    let out = driftscope(&["analyze", "t.jsonl", "--json", "v.json"], dir.path());
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+}
+
+#[test]
+fn bad_prompts_and_models_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: [(&str, &str); 5] = [
+        ("{\"id\":\"a\"}\n", "p.jsonl: `line 1`: give exactly one of `text` and `token_ids`"),
+        ("{\"id\":\"a\",\"token_ids\":[1,256]}\n", "token id 256 is outside the vocabulary (size 256)"),
+        ("{\"id\":\"a\",\"text\":\"x\"}\n{\"id\":\"a\",\"text\":\"y\"}\n", "`line 2`: prompt id `a` appears twice"),
+        ("{\"id\":\"a\",\"text\":\"\"}\n", "prompt `a` has no tokens"),
+        ("not json\n", "`line 1`: expected ident"),
+    ];
+    for (text, want) in cases {
+        std::fs::write(dir.path().join("p.jsonl"), text).unwrap();
+        let out = driftscope(&["run", "--prompts", "p.jsonl", "--out", "t.jsonl"], dir.path());
+        assert_eq!(out.status.code(), Some(2), "{text}");
+        assert!(stderr(&out).contains(want), "{text}: {}", stderr(&out));
+        assert!(!dir.path().join("t.jsonl").exists(), "no trace written on error");
+    }
+    let out = driftscope(&["run", "--model", "nope.gguf", "--out", "t.jsonl"], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("nope.gguf: no such model file"), "{}", stderr(&out));
+    let out = driftscope(&["run", "--layers", "4", "--out", "t.jsonl"], dir.path());
+    assert!(stderr(&out).contains("outside the model's layers 0-3"), "{}", stderr(&out));
+    std::fs::write(dir.path().join("bad.gguf"), b"GGUF\x03\x00\x00\x00\xff\xff").unwrap();
+    let out = driftscope(&["run", "--model", "bad.gguf", "--out", "t.jsonl"], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("bad.gguf: not a readable GGUF file"), "{}", stderr(&out));
+}
+
+#[test]
+fn a_failed_check_leaves_earlier_results_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("o")).unwrap();
+    std::fs::write(dir.path().join("o/report.md"), "earlier report").unwrap();
+    std::fs::write(dir.path().join("p.jsonl"), "oops\n").unwrap();
+    let out = driftscope(&["check", "--prompts", "p.jsonl", "--out", "o"], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(std::fs::read_to_string(dir.path().join("o/report.md")).unwrap(), "earlier report");
+}

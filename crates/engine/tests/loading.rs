@@ -1,0 +1,222 @@
+//! Loading models from GGUF and safetensors files written here from the built-in model, and the
+//! errors for files that are corrupt, truncated, incomplete or of another architecture.
+
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use driftscope_engine::load::{load_gguf, load_hf};
+use driftscope_engine::synthetic::default_model;
+use driftscope_engine::{KvCache, Matrix, Model, Profile, Run};
+use driftscope_trace::DType;
+
+fn qt(data: &[f32], shape: &[usize], dtype: GgmlDType) -> QTensor {
+    let t = Tensor::from_slice(data, shape, &Device::Cpu).unwrap();
+    QTensor::quantize(&t, dtype).unwrap()
+}
+
+/// Writes the built-in model as a llama GGUF, matrices in `dtype`, leaving out `skip`.
+fn write_gguf(path: &Path, model: &Model, arch: &str, dtype: GgmlDType, skip: Option<&str>) {
+    let c = &model.config;
+    let w = &model.weights;
+    let u = |v: usize| Value::U32(v as u32);
+    // Printable ASCII tokens stand for themselves (the byte-level alphabet keeps them as is).
+    let tokens: Vec<Value> = (0..c.vocab)
+        .map(|i| {
+            Value::String(if (33..127).contains(&i) { char::from(i as u8).to_string() } else { format!("<t{i}>") })
+        })
+        .collect();
+    let meta: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), Value::String(arch.into())),
+        ("general.name".into(), Value::String("tiny".into())),
+        (format!("{arch}.block_count"), u(c.n_layers)),
+        (format!("{arch}.embedding_length"), u(c.hidden)),
+        (format!("{arch}.feed_forward_length"), u(c.ffn)),
+        (format!("{arch}.attention.head_count"), u(c.n_heads)),
+        (format!("{arch}.attention.head_count_kv"), u(c.n_kv_heads)),
+        (format!("{arch}.rope.freq_base"), Value::F32(c.rope_theta as f32)),
+        (format!("{arch}.attention.layer_norm_rms_epsilon"), Value::F32(c.rms_eps)),
+        (format!("{arch}.context_length"), u(c.max_context)),
+        ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
+        ("tokenizer.ggml.tokens".into(), Value::Array(tokens)),
+        ("tokenizer.ggml.merges".into(), Value::Array(vec![])),
+    ];
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    let mat = |name: String, m: &Matrix, dt: GgmlDType| (name, qt(&m.data, &[m.rows, m.cols], dt));
+    tensors.push(mat("token_embd.weight".into(), &w.embed, GgmlDType::F32));
+    for (i, l) in w.layers.iter().enumerate() {
+        for (n, m) in [("attn_q", &l.wq), ("attn_k", &l.wk), ("attn_v", &l.wv), ("attn_output", &l.wo)] {
+            tensors.push(mat(format!("blk.{i}.{n}.weight"), m, dtype));
+        }
+        for (n, m) in [("ffn_gate", &l.w_gate), ("ffn_up", &l.w_up), ("ffn_down", &l.w_down)] {
+            tensors.push(mat(format!("blk.{i}.{n}.weight"), m, dtype));
+        }
+        tensors.push((format!("blk.{i}.attn_norm.weight"), qt(&l.attn_norm, &[c.hidden], GgmlDType::F32)));
+        tensors.push((format!("blk.{i}.ffn_norm.weight"), qt(&l.mlp_norm, &[c.hidden], GgmlDType::F32)));
+    }
+    tensors.push(("output_norm.weight".into(), qt(&w.final_norm, &[c.hidden], GgmlDType::F32)));
+    if let Some(head) = &w.lm_head {
+        tensors.push(("output.weight".into(), qt(&head.data, &[head.rows, head.cols], dtype)));
+    }
+    tensors.retain(|(n, _)| Some(n.as_str()) != skip);
+    let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let tensor_refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut f = std::fs::File::create(path).unwrap();
+    gguf_file::write(&mut f, &meta_refs, &tensor_refs).unwrap();
+}
+
+#[test]
+fn gguf_f32_round_trips_bit_for_bit() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    let model = default_model();
+    write_gguf(&path, &model, "llama", GgmlDType::F32, None);
+    let loaded = load_gguf(&path).unwrap();
+    assert_eq!(loaded.model.weights, model.weights);
+    let (a, b) = (&loaded.model.config, &model.config);
+    assert_eq!(
+        (a.n_layers, a.hidden, a.ffn, a.n_heads, a.n_kv_heads, a.head_dim, a.vocab),
+        (b.n_layers, b.hidden, b.ffn, b.n_heads, b.n_kv_heads, b.head_dim, b.vocab)
+    );
+    assert_eq!(loaded.tokenizer.encode("hi!").unwrap(), [104, 105, 33]);
+}
+
+#[test]
+fn gguf_f16_bf16_and_q8_0_dequantize_close_to_the_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = default_model();
+    // Relative error budgets of one rounding (f16, bf16) and of 8-bit blocks (Q8_0).
+    for (dtype, budget) in [(GgmlDType::F16, 1e-3), (GgmlDType::BF16, 8e-3), (GgmlDType::Q8_0, 1e-2)] {
+        let path = dir.path().join("tiny.gguf");
+        write_gguf(&path, &model, "llama", dtype, None);
+        let loaded = load_gguf(&path).unwrap_or_else(|e| panic!("{dtype:?}: {e}"));
+        let (got, want) = (&loaded.model.weights.layers[2].w_up, &model.weights.layers[2].w_up);
+        let scale = want.data.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let err = got.data.iter().zip(&want.data).fold(0.0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
+        assert!(err > 0.0 && err < budget, "{dtype:?}: relative error {err}");
+        // And the model runs.
+        let mut cache = KvCache::new(&loaded.model.config);
+        let mut run = Run { kernels: Profile::Fast.kernels(), dtype: DType::F32, trace_row: None, tracer: None };
+        let logits = loaded.model.forward(&[1, 2, 3], &mut cache, &mut run);
+        assert!(logits.iter().all(|x| x.is_finite()));
+    }
+}
+
+#[test]
+fn gguf_errors_name_the_file_and_the_tensor() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = default_model();
+    let path = dir.path().join("m.gguf");
+
+    write_gguf(&path, &model, "gpt2", GgmlDType::F32, None);
+    let e = load_gguf(&path).unwrap_err().to_string();
+    assert!(e.contains("m.gguf: architecture `gpt2` is not supported"), "{e}");
+
+    write_gguf(&path, &model, "llama", GgmlDType::F32, Some("blk.1.attn_q.weight"));
+    let e = load_gguf(&path).unwrap_err().to_string();
+    assert!(e.contains("m.gguf: tensor `blk.1.attn_q.weight`: missing from the file"), "{e}");
+
+    write_gguf(&path, &model, "llama", GgmlDType::F32, None);
+    let bytes = std::fs::read(&path).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() - 4096]).unwrap();
+    let e = load_gguf(&path).unwrap_err().to_string();
+    assert!(e.contains("m.gguf: tensor `") && e.contains("at offset") && e.contains("remaining in file"), "{e}");
+
+    std::fs::write(&path, &bytes[..100]).unwrap();
+    let e = load_gguf(&path).unwrap_err().to_string();
+    assert!(e.contains("m.gguf: not a readable GGUF file"), "{e}");
+
+    std::fs::write(&path, b"not a gguf at all").unwrap();
+    assert!(load_gguf(&path).unwrap_err().to_string().contains("not a readable GGUF file"));
+    let missing = dir.path().join("none.gguf");
+    assert!(load_gguf(&missing).unwrap_err().to_string().contains("none.gguf"));
+}
+
+/// Writes the built-in model as a Hugging Face checkpoint with weights in `dtype`.
+fn write_hf(dir: &Path, model: &Model, dtype: safetensors::Dtype) {
+    let c = &model.config;
+    let config = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": c.hidden, "intermediate_size": c.ffn, "num_hidden_layers": c.n_layers,
+        "num_attention_heads": c.n_heads, "num_key_value_heads": c.n_kv_heads, "vocab_size": c.vocab,
+        "rope_theta": c.rope_theta, "rms_norm_eps": c.rms_eps, "max_position_embeddings": c.max_context,
+        "tie_word_embeddings": false
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let enc = |v: &[f32]| -> Vec<u8> {
+        match dtype {
+            safetensors::Dtype::BF16 => v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect(),
+            _ => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        }
+    };
+    let w = &model.weights;
+    let mut named: Vec<(String, Vec<usize>, Vec<u8>)> = vec![
+        ("model.embed_tokens.weight".into(), vec![c.vocab, c.hidden], enc(&w.embed.data)),
+        ("model.norm.weight".into(), vec![c.hidden], enc(&w.final_norm)),
+        ("lm_head.weight".into(), vec![c.vocab, c.hidden], enc(&w.lm_head().data)),
+    ];
+    for (i, l) in w.layers.iter().enumerate() {
+        let p = |s: &str| format!("model.layers.{i}.{s}.weight");
+        for (n, m) in [
+            ("self_attn.q_proj", &l.wq),
+            ("self_attn.k_proj", &l.wk),
+            ("self_attn.v_proj", &l.wv),
+            ("self_attn.o_proj", &l.wo),
+            ("mlp.gate_proj", &l.w_gate),
+            ("mlp.up_proj", &l.w_up),
+            ("mlp.down_proj", &l.w_down),
+        ] {
+            named.push((p(n), vec![m.rows, m.cols], enc(&m.data)));
+        }
+        named.push((p("input_layernorm"), vec![c.hidden], enc(&l.attn_norm)));
+        named.push((p("post_attention_layernorm"), vec![c.hidden], enc(&l.mlp_norm)));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = named
+        .iter()
+        .map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(dtype, s.clone(), b).unwrap()))
+        .collect();
+    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+}
+
+#[test]
+fn safetensors_f32_checkpoint_computes_the_same_bits() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = default_model();
+    write_hf(dir.path(), &model, safetensors::Dtype::F32);
+    let loaded = load_hf(dir.path()).unwrap();
+    assert_eq!(loaded.model.weights.embed, model.weights.embed);
+    let logits = |m: &Model| {
+        let mut cache = KvCache::new(&m.config);
+        let mut run = Run { kernels: Profile::Invariant.kernels(), dtype: DType::F32, trace_row: None, tracer: None };
+        m.forward(&[10, 20, 30, 40], &mut cache, &mut run).iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+    };
+    assert_eq!(logits(&loaded.model), logits(&model), "same weights, same RoPE layout (halves): same bits");
+
+    write_hf(dir.path(), &model, safetensors::Dtype::BF16);
+    let loaded = load_hf(dir.path()).unwrap();
+    let (a, b) = (&loaded.model.weights.layers[0].wq.data, &model.weights.layers[0].wq.data);
+    assert!(a.iter().zip(b).all(|(x, y)| *x == half::bf16::from_f32(*y).to_f32()));
+}
+
+#[test]
+fn safetensors_errors_name_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = default_model();
+    write_hf(dir.path(), &model, safetensors::Dtype::F32);
+    let cfg = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
+    std::fs::write(dir.path().join("config.json"), cfg.replace("\"hidden_size\":128", "\"hidden_size\":64")).unwrap();
+    let e = load_hf(dir.path()).unwrap_err().to_string();
+    assert!(e.contains("tensor `model.embed_tokens.weight`: shape [256, 128], expected [256, 64]"), "{e}");
+    std::fs::write(dir.path().join("config.json"), cfg.replace("LlamaForCausalLM", "GPT2LMHeadModel")).unwrap();
+    let e = load_hf(dir.path()).unwrap_err().to_string();
+    assert!(e.contains("architecture `GPT2LMHeadModel` is not supported"), "{e}");
+    std::fs::write(dir.path().join("config.json"), "{").unwrap();
+    let e = load_hf(dir.path()).unwrap_err().to_string();
+    assert!(e.contains("config.json"), "{e}");
+    std::fs::write(dir.path().join("config.json"), cfg).unwrap();
+    let st = std::fs::read(dir.path().join("model.safetensors")).unwrap();
+    std::fs::write(dir.path().join("model.safetensors"), &st[..st.len() / 2]).unwrap();
+    let e = load_hf(dir.path()).unwrap_err().to_string();
+    assert!(e.contains("model.safetensors"), "{e}");
+}
