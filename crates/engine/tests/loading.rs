@@ -8,7 +8,7 @@ use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
 use driftscope_engine::load::{load_gguf, load_hf};
 use driftscope_engine::synthetic::default_model;
-use driftscope_engine::{KvCache, Matrix, Model, Profile, Run};
+use driftscope_engine::{KvCache, Loaded, Matrix, Model, Profile, Run};
 use driftscope_trace::DType;
 
 fn qt(data: &[f32], shape: &[usize], dtype: GgmlDType) -> QTensor {
@@ -219,4 +219,67 @@ fn safetensors_errors_name_the_file() {
     std::fs::write(dir.path().join("model.safetensors"), &st[..st.len() / 2]).unwrap();
     let e = load_hf(dir.path()).unwrap_err().to_string();
     assert!(e.contains("model.safetensors"), "{e}");
+}
+
+/// GGUF llama weights pair RoPE dimensions (2i, 2i+1); Hugging Face weights pair (i, i + d/2).
+/// Permuting the q/k rows of a halves-layout model the way llama.cpp's converter does, and
+/// switching the layout, must compute the same function.
+#[test]
+fn rope_layouts_agree_after_the_converter_permutation() {
+    use driftscope_engine::RopeLayout;
+    let halves = default_model();
+    let mut inter = halves.clone();
+    inter.config.rope_layout = RopeLayout::Interleaved;
+    let d = halves.config.head_dim;
+    // Within each head, HF row i (first half) goes to 2i and row i + d/2 to 2i + 1.
+    let permute = |m: &Matrix| {
+        let mut out = m.clone();
+        for head in 0..m.rows / d {
+            for i in 0..d / 2 {
+                for (src, dst) in [(i, 2 * i), (i + d / 2, 2 * i + 1)] {
+                    let (s, t) = ((head * d + src) * m.cols, (head * d + dst) * m.cols);
+                    out.data[t..t + m.cols].copy_from_slice(&m.data[s..s + m.cols]);
+                }
+            }
+        }
+        out
+    };
+    for l in &mut inter.weights.layers {
+        l.wq = permute(&l.wq);
+        l.wk = permute(&l.wk);
+    }
+    let logits = |m: &Model| {
+        let mut cache = KvCache::new(&m.config);
+        let mut run = Run { kernels: Profile::Reference.kernels(), dtype: DType::F32, trace_row: None, tracer: None };
+        m.forward(&[3, 1, 4, 1, 5, 9, 2, 6], &mut cache, &mut run)
+    };
+    let (a, b) = (logits(&halves), logits(&inter));
+    let scale = a.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+    let err = a.iter().zip(&b).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / scale;
+    assert!(err < 1e-5, "relative difference {err}");
+    // Without the permutation the layouts disagree: the test can tell them apart.
+    let mut wrong = halves.clone();
+    wrong.config.rope_layout = RopeLayout::Interleaved;
+    let c = logits(&wrong);
+    let err = a.iter().zip(&c).fold(0.0f32, |m, (x, y)| m.max((x - y).abs())) / scale;
+    assert!(err > 1e-3, "layouts should matter ({err})");
+}
+
+/// A checkpoint directory with `tokenizer.json` gets that tokenizer.
+#[test]
+fn safetensors_checkpoint_reads_tokenizer_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = default_model();
+    write_hf(dir.path(), &model, safetensors::Dtype::F32);
+    // Build a tokenizer through the GGUF path and save it as tokenizer.json.
+    let gguf = dir.path().join("t.gguf");
+    write_gguf(&gguf, &model, "llama", GgmlDType::F32, None);
+    let Loaded { tokenizer, .. } = load_gguf(&gguf).unwrap();
+    let driftscope_engine::Tokenizer::Hf(t) = tokenizer else { panic!("GGUF gives a BPE tokenizer") };
+    t.save(dir.path().join("tokenizer.json"), false).unwrap();
+    let loaded = load_hf(dir.path()).unwrap();
+    assert_eq!(loaded.tokenizer.encode("hi!").unwrap(), [104, 105, 33]);
+    std::fs::write(dir.path().join("tokenizer.json"), "{").unwrap();
+    let e = load_hf(dir.path()).unwrap_err().to_string();
+    assert!(e.starts_with("tokenizer: ") && e.contains("tokenizer.json"), "{e}");
 }
