@@ -37,12 +37,10 @@ impl<'a> Cursor<'a> {
     fn string(&mut self) -> Option<&'a str> {
         self.eat(b'"')?;
         let start = self.i;
-        loop {
-            match *self.b.get(self.i)? {
-                b'"' => break,
-                b'\\' | 0..=0x1f => return None,
-                _ => self.i += 1,
-            }
+        self.i = string_stop(self.b, self.i);
+        match *self.b.get(self.i)? {
+            b'"' => {}
+            _ => return None, // an escape or a control character: serde decides
         }
         let out = &self.s[start..self.i];
         self.i += 1;
@@ -223,6 +221,29 @@ impl<'a> Cursor<'a> {
             _ => self.number_span().map(|_| ()),
         }
     }
+}
+
+/// The index of the first `"`, `\\` or control character at or after `i` (or `b.len()`),
+/// eight bytes at a time: each test sets the high bit of every byte that matches, and the
+/// lowest set bit is exact (carries only disturb bytes above a match).
+fn string_stop(b: &[u8], mut i: usize) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let zero_byte = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
+    while let Some(chunk) = b.get(i..i + 8) {
+        let w = <[u8; 8]>::try_from(chunk).map_or(0, u64::from_le_bytes);
+        let hits = zero_byte(w ^ (ONES * u64::from(b'"')))
+            | zero_byte(w ^ (ONES * u64::from(b'\\')))
+            | (w.wrapping_sub(ONES * 0x20) & !w & HIGH);
+        if hits != 0 {
+            return i + (hits.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    while i < b.len() && !matches!(b[i], b'"' | b'\\' | 0..=0x1f) {
+        i += 1;
+    }
+    i
 }
 
 /// Powers of ten that f64 holds exactly.
@@ -546,6 +567,40 @@ mod tests {
         assert_eq!(exact_decimal("-0.00519423"), Some(-0.00519423));
         assert_eq!(exact_decimal("0.000019228000000000003"), None, "more than 15 digits");
         assert_eq!(exact_decimal("1e23"), None);
+    }
+
+    #[test]
+    fn string_stop_finds_the_first_special_byte() {
+        let cases: [(&[u8], usize); 9] = [
+            (b"abc\"", 3),
+            (b"abcdefghijklmnop\"", 16),
+            (b"abcdefgh\\ijk\"", 8),
+            (b"ab\x01cd\"", 2),
+            (b"\xc3\xa9t\xc3\xa9\"xyzxyzxyz", 5),
+            (b"no end here at all", 18),
+            (b"", 0),
+            (b"\"", 0),
+            (b"1234567\x1f", 7),
+        ];
+        for (bytes, want) in cases {
+            assert_eq!(string_stop(bytes, 0), want, "{bytes:?}");
+        }
+        // Every position, every special byte, against the plain loop.
+        for special in [b'"', b'\\', 0x00, 0x1f, 0x0a] {
+            for at in 0..20 {
+                let mut v = vec![b'a'; 20];
+                v[at] = special;
+                if at + 3 < v.len() {
+                    v[at + 3] = 0xe9; // a non-ASCII byte after the match changes nothing
+                }
+                if at >= 2 {
+                    v[at - 2] = 0xc3; // nor does one before it
+                }
+                for start in 0..=at {
+                    assert_eq!(string_stop(&v, start), at, "special {special} at {at} from {start}");
+                }
+            }
+        }
     }
 
     #[test]
