@@ -1,11 +1,12 @@
 //! `driftscope analyze`: glue between the flags, the analyzer and the output files.
 
 use std::io::Write;
+use std::path::Path;
 use std::time::SystemTime;
 
 use anyhow::{Context, Result};
 use driftscope_analyze::report::{json::verdict_json, markdown, ReportContext};
-use driftscope_analyze::{analyze, collect_file, evidence, Options, Verdict};
+use driftscope_analyze::{analyze, collect_file, evidence, Analysis, Options, Verdict};
 use driftscope_trace::ReadOptions;
 
 use crate::args::AnalyzeArgs;
@@ -13,32 +14,15 @@ use crate::output::{check_outputs, write_atomic};
 
 /// Runs the analysis; returns the verdict.
 pub fn run(args: &AnalyzeArgs) -> Result<Verdict> {
-    let outputs: Vec<&std::path::Path> = args.report.iter().chain(args.json.iter()).map(|p| p.as_path()).collect();
+    let outputs: Vec<&Path> = args.report.iter().chain(args.json.iter()).map(|p| p.as_path()).collect();
     check_outputs(&[&args.trace], &outputs)?;
-
-    let read_opts = ReadOptions { lenient: args.lenient, ..ReadOptions::default() };
-    let collected = collect_file(&args.trace, &args.baseline, &args.candidate, read_opts)?;
     let options = Options {
         baseline: args.baseline.clone(),
         candidate: args.candidate.clone(),
         allow_missing: args.allow_missing,
         lenient: args.lenient,
     };
-    let analysis = analyze(collected, &args.trace, options)?;
-    let ctx = ReportContext {
-        date: today(),
-        evidence: evidence(&analysis, &args.trace)
-            .with_context(|| format!("cannot read evidence lines back from {}", args.trace.display()))?,
-    };
-    let md = markdown::render(&analysis, &ctx);
-    if let Some(path) = &args.json {
-        let mut text = serde_json::to_string_pretty(&verdict_json(&analysis))?;
-        text.push('\n');
-        write_atomic(path, text.as_bytes())?;
-    }
-    if let Some(path) = &args.report {
-        write_atomic(path, md.as_bytes())?;
-    }
+    let (analysis, md) = analyze_to(&args.trace, options, args.report.as_deref(), args.json.as_deref())?;
     let mut stdout = std::io::stdout().lock();
     if outputs.is_empty() {
         stdout.write_all(md.as_bytes())?;
@@ -49,8 +33,36 @@ pub fn run(args: &AnalyzeArgs) -> Result<Verdict> {
     Ok(analysis.verdict)
 }
 
+/// Analyzes `trace` and writes the Markdown report and the JSON verdict where asked (atomically);
+/// returns the analysis and the Markdown.
+pub fn analyze_to(
+    trace: &Path,
+    options: Options,
+    report: Option<&Path>,
+    json: Option<&Path>,
+) -> Result<(Analysis, String)> {
+    let read_opts = ReadOptions { lenient: options.lenient, ..ReadOptions::default() };
+    let collected = collect_file(trace, &options.baseline, &options.candidate, read_opts)?;
+    let analysis = analyze(collected, trace, options)?;
+    let ctx = ReportContext {
+        date: today(),
+        evidence: evidence(&analysis, trace)
+            .with_context(|| format!("cannot read evidence lines back from {}", trace.display()))?,
+    };
+    let md = markdown::render(&analysis, &ctx);
+    if let Some(path) = json {
+        let mut text = serde_json::to_string_pretty(&verdict_json(&analysis))?;
+        text.push('\n');
+        write_atomic(path, text.as_bytes())?;
+    }
+    if let Some(path) = report {
+        write_atomic(path, md.as_bytes())?;
+    }
+    Ok((analysis, md))
+}
+
 /// `FAIL + ROOT_CAUSE: X (first divergence: ...)` or `PASS (...)`.
-pub fn verdict_line(a: &driftscope_analyze::Analysis) -> String {
+pub fn verdict_line(a: &Analysis) -> String {
     match a.verdict {
         Verdict::Pass => format!("PASS: all {} pairs bitwise identical", a.summary.total_pairs),
         Verdict::Fail => {

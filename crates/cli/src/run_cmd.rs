@@ -6,17 +6,16 @@ use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
 use anyhow::{bail, Context, Result};
-use driftscope_analyze::report::{json::verdict_json, markdown, ReportContext};
-use driftscope_analyze::{analyze, collect_file, evidence, Options, Verdict};
+use driftscope_analyze::{Options, Verdict};
 use driftscope_engine::load::{cache_dir, find_smollm2, load};
 use driftscope_engine::prompts::{default_prompts, read_prompts};
 use driftscope_engine::runner::{run_phase, write_meta, Phase, Prompt, RunSpec};
 use driftscope_engine::synthetic::default_model;
 use driftscope_engine::{Loaded, Profile, Tokenizer};
-use driftscope_trace::{DType, Point, ReadOptions, RunMeta, FORMAT_VERSION};
+use driftscope_trace::{DType, Point, RunMeta, FORMAT_VERSION};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::analyze_cmd::verdict_line;
+use crate::analyze_cmd::{analyze_to, verdict_line};
 use crate::args::{CheckArgs, EngineArgs, RunArgs};
 use crate::output::{check_outputs, write_atomic};
 
@@ -35,14 +34,7 @@ pub fn check(args: &CheckArgs) -> Result<Verdict> {
     let inputs: Vec<&Path> = args.engine.prompts.iter().map(PathBuf::as_path).collect();
     check_outputs(&inputs, &[&trace, &report, &verdict_path])?;
     trace_to(&args.engine, &trace)?;
-
-    let collected = collect_file(&trace, "prefill_last", "decode0", ReadOptions::default())?;
-    let analysis = analyze(collected, &trace, Options::default())?;
-    let ctx = ReportContext { date: today(), evidence: evidence(&analysis, &trace)? };
-    write_atomic(&report, markdown::render(&analysis, &ctx).as_bytes())?;
-    let mut json = serde_json::to_string_pretty(&verdict_json(&analysis))?;
-    json.push('\n');
-    write_atomic(&verdict_path, json.as_bytes())?;
+    let (analysis, _) = analyze_to(&trace, Options::default(), Some(&report), Some(&verdict_path))?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "{}", verdict_line(&analysis))?;
     writeln!(out, "report: {}\nverdict: {}\ntrace: {}", report.display(), verdict_path.display(), trace.display())?;
@@ -207,11 +199,6 @@ fn device() -> String {
 
 fn host() -> Option<String> {
     std::fs::read_to_string("/proc/sys/kernel/hostname").ok().map(|h| h.trim().to_string()).filter(|h| !h.is_empty())
-}
-
-fn today() -> String {
-    let now = humantime::format_rfc3339_seconds(SystemTime::now()).to_string();
-    now.get(..10).unwrap_or(&now).to_string()
 }
 
 #[cfg(test)]
