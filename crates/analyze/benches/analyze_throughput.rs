@@ -141,7 +141,7 @@ fn main() -> std::io::Result<()> {
         let t = Instant::now();
         let c = collect_file(&path, "prefill_last", "decode0", ReadOptions::default()).expect("trace reads");
         let t_collect = t.elapsed().as_secs_f64();
-        let a = analyze(c, &path, Options::default()).expect("trace analyzes");
+        let a = analyze(c, Options::default()).expect("trace analyzes");
         let total = t.elapsed().as_secs_f64();
         println!("  parse only {t_parse:.3} s, collect {t_collect:.3} s, analyze {:.3} s", total - t_collect);
         times.push(total);

@@ -138,7 +138,7 @@ fn advise_group(a: &Analysis, g: &Group, out: &mut Vec<String>) {
     let origin = g.origins.iter().find(|o| o.pair == ff);
     let shapes = format!(
         "`{}` computed this row in a forward call of seq_len {} (step {}), `{}` in one of seq_len {} (step {})",
-        a.options.baseline, b.seq_len, b.step, a.options.candidate, c.seq_len, c.step
+        a.baseline_label, b.seq_len, b.step, a.candidate_label, c.seq_len, c.step
     );
     let dtype = a.dtype_of(ff);
     let delta = a.delta(p);
@@ -157,7 +157,11 @@ fn advise_group(a: &Analysis, g: &Group, out: &mut Vec<String>) {
                 list_nodes(&o.upstream),
                 describe_region(&o.region)
             ));
-            out.push(cause_advice(o, mag, &shapes));
+            if b.seq_len == c.seq_len && a.collected.is_diff() {
+                out.push(diff_advice(a, o, mag));
+            } else {
+                out.push(cause_advice(o, mag, &shapes));
+            }
             if o.region.len() > 1 {
                 out.push(split_advice(o));
             }
@@ -184,6 +188,38 @@ fn advise_group(a: &Analysis, g: &Group, out: &mut Vec<String>) {
         )),
     }
     propagation_advice(a, g, ff, out);
+}
+
+/// For two traces of the same phase: the shapes are equal, so the two runs themselves differ.
+fn diff_advice(a: &Analysis, o: &Origin, mag: Option<Magnitude>) -> String {
+    let (x, y) = (a.meta_of(false), a.meta_of(true));
+    let pairs = [
+        ("engine", &x.engine, &y.engine),
+        ("device", &x.device, &y.device),
+        ("dtype", &x.dtype, &y.dtype),
+        ("kernel profile", &x.profile, &y.profile),
+        ("model", &x.model, &y.model),
+    ];
+    let differ: Vec<String> = pairs
+        .iter()
+        .filter(|(_, p, q)| p != q)
+        .map(|(name, p, q)| format!("{name} {} vs {}", p.as_deref().unwrap_or("?"), q.as_deref().unwrap_or("?")))
+        .collect();
+    let runs = if differ.is_empty() {
+        "their run_meta events name no difference (same engine, device, dtype, profile)".to_string()
+    } else {
+        format!("the runs differ in {}", differ.join("; "))
+    };
+    let size = if mag == Some(Magnitude::Large) {
+        "far above rounding: look for different weights, dtypes or a logic difference"
+    } else {
+        "of rounding size: the two runs reduce in different orders or round at different points"
+    };
+    format!(
+        "Both traces computed {} with the same shapes, so the difference comes from the runs, not from \
+         a shape-dependent kernel choice: {runs}. The difference is {size}.",
+        describe_region(&o.region)
+    )
 }
 
 fn cause_advice(o: &Origin, mag: Option<Magnitude>, shapes: &str) -> String {

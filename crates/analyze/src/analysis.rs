@@ -4,7 +4,6 @@ use std::collections::{BTreeSet, HashMap};
 
 use rayon::prelude::*;
 use std::fmt::Write as _;
-use std::path::Path;
 
 use driftscope_trace::{DType, Point, RunMeta};
 
@@ -256,8 +255,10 @@ pub enum Verdict {
 pub struct Analysis {
     /// What was compared.
     pub options: Options,
-    /// The file it came from, as given.
-    pub source: String,
+    /// How the report names the baseline: its phase, or for a diff its file and phase.
+    pub baseline_label: String,
+    /// How the report names the candidate.
+    pub candidate_label: String,
     /// What was read.
     pub collected: Collected,
     /// The graph used for origin analysis.
@@ -279,10 +280,16 @@ pub struct Analysis {
 }
 
 impl Analysis {
-    /// The merged run metadata (later `run_meta` events fill fields earlier ones left empty).
+    /// The merged run metadata of the baseline's file (later `run_meta` events fill fields earlier
+    /// ones left empty).
     pub fn meta(&self) -> RunMeta {
+        self.meta_of(false)
+    }
+
+    /// The merged run metadata of the file of one side.
+    pub fn meta_of(&self, candidate: bool) -> RunMeta {
         let mut merged = RunMeta::default();
-        for (m, _) in &self.collected.metas {
+        for (m, _) in &self.collected.source_of(candidate).metas {
             macro_rules! fill {
                 ($($f:ident),*) => {$( if merged.$f.is_none() { merged.$f = m.$f.clone(); } )*};
             }
@@ -342,15 +349,16 @@ impl Analysis {
     }
 }
 
-/// Compares the baseline and candidate events of a collected trace.
-pub fn analyze(mut collected: Collected, source: &Path, options: Options) -> Result<Analysis, AnalyzeError> {
-    let file = source.display().to_string();
-    check_phases(&collected, &file, &options)?;
+/// Compares the baseline and candidate events of a collected trace (or pair of traces).
+pub fn analyze(mut collected: Collected, options: Options) -> Result<Analysis, AnalyzeError> {
+    check_phases(&collected, &options)?;
+    let file_of = |c: &Collected, candidate: bool| c.source_of(candidate).path.display().to_string();
     if !collected.duplicates.is_empty() && !options.lenient {
         let list = collected
             .duplicates
             .iter()
             .map(|d| {
+                let file = collected.sources[d.source].path.display();
                 format!(
                     "{file}:{} and {file}:{}: two `{}` events for prompt `{}`, layer {}, point `{}`{}",
                     d.first_line,
@@ -373,7 +381,7 @@ pub fn analyze(mut collected: Collected, source: &Path, options: Options) -> Res
         .map(|(k, _)| k.layer)
         .max();
     let traced_layers = max_layer.map_or(0, |l| l + 1);
-    let meta_layers = collected.metas.iter().find_map(|(m, _)| m.n_layers);
+    let meta_layers = collected.sources.iter().flat_map(|s| &s.metas).find_map(|(m, _)| m.n_layers);
     let graph = match meta_layers {
         Some(n) if n >= traced_layers => Graph { n_layers: n, exact: true },
         _ => Graph { n_layers: traced_layers, exact: false },
@@ -393,11 +401,12 @@ pub fn analyze(mut collected: Collected, source: &Path, options: Options) -> Res
             .take(20)
             .map(|&i| {
                 let p = &pairs[i];
-                let (present, absent, side) = match p.status {
-                    PairStatus::MissingCandidate => (&options.baseline, &options.candidate, p.baseline),
-                    _ => (&options.candidate, &options.baseline, p.candidate),
+                let (present, absent, side, cand) = match p.status {
+                    PairStatus::MissingCandidate => (&options.baseline, &options.candidate, p.baseline, false),
+                    _ => (&options.candidate, &options.baseline, p.candidate, true),
                 };
                 let line = side.map_or(0, |s| collected.sides[s as usize].loc.line);
+                let file = file_of(&collected, cand);
                 format!(
                     "{file}:{line}: `{present}` event for prompt `{}`, layer {}, point `{}` has no `{absent}` event to pair with",
                     collected.prompts[p.key.prompt as usize],
@@ -443,7 +452,7 @@ pub fn analyze(mut collected: Collected, source: &Path, options: Options) -> Res
     let mut summary = Summary {
         total_pairs: pairs.len() as u64,
         duplicates: collected.duplicates.len() as u64,
-        skipped_lines: collected.read.bad_line_count,
+        skipped_lines: collected.skipped_lines(),
         ..Summary::default()
     };
     let mut classes: HashMap<(PointId, PairStatus), u64> = HashMap::new();
@@ -468,11 +477,21 @@ pub fn analyze(mut collected: Collected, source: &Path, options: Options) -> Res
 
     let first_failing = groups.iter().find(|g| g.cause.is_some());
     let verdict = if summary.failed + summary.missing_pairs > 0 { Verdict::Fail } else { Verdict::Pass };
+    let (baseline_label, candidate_label) = if collected.is_diff() {
+        let name = |cand: bool| {
+            let p = &collected.source_of(cand).path;
+            p.file_name().map_or_else(|| p.display().to_string(), |f| f.to_string_lossy().into_owned())
+        };
+        (format!("{} ({})", name(false), options.baseline), format!("{} ({})", name(true), options.candidate))
+    } else {
+        (options.baseline.clone(), options.candidate.clone())
+    };
     Ok(Analysis {
         root_cause: first_failing.and_then(|g| g.cause),
         first_failure: groups.iter().find_map(|g| g.first_failure),
         options,
-        source: file,
+        baseline_label,
+        candidate_label,
         collected,
         graph,
         pairs,
@@ -526,15 +545,18 @@ fn compare(key: &Key, slot: &Slot, sides: &[Side]) -> PairResult {
     }
 }
 
-fn check_phases(c: &Collected, file: &str, options: &Options) -> Result<(), AnalyzeError> {
-    for phase in [&options.baseline, &options.candidate] {
-        if !c.phase_counts.contains_key(phase.as_str()) {
-            let present = if c.phase_counts.is_empty() {
+fn check_phases(c: &Collected, options: &Options) -> Result<(), AnalyzeError> {
+    for (phase, cand) in [(&options.baseline, false), (&options.candidate, true)] {
+        let source = c.source_of(cand);
+        let counts = &source.phase_counts;
+        if !counts.contains_key(phase.as_str()) {
+            let present = if counts.is_empty() {
                 "none: the trace has no stage_trace events".to_string()
             } else {
-                c.phase_counts.iter().map(|(p, n)| format!("{p} ({n})")).collect::<Vec<_>>().join(", ")
+                counts.iter().map(|(p, n)| format!("{p} ({n})")).collect::<Vec<_>>().join(", ")
             };
-            return Err(AnalyzeError::PhaseAbsent { file: file.to_string(), phase: phase.clone(), present });
+            let file = source.path.display().to_string();
+            return Err(AnalyzeError::PhaseAbsent { file, phase: phase.clone(), present });
         }
     }
     Ok(())

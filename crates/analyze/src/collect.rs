@@ -88,6 +88,8 @@ pub struct Duplicate {
     pub key: Key,
     /// The phase.
     pub phase: String,
+    /// Index into [`Collected::sources`] of the file holding both events.
+    pub source: usize,
     /// Line of the first event.
     pub first_line: u64,
     /// Line of the second event.
@@ -112,15 +114,43 @@ pub struct Collected {
     pub order: Vec<u32>,
     /// Duplicate events (the later one is dropped).
     pub duplicates: Vec<Duplicate>,
+    /// The files read: one trace, or two for a diff.
+    pub sources: Vec<Source>,
+    /// Index into `sources` of the file giving the baseline side.
+    pub baseline_source: usize,
+    /// Index into `sources` of the file giving the candidate side.
+    pub candidate_source: usize,
+}
+
+/// One trace file and what was read from it.
+#[derive(Debug, Default)]
+pub struct Source {
+    /// The file, as given.
+    pub path: std::path::PathBuf,
+    /// What the reader saw.
+    pub read: ReadStats,
     /// Number of `stage_trace` events per phase, all phases.
     pub phase_counts: BTreeMap<String, u64>,
     /// The `run_meta` events, in order.
     pub metas: Vec<(RunMeta, Loc)>,
-    /// What the reader saw.
-    pub read: ReadStats,
 }
 
 impl Collected {
+    /// Whether baseline and candidate come from two different files.
+    pub fn is_diff(&self) -> bool {
+        self.baseline_source != self.candidate_source
+    }
+
+    /// The file of a side.
+    pub fn source_of(&self, candidate: bool) -> &Source {
+        &self.sources[if candidate { self.candidate_source } else { self.baseline_source }]
+    }
+
+    /// Unreadable lines skipped in all files.
+    pub fn skipped_lines(&self) -> u64 {
+        self.sources.iter().map(|s| s.read.bad_line_count).sum()
+    }
+
     /// The name of a point id.
     pub fn point_name(&self, id: PointId) -> &str {
         match id {
@@ -162,8 +192,8 @@ enum Item<'a> {
 }
 
 struct Visitor<'p> {
-    baseline: &'p str,
-    candidate: &'p str,
+    baseline: Option<&'p str>,
+    candidate: Option<&'p str>,
 }
 
 impl Visit for Visitor<'_> {
@@ -175,9 +205,10 @@ impl Visit for Visitor<'_> {
             Record::Meta(meta) => return Item::Meta(meta, loc),
             Record::Other(_) => return Item::Skip,
         };
-        let candidate = if eq_short(ev.phase.as_bytes(), self.baseline.as_bytes()) {
+        let is = |p: Option<&str>| p.is_some_and(|p| eq_short(ev.phase.as_bytes(), p.as_bytes()));
+        let candidate = if is(self.baseline) {
             false
-        } else if eq_short(ev.phase.as_bytes(), self.candidate.as_bytes()) {
+        } else if is(self.candidate) {
             true
         } else {
             return Item::OtherPhase(ev.phase);
@@ -277,64 +308,115 @@ impl KeyIndex {
     }
 }
 
-/// Reads `path` and collects the events of the `baseline` and `candidate` phases.
-pub fn collect_file(path: &Path, baseline: &str, candidate: &str, opts: ReadOptions) -> Result<Collected, TraceError> {
-    let mut c = Collected::default();
-    let (mut prompts, mut others, mut dtypes) = (Interner::default(), Interner::default(), Interner::default());
-    let mut other_dtypes: Vec<String> = vec![];
-    let mut index = KeyIndex::default();
-    let (mut n_base, mut n_cand) = (0u64, 0u64);
-    let visitor = Visitor { baseline, candidate };
-    let stats = read_file_visit(path, opts, &visitor, |item| match item {
-        Item::Side { prompt, point, dtype, layer, rank, mut side, candidate } => {
-            let prompt = prompts.get(&mut c.prompts, &prompt);
-            let point = match point {
-                Ok(p) => PointId::Known(p),
-                Err(name) => PointId::Other(others.get(&mut c.other_points, &name)),
-            };
-            side.dtype = dtype.map(|d| dtypes.get(&mut other_dtypes, &d) as u16);
-            if candidate {
-                n_cand += 1;
-            } else {
-                n_base += 1;
-            }
-            let key = Key { prompt, layer, point, rank };
-            let i = index.get_or_insert(key, &mut c.pairs);
-            let slot = &mut c.pairs[i as usize].1;
-            let place = if candidate { &mut slot.candidate } else { &mut slot.baseline };
-            match place {
-                Some(first) => c.duplicates.push(Duplicate {
-                    key,
-                    phase: if candidate { visitor.candidate } else { visitor.baseline }.to_string(),
-                    first_line: c.sides[*first as usize].loc.line,
-                    second_line: side.loc.line,
-                }),
-                None => {
-                    *place = Some(c.sides.len() as u32);
-                    c.sides.push(side);
+/// Gathers events from one trace (two phases) or from two traces (one phase each) into pairs.
+#[derive(Default)]
+pub struct Collector {
+    c: Collected,
+    prompts: Interner,
+    others: Interner,
+    dtypes: Interner,
+    index: KeyIndex,
+}
+
+impl Collector {
+    /// An empty collector.
+    pub fn new() -> Collector {
+        Collector::default()
+    }
+
+    /// Reads `path`; events of phase `baseline` fill the baseline side of their pairs, events of
+    /// phase `candidate` the candidate side (either may be `None` when this file gives one side).
+    pub fn read(
+        &mut self,
+        path: &Path,
+        baseline: Option<&str>,
+        candidate: Option<&str>,
+        opts: ReadOptions,
+    ) -> Result<(), TraceError> {
+        let source = self.c.sources.len();
+        let mut info = Source { path: path.to_path_buf(), ..Source::default() };
+        let (mut n_base, mut n_cand) = (0u64, 0u64);
+        let visitor = Visitor { baseline, candidate };
+        let Collector { c, prompts, others, dtypes, index } = self;
+        let stats = read_file_visit(path, opts, &visitor, |item| match item {
+            Item::Side { prompt, point, dtype, layer, rank, mut side, candidate } => {
+                let prompt = prompts.get(&mut c.prompts, &prompt);
+                let point = match point {
+                    Ok(p) => PointId::Known(p),
+                    Err(name) => PointId::Other(others.get(&mut c.other_points, &name)),
+                };
+                side.dtype = dtype.map(|d| dtypes.get(&mut c.dtypes, &d) as u16);
+                if candidate {
+                    n_cand += 1;
+                } else {
+                    n_base += 1;
+                }
+                let key = Key { prompt, layer, point, rank };
+                let i = index.get_or_insert(key, &mut c.pairs);
+                let slot = &mut c.pairs[i as usize].1;
+                let place = if candidate { &mut slot.candidate } else { &mut slot.baseline };
+                match place {
+                    Some(first) => c.duplicates.push(Duplicate {
+                        key,
+                        phase: if candidate { visitor.candidate } else { visitor.baseline }.unwrap_or("").to_string(),
+                        source,
+                        first_line: c.sides[*first as usize].loc.line,
+                        second_line: side.loc.line,
+                    }),
+                    None => {
+                        *place = Some(c.sides.len() as u32);
+                        c.sides.push(side);
+                    }
                 }
             }
-        }
-        Item::OtherPhase(phase) => match c.phase_counts.get_mut(phase.as_ref()) {
-            Some(n) => *n += 1,
-            None => {
-                c.phase_counts.insert(phase.into_owned(), 1);
+            Item::OtherPhase(phase) => match info.phase_counts.get_mut(phase.as_ref()) {
+                Some(n) => *n += 1,
+                None => {
+                    info.phase_counts.insert(phase.into_owned(), 1);
+                }
+            },
+            Item::Meta(meta, loc) => info.metas.push((*meta, loc)),
+            Item::Skip => {}
+        })?;
+        for (phase, n) in [(baseline, n_base), (candidate, n_cand)] {
+            if let (Some(phase), true) = (phase, n > 0) {
+                *info.phase_counts.entry(phase.to_string()).or_insert(0) += n;
             }
-        },
-        Item::Meta(meta, loc) => c.metas.push((*meta, loc)),
-        Item::Skip => {}
-    })?;
-    c.dtypes = other_dtypes;
-    for (phase, n) in [(baseline, n_base), (candidate, n_cand)] {
-        if n > 0 {
-            *c.phase_counts.entry(phase.to_string()).or_insert(0) += n;
         }
+        info.read = stats;
+        if baseline.is_some() {
+            c.baseline_source = source;
+        }
+        if candidate.is_some() {
+            c.candidate_source = source;
+        }
+        c.sources.push(info);
+        Ok(())
     }
-    c.read = stats;
-    drop(index);
-    let mut order: Vec<(DataflowKey, u32)> =
-        c.pairs.par_iter().enumerate().map(|(i, (k, _))| (dataflow_key(k), i as u32)).collect();
-    order.par_sort_unstable();
-    c.order = order.into_iter().map(|(_, i)| i).collect();
-    Ok(c)
+
+    /// Puts the pairs in dataflow order and hands the result over.
+    pub fn finish(self) -> Collected {
+        let mut c = self.c;
+        let mut order: Vec<(DataflowKey, u32)> =
+            c.pairs.par_iter().enumerate().map(|(i, (k, _))| (dataflow_key(k), i as u32)).collect();
+        order.par_sort_unstable();
+        c.order = order.into_iter().map(|(_, i)| i).collect();
+        c
+    }
+}
+
+/// Reads `path` and collects the events of the `baseline` and `candidate` phases.
+pub fn collect_file(path: &Path, baseline: &str, candidate: &str, opts: ReadOptions) -> Result<Collected, TraceError> {
+    let mut collector = Collector::new();
+    collector.read(path, Some(baseline), Some(candidate), opts)?;
+    Ok(collector.finish())
+}
+
+/// Collects phase `phase` of trace `a` as the baseline and of trace `b` as the candidate (for
+/// comparing two engines, devices, dtypes or commits).
+pub fn collect_two(a: &Path, b: &Path, phase: &str, opts: ReadOptions) -> Result<Collected, TraceError> {
+    let mut collector = Collector::new();
+    collector.read(a, Some(phase), None, opts)?;
+    collector.read(b, None, Some(phase), opts)?;
+    Ok(collector.finish())
 }

@@ -15,7 +15,7 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
 pub use analysis::{analyze, Analysis, AnalyzeError, Classification, Options, PairStatus, Verdict};
-pub use collect::{collect_file, Collected};
+pub use collect::{collect_file, collect_two, Collected, Collector};
 
 use driftscope_trace::Loc;
 
@@ -29,13 +29,14 @@ pub fn read_line_at(path: &Path, loc: Loc) -> std::io::Result<String> {
     Ok(text.trim_end_matches('\r').to_string())
 }
 
-/// The first failure's two events, pretty-printed from the file.
-pub fn evidence(a: &Analysis, path: &Path) -> std::io::Result<Option<report::Evidence>> {
+/// The first failure's two events, pretty-printed from their files.
+pub fn evidence(a: &Analysis) -> std::io::Result<Option<report::Evidence>> {
     let Some(ff) = a.first_failure else { return Ok(None) };
     let p = &a.pairs[ff];
     let (Some(b), Some(c)) = (a.base(p), a.cand(p)) else { return Ok(None) };
+    let path = |cand: bool| &a.collected.source_of(cand).path;
     Ok(Some(report::Evidence {
-        baseline: report::pretty::pretty_json(&read_line_at(path, b.loc)?),
-        candidate: report::pretty::pretty_json(&read_line_at(path, c.loc)?),
+        baseline: report::pretty::pretty_json(&read_line_at(path(false), b.loc)?),
+        candidate: report::pretty::pretty_json(&read_line_at(path(true), c.loc)?),
     }))
 }

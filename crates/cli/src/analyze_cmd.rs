@@ -6,10 +6,10 @@ use std::time::SystemTime;
 
 use anyhow::{Context, Result};
 use driftscope_analyze::report::{json::verdict_json, markdown, ReportContext};
-use driftscope_analyze::{analyze, collect_file, evidence, Analysis, Options, Verdict};
+use driftscope_analyze::{analyze, collect_file, collect_two, evidence, Analysis, Collected, Options, Verdict};
 use driftscope_trace::ReadOptions;
 
-use crate::args::AnalyzeArgs;
+use crate::args::{AnalyzeArgs, DiffArgs};
 use crate::output::{check_outputs, write_atomic};
 
 /// Runs the analysis; returns the verdict.
@@ -22,7 +22,9 @@ pub fn run(args: &AnalyzeArgs) -> Result<Verdict> {
         allow_missing: args.allow_missing,
         lenient: args.lenient,
     };
-    let (analysis, md) = analyze_to(&args.trace, options, args.report.as_deref(), args.json.as_deref())?;
+    let read_opts = ReadOptions { lenient: options.lenient, ..ReadOptions::default() };
+    let collected = collect_file(&args.trace, &options.baseline, &options.candidate, read_opts)?;
+    let (analysis, md) = analyze_to(collected, options, args.report.as_deref(), args.json.as_deref())?;
     let mut stdout = std::io::stdout().lock();
     if outputs.is_empty() {
         stdout.write_all(md.as_bytes())?;
@@ -33,21 +35,18 @@ pub fn run(args: &AnalyzeArgs) -> Result<Verdict> {
     Ok(analysis.verdict)
 }
 
-/// Analyzes `trace` and writes the Markdown report and the JSON verdict where asked (atomically);
-/// returns the analysis and the Markdown.
+/// Analyzes what was collected and writes the Markdown report and the JSON verdict where asked
+/// (atomically); returns the analysis and the Markdown.
 pub fn analyze_to(
-    trace: &Path,
+    collected: Collected,
     options: Options,
     report: Option<&Path>,
     json: Option<&Path>,
 ) -> Result<(Analysis, String)> {
-    let read_opts = ReadOptions { lenient: options.lenient, ..ReadOptions::default() };
-    let collected = collect_file(trace, &options.baseline, &options.candidate, read_opts)?;
-    let analysis = analyze(collected, trace, options)?;
+    let analysis = analyze(collected, options)?;
     let ctx = ReportContext {
         date: today(),
-        evidence: evidence(&analysis, trace)
-            .with_context(|| format!("cannot read evidence lines back from {}", trace.display()))?,
+        evidence: evidence(&analysis).context("cannot read the evidence lines back from the trace")?,
     };
     let md = markdown::render(&analysis, &ctx);
     if let Some(path) = json {
@@ -59,6 +58,29 @@ pub fn analyze_to(
         write_atomic(path, md.as_bytes())?;
     }
     Ok((analysis, md))
+}
+
+/// `driftscope diff`: the same phase of two traces; returns the verdict.
+pub fn diff(args: &DiffArgs) -> Result<Verdict> {
+    let outputs: Vec<&Path> = args.report.iter().chain(args.json.iter()).map(|p| p.as_path()).collect();
+    check_outputs(&[&args.a, &args.b], &outputs)?;
+    let options = Options {
+        baseline: args.phase.clone(),
+        candidate: args.phase.clone(),
+        allow_missing: args.allow_missing,
+        lenient: args.lenient,
+    };
+    let read_opts = ReadOptions { lenient: args.lenient, ..ReadOptions::default() };
+    let collected = collect_two(&args.a, &args.b, &args.phase, read_opts)?;
+    let (analysis, md) = analyze_to(collected, options, args.report.as_deref(), args.json.as_deref())?;
+    let mut stdout = std::io::stdout().lock();
+    if outputs.is_empty() {
+        stdout.write_all(md.as_bytes())?;
+    } else {
+        writeln!(stdout, "{}", verdict_line(&analysis))?;
+    }
+    stdout.flush()?;
+    Ok(analysis.verdict)
 }
 
 /// `FAIL + ROOT_CAUSE: X (first divergence: ...)` or `PASS (...)`.

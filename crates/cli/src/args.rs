@@ -28,6 +28,42 @@ pub enum Command {
     ///
     /// Without --report or --json the Markdown report goes to stdout.
     Analyze(AnalyzeArgs),
+    /// Compare the same phase of two traces (two engines, devices, dtypes or commits).
+    ///
+    /// Pairs trace A's events with trace B's by (prompt, layer, point) and reports like analyze.
+    Diff(DiffArgs),
+}
+
+/// Flags of `driftscope diff`.
+#[derive(Debug, Args)]
+pub struct DiffArgs {
+    /// The baseline trace.
+    #[arg(value_name = "A.jsonl")]
+    pub a: PathBuf,
+
+    /// The candidate trace.
+    #[arg(value_name = "B.jsonl")]
+    pub b: PathBuf,
+
+    /// The phase to compare in both traces.
+    #[arg(long, value_name = "PHASE", default_value = "prefill_last")]
+    pub phase: String,
+
+    /// Write the Markdown report to this file.
+    #[arg(long, value_name = "FILE.md")]
+    pub report: Option<PathBuf>,
+
+    /// Write the JSON verdict to this file.
+    #[arg(long, value_name = "FILE.json")]
+    pub json: Option<PathBuf>,
+
+    /// Skip unreadable lines and duplicate events instead of failing with exit code 2.
+    #[arg(long)]
+    pub lenient: bool,
+
+    /// Report pairs present in one trace only instead of failing with exit code 2.
+    #[arg(long)]
+    pub allow_missing: bool,
 }
 
 /// Flags shared by `run` and `check`: what model, which prompts, what to trace, how to compute.

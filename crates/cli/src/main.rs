@@ -25,6 +25,7 @@ fn main() -> ExitCode {
     };
     let result = match &cli.command {
         Command::Analyze(a) => analyze_cmd::run(a),
+        Command::Diff(d) => analyze_cmd::diff(d),
         Command::Check(c) => run_cmd::check(c),
         Command::Run(r) => run_cmd::run(r).map(|()| Verdict::Pass),
     };

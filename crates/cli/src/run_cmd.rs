@@ -6,13 +6,13 @@ use std::path::{Path, PathBuf};
 use std::time::{Instant, SystemTime};
 
 use anyhow::{bail, Context, Result};
-use driftscope_analyze::{Options, Verdict};
+use driftscope_analyze::{collect_file, Options, Verdict};
 use driftscope_engine::load::{cache_dir, find_smollm2, load};
 use driftscope_engine::prompts::{default_prompts, read_prompts};
 use driftscope_engine::runner::{run_phase, write_meta, Phase, Prompt, RunSpec};
 use driftscope_engine::synthetic::default_model;
 use driftscope_engine::{Loaded, Profile, Tokenizer};
-use driftscope_trace::{DType, Point, RunMeta, FORMAT_VERSION};
+use driftscope_trace::{DType, Point, ReadOptions, RunMeta, FORMAT_VERSION};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::analyze_cmd::{analyze_to, verdict_line};
@@ -34,7 +34,8 @@ pub fn check(args: &CheckArgs) -> Result<Verdict> {
     let inputs: Vec<&Path> = args.engine.prompts.iter().map(PathBuf::as_path).collect();
     check_outputs(&inputs, &[&trace, &report, &verdict_path])?;
     trace_to(&args.engine, &trace)?;
-    let (analysis, _) = analyze_to(&trace, Options::default(), Some(&report), Some(&verdict_path))?;
+    let collected = collect_file(&trace, "prefill_last", "decode0", ReadOptions::default())?;
+    let (analysis, _) = analyze_to(collected, Options::default(), Some(&report), Some(&verdict_path))?;
     let mut out = std::io::stdout().lock();
     writeln!(out, "{}", verdict_line(&analysis))?;
     writeln!(out, "report: {}\nverdict: {}\ntrace: {}", report.display(), verdict_path.display(), trace.display())?;

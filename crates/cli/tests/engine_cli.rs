@@ -114,3 +114,51 @@ fn a_failed_check_leaves_earlier_results_alone() {
     assert_eq!(out.status.code(), Some(2));
     assert_eq!(std::fs::read_to_string(dir.path().join("o/report.md")).unwrap(), "earlier report");
 }
+
+/// `driftscope diff`: the same phase of two runs that differ only in their kernel profile.
+#[test]
+fn diff_compares_one_phase_across_two_traces() {
+    let dir = tempfile::tempdir().unwrap();
+    for profile in ["fast", "invariant"] {
+        let out = driftscope(&["run", "--profile", profile, "--out", &format!("{profile}.jsonl")], dir.path());
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    }
+    let out = driftscope(&["diff", "fast.jsonl", "fast.jsonl", "--json", "same.json"], dir.path());
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).starts_with("PASS: all 189 pairs bitwise identical"));
+
+    let out = driftscope(
+        &["diff", "fast.jsonl", "invariant.jsonl", "--phase", "decode0", "--json", "v.json", "--report", "r.md"],
+        dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let v = read_json(&dir.path().join("v.json"));
+    assert_eq!((v["trace"].as_str(), v["candidate_trace"].as_str()), (Some("fast.jsonl"), Some("invariant.jsonl")));
+    assert_eq!((v["baseline_phase"].as_str(), v["candidate_phase"].as_str()), (Some("decode0"), Some("decode0")));
+    // Decode under `fast` is a GEMV, under `invariant` the GEMM order: q, k, v of layer 0 differ.
+    assert_eq!(v["root_cause"], "QKV_PROJECTION_MISMATCH");
+    let md = std::fs::read_to_string(dir.path().join("r.md")).unwrap();
+    assert!(md.starts_with("# driftscope diff: `fast.jsonl` vs `invariant.jsonl`, phase `decode0`"), "{md}");
+    assert!(
+        md.contains("**Baseline Kernel Profile**: fast") && md.contains("**Candidate Kernel Profile**: invariant"),
+        "{md}"
+    );
+    assert!(md.contains("the runs differ in kernel profile fast vs invariant"), "{md}");
+    assert!(
+        md.contains("| fast.jsonl (decode0) (step=1, seq_len=1) | invariant.jsonl (decode0) (step=1, seq_len=1) |"),
+        "{md}"
+    );
+
+    std::fs::write(
+        dir.path().join("other.jsonl"),
+        std::fs::read_to_string(dir.path().join("fast.jsonl")).unwrap().replace("\"decode0\"", "\"decode1\""),
+    )
+    .unwrap();
+    let out = driftscope(&["diff", "fast.jsonl", "other.jsonl", "--phase", "decode0"], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("other.jsonl: no `decode0` events (phases present: decode1 (189), prefill_last (189))"),
+        "{}",
+        stderr(&out)
+    );
+}

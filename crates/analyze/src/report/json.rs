@@ -89,6 +89,13 @@ fn pair(a: &Analysis, p: &PairResult) -> Value {
     })
 }
 
+fn run_meta(a: &Analysis, candidate: bool) -> Value {
+    if a.collected.source_of(candidate).metas.is_empty() {
+        return Value::Null;
+    }
+    serde_json::to_value(a.meta_of(candidate)).unwrap_or(Value::Null)
+}
+
 /// Builds the verdict document.
 pub fn verdict_json(a: &Analysis) -> Value {
     let s = &a.summary;
@@ -138,7 +145,6 @@ pub fn verdict_json(a: &Analysis) -> Value {
             "origins": g.origins.iter().map(|o| origin(a, o)).collect::<Vec<_>>(),
         }));
     }
-    let meta = a.meta();
     json!({
         "format": "driftscope-verdict",
         "version": VERDICT_VERSION,
@@ -146,7 +152,8 @@ pub fn verdict_json(a: &Analysis) -> Value {
         "root_cause": a.root_cause,
         "baseline_phase": a.options.baseline,
         "candidate_phase": a.options.candidate,
-        "trace": a.source,
+        "trace": a.collected.source_of(false).path.display().to_string(),
+        "candidate_trace": a.collected.is_diff().then(|| a.collected.source_of(true).path.display().to_string()),
         "total_pairs": s.total_pairs,
         "passed": s.passed,
         "failed": s.failed,
@@ -161,7 +168,8 @@ pub fn verdict_json(a: &Analysis) -> Value {
         "prompts": prompts,
         "n_layers": { "value": a.graph.n_layers, "exact": a.graph.exact },
         "recommendations": recommendations(a),
-        "run_meta": if a.collected.metas.is_empty() { Value::Null } else { serde_json::to_value(&meta).unwrap_or(Value::Null) },
+        "run_meta": run_meta(a, false),
+        "candidate_run_meta": if a.collected.is_diff() { run_meta(a, true) } else { Value::Null },
         "pairs": a.pairs.iter().map(|p| pair(a, p)).collect::<Vec<_>>(),
     })
 }

@@ -40,33 +40,54 @@ fn pct(n: u64, total: u64) -> String {
 }
 
 fn header(a: &Analysis, ctx: &ReportContext, md: &mut String) {
+    let c = &a.collected;
+    if c.is_diff() {
+        let _ = writeln!(
+            md,
+            "# driftscope diff: `{}` vs `{}`, phase `{}`\n",
+            c.source_of(false).path.display(),
+            c.source_of(true).path.display(),
+            a.options.baseline
+        );
+    } else {
+        let _ = writeln!(md, "# driftscope report: `{}` vs `{}` drift\n", a.options.baseline, a.options.candidate);
+    }
     let meta = a.meta();
-    let _ = writeln!(md, "# driftscope report: `{}` vs `{}` drift\n", a.options.baseline, a.options.candidate);
     let date = meta.date.as_deref().map(|d| d.get(..10).unwrap_or(d)).unwrap_or(&ctx.date);
     let _ = writeln!(md, "**Date**: {date}  ");
-    let fields = [
-        ("Host", &meta.host),
-        ("Device", &meta.device),
-        ("Engine", &meta.engine),
-        ("Model", &meta.model),
-        ("Dtype", &meta.dtype),
-        ("Kernel Profile", &meta.profile),
-        ("Run Mode", &meta.run_mode),
-    ];
-    for (name, value) in fields {
-        if let Some(v) = value {
-            let _ = writeln!(md, "**{name}**: {v}  ");
+    let sides: &[(bool, &str)] =
+        if c.is_diff() { &[(false, "Baseline "), (true, "Candidate ")] } else { &[(false, "")] };
+    for &(cand, who) in sides {
+        let meta = a.meta_of(cand);
+        let fields = [
+            ("Host", &meta.host),
+            ("Device", &meta.device),
+            ("Engine", &meta.engine),
+            ("Model", &meta.model),
+            ("Dtype", &meta.dtype),
+            ("Kernel Profile", &meta.profile),
+            ("Run Mode", &meta.run_mode),
+        ];
+        for (name, value) in fields {
+            if let Some(v) = value {
+                let _ = writeln!(md, "**{who}{name}**: {v}  ");
+            }
         }
+        let src = c.source_of(cand);
+        let r = &src.read;
+        let _ = writeln!(
+            md,
+            "**{who}Trace**: `{}` ({} lines, {} stage_trace events{})  ",
+            src.path.display(),
+            r.lines,
+            r.stage_events,
+            if r.other_events > 0 {
+                format!(", {} events of other kinds skipped", r.other_events)
+            } else {
+                String::new()
+            }
+        );
     }
-    let r = &a.collected.read;
-    let _ = writeln!(
-        md,
-        "**Trace**: `{}` ({} lines, {} stage_trace events{})",
-        a.source,
-        r.lines,
-        r.stage_events,
-        if r.other_events > 0 { format!(", {} events of other kinds skipped", r.other_events) } else { String::new() }
-    );
     md.push_str("\n---\n\n");
 }
 
@@ -77,7 +98,7 @@ fn verdict(a: &Analysis, md: &mut String) {
             let _ = writeln!(
                 md,
                 "All {} pairs are bitwise identical between `{}` and `{}`.",
-                a.summary.total_pairs, a.options.baseline, a.options.candidate
+                a.summary.total_pairs, a.baseline_label, a.candidate_label
             );
         }
         (Verdict::Fail, cause) => {
@@ -218,7 +239,7 @@ fn first_failure(a: &Analysis, md: &mut String) {
     let _ = writeln!(
         md,
         "| Metric | {} (step={}, seq_len={}) | {} (step={}, seq_len={}) | \\|Δ\\| |\n|--------|-----------------|-----------------|-----|",
-        a.options.baseline, b.step, b.seq_len, a.options.candidate, c.step, c.seq_len
+        a.baseline_label, b.step, b.seq_len, a.candidate_label, c.step, c.seq_len
     );
     let _ = writeln!(md, "| **Hash** | {} | {} | |", b.hash, c.hash);
     let _ = writeln!(md, "| **Match** | ❌ NO | ❌ NO | |");
@@ -308,7 +329,7 @@ fn evidence(a: &Analysis, ev: Option<&Evidence>, md: &mut String) {
     let point = a.collected.point_name(p.key.point);
     let prompt = &a.collected.prompts[p.key.prompt as usize];
     for (phase, raw, side) in
-        [(&a.options.baseline, &ev.baseline, a.base(p)), (&a.options.candidate, &ev.candidate, a.cand(p))]
+        [(&a.baseline_label, &ev.baseline, a.base(p)), (&a.candidate_label, &ev.candidate, a.cand(p))]
     {
         let line = side.map_or(0, |s| s.loc.line);
         let _ = writeln!(
@@ -361,8 +382,8 @@ fn node_status(a: &Analysis, i: usize) -> String {
     let p = &a.pairs[i];
     match p.status {
         PairStatus::Pass => "✓ MATCH (hash identical)".into(),
-        PairStatus::MissingBaseline => format!("? MISSING (no `{}` event)", a.options.baseline),
-        PairStatus::MissingCandidate => format!("? MISSING (no `{}` event)", a.options.candidate),
+        PairStatus::MissingBaseline => format!("? MISSING (no `{}` event)", a.baseline_label),
+        PairStatus::MissingCandidate => format!("? MISSING (no `{}` event)", a.candidate_label),
         PairStatus::Misaligned => "✗ MISALIGNED (different tokens)".into(),
         s => {
             let what = if s == PairStatus::NumericFault { "✗ NUMERIC FAULT" } else { "✗ DRIFT" };
@@ -539,7 +560,7 @@ fn evidence_table(a: &Analysis, gs: &[&Group], md: &mut String) {
     let _ = writeln!(
         md,
         "| Prompt | pos_id | seq_len ({} / {}) | max \\|Δ\\| ≥ (stats) | relative | later pairs inheriting |\n|---|---|---|---|---|---|",
-        a.options.baseline, a.options.candidate
+        a.baseline_label, a.candidate_label
     );
     for r in rows {
         let _ = writeln!(md, "{r}");
@@ -618,8 +639,8 @@ fn appendix(a: &Analysis, md: &mut String) {
         for &i in missing.iter().take(100) {
             let p = &a.pairs[i];
             let (phase, side) = match p.status {
-                PairStatus::MissingCandidate => (&a.options.baseline, a.base(p)),
-                _ => (&a.options.candidate, a.cand(p)),
+                PairStatus::MissingCandidate => (&a.baseline_label, a.base(p)),
+                _ => (&a.candidate_label, a.cand(p)),
             };
             let _ = writeln!(
                 md,
@@ -635,15 +656,16 @@ fn appendix(a: &Analysis, md: &mut String) {
         }
         md.push('\n');
     }
-    let read = &a.collected.read;
-    if read.bad_line_count > 0 {
+    if a.collected.skipped_lines() > 0 {
         md.push_str("## Skipped Lines (--lenient)\n\n");
-        for b in &read.bad_lines {
-            let _ = writeln!(md, "- `{}:{}`: {}", a.source, b.line, b.message);
-        }
-        let more = read.bad_line_count - read.bad_lines.len() as u64;
-        if more > 0 {
-            let _ = writeln!(md, "- … and {more} more");
+        for src in &a.collected.sources {
+            for b in &src.read.bad_lines {
+                let _ = writeln!(md, "- `{}:{}`: {}", src.path.display(), b.line, b.message);
+            }
+            let more = src.read.bad_line_count - src.read.bad_lines.len() as u64;
+            if more > 0 {
+                let _ = writeln!(md, "- … and {more} more in `{}`", src.path.display());
+            }
         }
         md.push('\n');
     }
