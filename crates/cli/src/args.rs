@@ -93,6 +93,12 @@ pub struct EngineArgs {
     #[arg(long, value_name = "PROFILE", default_value = "fast", value_parser = ["fast", "invariant", "reference"])]
     pub profile: String,
 
+    /// Scenarios, each compared with `prefill_last`: `decode0` (prefill N-1, decode 1), `chunkC`
+    /// (prefill in chunks of C tokens), `prefix_cache` (reuse the KV cache of a shared prefix
+    /// computed for another prompt). A comma-separated list.
+    #[arg(long, value_name = "LIST", default_value = "decode0")]
+    pub scenario: String,
+
     /// Storage dtype of activations and the KV cache (compute is f32).
     #[arg(long, value_name = "DTYPE", default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
     pub dtype: String,
@@ -115,7 +121,8 @@ pub struct CheckArgs {
     #[command(flatten)]
     pub engine: EngineArgs,
 
-    /// Folder for trace.jsonl, report.md and verdict.json (created if needed).
+    /// Folder for trace.jsonl, report.md and verdict.json (created if needed). With several
+    /// scenarios: report-<scenario>.md and verdict-<scenario>.json for each.
     #[arg(long, value_name = "DIR", default_value = "driftscope-out")]
     pub out: PathBuf,
 }

@@ -26,20 +26,64 @@ pub fn run(args: &RunArgs) -> Result<()> {
     Ok(())
 }
 
-/// `driftscope check`: run, then analyze; returns the verdict.
+/// `driftscope check`: run, then analyze each scenario against `prefill_last`; returns FAIL if
+/// any scenario fails.
 pub fn check(args: &CheckArgs) -> Result<Verdict> {
+    let scenarios = parse_scenarios(&args.engine.scenario)?;
     std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
-    let (trace, report, verdict_path) =
-        (args.out.join("trace.jsonl"), args.out.join("report.md"), args.out.join("verdict.json"));
+    let trace = args.out.join("trace.jsonl");
+    let outputs: Vec<(Phase, PathBuf, PathBuf)> = scenarios
+        .iter()
+        .map(|&p| match scenarios.len() {
+            1 => (p, args.out.join("report.md"), args.out.join("verdict.json")),
+            _ => (
+                p,
+                args.out.join(format!("report-{}.md", p.name())),
+                args.out.join(format!("verdict-{}.json", p.name())),
+            ),
+        })
+        .collect();
     let inputs: Vec<&Path> = args.engine.prompts.iter().map(PathBuf::as_path).collect();
-    check_outputs(&inputs, &[&trace, &report, &verdict_path])?;
+    let mut files: Vec<&Path> = vec![&trace];
+    files.extend(outputs.iter().flat_map(|(_, r, v)| [r.as_path(), v.as_path()]));
+    check_outputs(&inputs, &files)?;
     trace_to(&args.engine, &trace)?;
-    let collected = collect_file(&trace, "prefill_last", "decode0", ReadOptions::default())?;
-    let (analysis, _) = analyze_to(collected, Options::default(), Some(&report), Some(&verdict_path))?;
+    let mut overall = Verdict::Pass;
     let mut out = std::io::stdout().lock();
-    writeln!(out, "{}", verdict_line(&analysis))?;
-    writeln!(out, "report: {}\nverdict: {}\ntrace: {}", report.display(), verdict_path.display(), trace.display())?;
-    Ok(analysis.verdict)
+    for (phase, report, verdict_path) in &outputs {
+        let options = Options { candidate: phase.name(), ..Options::default() };
+        let collected = collect_file(&trace, &options.baseline, &options.candidate, ReadOptions::default())?;
+        let (analysis, _) = analyze_to(collected, options, Some(report), Some(verdict_path))?;
+        if analysis.verdict == Verdict::Fail {
+            overall = Verdict::Fail;
+        }
+        let label = if outputs.len() > 1 { format!("{}: ", phase.name()) } else { String::new() };
+        writeln!(out, "{label}{}", verdict_line(&analysis))?;
+        writeln!(out, "  report: {}  verdict: {}", report.display(), verdict_path.display())?;
+    }
+    writeln!(out, "trace: {}", trace.display())?;
+    Ok(overall)
+}
+
+/// `decode0,chunk64,prefix_cache`: the scenarios to compare with `prefill_last`.
+pub fn parse_scenarios(text: &str) -> Result<Vec<Phase>> {
+    let mut out = Vec::new();
+    for name in text.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        match Phase::parse(name) {
+            Some(Phase::PrefillLast) => {
+                bail!("--scenario: `prefill_last` is the baseline every scenario is compared with")
+            }
+            Some(p) if !out.contains(&p) => out.push(p),
+            Some(_) => {}
+            None => {
+                bail!("--scenario: unknown scenario `{name}` (known: decode0, chunkC such as chunk64, prefix_cache)")
+            }
+        }
+    }
+    if out.is_empty() {
+        bail!("--scenario: no scenario given");
+    }
+    Ok(out)
 }
 
 /// Runs the engine over the prompts and writes the trace atomically to `path`.
@@ -55,6 +99,7 @@ fn trace_to(args: &EngineArgs, path: &Path) -> Result<()> {
     if let Some(p) = prompts.iter().find(|p| p.tokens.len() > c.max_context) {
         bail!("prompt `{}` has {} tokens, more than the model's context of {}", p.id, p.tokens.len(), c.max_context);
     }
+    let scenarios = parse_scenarios(&args.scenario)?;
     let spec = RunSpec {
         profile: Profile::parse(&args.profile).with_context(|| format!("unknown profile `{}`", args.profile))?,
         dtype: DType::parse(&args.dtype).with_context(|| format!("unknown dtype `{}`", args.dtype))?,
@@ -78,11 +123,12 @@ fn trace_to(args: &EngineArgs, path: &Path) -> Result<()> {
 
     let mut buf = BufWriter::new(Vec::new());
     write_meta(&mut buf, &meta)?;
-    let bar = progress(prompts.len() as u64 * 2);
+    let phases: Vec<Phase> = std::iter::once(Phase::PrefillLast).chain(scenarios).collect();
+    let bar = progress((prompts.len() * phases.len()) as u64);
     let mut events = 0;
     for prompt in &prompts {
-        for phase in [Phase::PrefillLast, Phase::Decode0] {
-            bar.set_message(format!("{} {} ({} tokens)", prompt.id, phase.as_str(), prompt.tokens.len()));
+        for &phase in &phases {
+            bar.set_message(format!("{} {} ({} tokens)", prompt.id, phase.name(), prompt.tokens.len()));
             let (_, n) = run_phase(model, prompt, phase, &spec, &mut buf)?;
             events += n;
             bar.inc(1);
@@ -92,9 +138,10 @@ fn trace_to(args: &EngineArgs, path: &Path) -> Result<()> {
     let bytes = buf.into_inner().context("cannot buffer the trace")?;
     write_atomic(path, &bytes)?;
     eprintln!(
-        "traced {} prompt(s) ({} tokens) x 2 phases on {} ({} profile, {}): {events} events in {:.1} s -> {}",
+        "traced {} prompt(s) ({} tokens) x {} phases on {} ({} profile, {}): {events} events in {:.1} s -> {}",
         prompts.len(),
         describe_lengths(&prompts),
+        phases.len(),
         c.name,
         spec.profile.as_str(),
         spec.dtype.as_str(),
@@ -214,6 +261,18 @@ mod tests {
         assert!(parse_layers("30", 30).unwrap_err().to_string().contains("outside the model's layers 0-29"));
         assert!(parse_layers("x", 30).is_err());
         assert!(parse_layers("3-1", 30).is_err());
+    }
+
+    #[test]
+    fn scenario_lists() {
+        assert_eq!(parse_scenarios("decode0").unwrap(), [Phase::Decode0]);
+        assert_eq!(
+            parse_scenarios("decode0, chunk64,prefix_cache,decode0").unwrap(),
+            [Phase::Decode0, Phase::Chunked(64), Phase::PrefixCache]
+        );
+        assert!(parse_scenarios("chunk0").unwrap_err().to_string().contains("unknown scenario `chunk0`"));
+        assert!(parse_scenarios("prefill_last").is_err());
+        assert!(parse_scenarios("batch4").unwrap_err().to_string().contains("known: decode0"));
     }
 
     #[test]

@@ -162,3 +162,31 @@ fn diff_compares_one_phase_across_two_traces() {
         stderr(&out)
     );
 }
+
+#[test]
+fn check_runs_every_scenario_against_prefill() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = driftscope(&["check", "--scenario", "decode0,chunk64,prefix_cache", "--out", "f"], dir.path());
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.contains("decode0: FAIL") && text.contains("chunk64: FAIL"), "{text}");
+    for s in ["decode0", "chunk64", "prefix_cache"] {
+        let v = read_json(&dir.path().join(format!("f/verdict-{s}.json")));
+        assert_eq!((v["baseline_phase"].as_str(), v["candidate_phase"].as_str()), (Some("prefill_last"), Some(s)));
+        assert!(dir.path().join(format!("f/report-{s}.md")).exists());
+    }
+    // p2_long has 600 tokens: its last chunk of 64 holds 600 - 576 = 24 rows.
+    let v = read_json(&dir.path().join("f/verdict-chunk64.json"));
+    let last = v["pairs"].as_array().unwrap().iter().find(|p| p["key"]["prompt_id"] == "p2_long").unwrap();
+    assert_eq!(last["candidate"]["seq_len"], 24);
+
+    let out = driftscope(
+        &["check", "--profile", "invariant", "--scenario", "decode0,chunk64,chunk5,prefix_cache", "--out", "i"],
+        dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}{}", stdout(&out), stderr(&out));
+    assert_eq!(stdout(&out).matches("PASS: all 189 pairs bitwise identical").count(), 4, "{}", stdout(&out));
+    let out = driftscope(&["check", "--scenario", "batch4"], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("unknown scenario `batch4`"), "{}", stderr(&out));
+}

@@ -3,6 +3,10 @@
 //! - `prefill_last`: prefill the N tokens, trace position N-1 (step 0, seq_len N).
 //! - `decode0`: prefill the first N-1 tokens, then decode token N-1 over that cache and trace
 //!   it (step 1, seq_len 1).
+//! - `chunkC`: prefill in chunks of C tokens; the last chunk holds position N-1 (step 0,
+//!   seq_len = that chunk's length).
+//! - `prefix_cache`: prefill another prompt that shares the first N/2 tokens, keep its KV cache
+//!   for those positions, prefill the rest of this prompt over it (seq_len N - N/2).
 //!
 //! Prompts are paired by token ids: both phases see exactly the same ids.
 
@@ -43,15 +47,41 @@ pub enum Phase {
     PrefillLast,
     /// Prefill N-1 tokens, decode the last one.
     Decode0,
+    /// Prefill in chunks of this many tokens, trace the last position (in the last chunk).
+    Chunked(usize),
+    /// Reuse the KV cache of the first half of the prompt, computed while prefilling another
+    /// prompt that shares that prefix, then prefill the rest and trace the last position.
+    PrefixCache,
 }
 
 impl Phase {
-    /// Name in traces.
-    pub fn as_str(self) -> &'static str {
+    /// Name in traces: `prefill_last`, `decode0`, `chunk64`, `prefix_cache`.
+    pub fn name(self) -> String {
         match self {
-            Phase::PrefillLast => "prefill_last",
-            Phase::Decode0 => "decode0",
+            Phase::PrefillLast => "prefill_last".into(),
+            Phase::Decode0 => "decode0".into(),
+            Phase::Chunked(c) => format!("chunk{c}"),
+            Phase::PrefixCache => "prefix_cache".into(),
         }
+    }
+
+    /// Parses a phase name (`chunkC` with C ≥ 1).
+    pub fn parse(name: &str) -> Option<Phase> {
+        match name {
+            "prefill_last" => Some(Phase::PrefillLast),
+            "decode0" => Some(Phase::Decode0),
+            "prefix_cache" => Some(Phase::PrefixCache),
+            _ => name.strip_prefix("chunk")?.parse().ok().filter(|&c| c > 0).map(Phase::Chunked),
+        }
+    }
+
+    /// The prompt sharing this prompt's prefix whose cache [`Phase::PrefixCache`] reuses: the
+    /// first half of the tokens, then the rest reversed (a different continuation).
+    pub fn prefix_donor(tokens: &[u32]) -> (usize, Vec<u32>) {
+        let shared = tokens.len() / 2;
+        let mut donor = tokens[..shared].to_vec();
+        donor.extend(tokens[shared..].iter().rev());
+        (shared, donor)
     }
 }
 
@@ -60,7 +90,7 @@ pub struct JsonlTracer<'w> {
     out: &'w mut dyn Write,
     spec: &'w RunSpec,
     prompt_id: &'w str,
-    phase: &'static str,
+    phase: String,
     step: u64,
     pos_id: u64,
     seq_len: u64,
@@ -93,7 +123,7 @@ impl Tracer for JsonlTracer<'_> {
         let ev = StageTrace {
             event: "stage_trace",
             prompt_id: self.prompt_id.into(),
-            phase: self.phase.into(),
+            phase: self.phase.as_str().into(),
             point: point.as_str().into(),
             layer,
             step: self.step,
@@ -139,7 +169,7 @@ pub fn run_phase(
         out,
         spec,
         prompt_id: &prompt.id,
-        phase: phase.as_str(),
+        phase: phase.name(),
         step: 0,
         pos_id: (n - 1) as u64,
         seq_len: n as u64,
@@ -164,6 +194,29 @@ pub fn run_phase(
             tracer.seq_len = 1;
             let mut run = Run { kernels, dtype: spec.dtype, trace_row: Some(0), tracer: Some(&mut tracer) };
             model.forward(&prompt.tokens[n - 1..], &mut cache, &mut run)
+        }
+        Phase::Chunked(c) => {
+            let last_start = (n - 1) / c * c;
+            for start in (0..last_start).step_by(c) {
+                let mut run = Run { kernels, dtype: spec.dtype, trace_row: None, tracer: None };
+                model.forward(&prompt.tokens[start..start + c], &mut cache, &mut run);
+            }
+            tracer.seq_len = (n - last_start) as u64;
+            let mut run =
+                Run { kernels, dtype: spec.dtype, trace_row: Some(n - 1 - last_start), tracer: Some(&mut tracer) };
+            model.forward(&prompt.tokens[last_start..], &mut cache, &mut run)
+        }
+        Phase::PrefixCache => {
+            let (shared, donor) = Phase::prefix_donor(&prompt.tokens);
+            if shared > 0 {
+                let mut run = Run { kernels, dtype: spec.dtype, trace_row: None, tracer: None };
+                model.forward(&donor, &mut cache, &mut run);
+                cache.truncate(shared, model.config.kv_dim());
+            }
+            tracer.seq_len = (n - shared) as u64;
+            let mut run =
+                Run { kernels, dtype: spec.dtype, trace_row: Some(n - 1 - shared), tracer: Some(&mut tracer) };
+            model.forward(&prompt.tokens[shared..], &mut cache, &mut run)
         }
     };
     match tracer.error {

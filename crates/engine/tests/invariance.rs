@@ -85,3 +85,58 @@ fn fast_prefill_and_decode_drift() {
     }
     assert_eq!(drifting, 3, "fast kernels should drift at every length tried");
 }
+
+/// The serving scenarios, through the runner: with `invariant` kernels, chunked prefill (any
+/// chunk size) and a reused prefix cache give the bits of one full prefill.
+#[test]
+fn invariant_scenarios_match_prefill_bitwise() {
+    use driftscope_engine::runner::{run_phase, Phase, Prompt, RunSpec};
+    let model = default_model();
+    let spec = RunSpec { profile: Profile::Invariant, dtype: DType::BF16, layers: None, points: None };
+    let hashes = |prompt: &Prompt, phase: Phase| {
+        let mut out = Vec::new();
+        let (logits, events) = run_phase(&model, prompt, phase, &spec, &mut out).unwrap();
+        assert_eq!(events, 3 + 15 * model.config.n_layers as u64);
+        let text = String::from_utf8(out).unwrap();
+        let rows: Vec<(String, u64, u64, u64)> = text
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                let key = format!("{}/{}", v["point"], v["layer"]);
+                (key, v["hash"].as_u64().unwrap(), v["pos_id"].as_u64().unwrap(), v["seq_len"].as_u64().unwrap())
+            })
+            .collect();
+        (rows, bits(&logits))
+    };
+    for n in [1, 2, 33, 97, 257] {
+        let prompt = Prompt { id: format!("n{n}"), tokens: tokens(n, model.config.vocab) };
+        let (base, base_logits) = hashes(&prompt, Phase::PrefillLast);
+        for phase in [Phase::Decode0, Phase::Chunked(1), Phase::Chunked(7), Phase::Chunked(64), Phase::PrefixCache] {
+            let (rows, logits) = hashes(&prompt, phase);
+            for ((k1, h1, p1, _), (k2, h2, p2, s2)) in base.iter().zip(&rows) {
+                assert_eq!((k1, p1), (k2, p2), "n={n} {phase:?}: same rows in the same order");
+                assert_eq!(h1, h2, "n={n} {phase:?}: {k1} differs (seq_len {s2})");
+            }
+            assert_eq!(base_logits, logits, "n={n} {phase:?}");
+        }
+        // The phases really ran the shapes they claim.
+        let (chunked, _) = hashes(&prompt, Phase::Chunked(64));
+        assert_eq!(chunked[0].3, ((n - 1) % 64 + 1) as u64, "seq_len of the last chunk");
+        let (prefix, _) = hashes(&prompt, Phase::PrefixCache);
+        assert_eq!(prefix[0].3, (n - n / 2) as u64);
+    }
+}
+
+/// The prefix donor shares the first half and continues differently.
+#[test]
+fn prefix_donor_shares_only_the_prefix() {
+    use driftscope_engine::runner::Phase;
+    let t: Vec<u32> = (10..20).collect();
+    let (shared, donor) = Phase::prefix_donor(&t);
+    assert_eq!(shared, 5);
+    assert_eq!(&donor[..5], &t[..5]);
+    assert_eq!(&donor[5..], &[19, 18, 17, 16, 15]);
+    assert_eq!(Phase::parse("chunk64"), Some(Phase::Chunked(64)));
+    assert_eq!(Phase::parse("chunk"), None);
+    assert_eq!(Phase::Chunked(64).name(), "chunk64");
+}

@@ -612,6 +612,13 @@ fn group_cause_text(a: &Analysis, g: &Group) -> String {
         "3. Everything downstream that drifts is inherited from here (see the propagation tree); the \
          hashes alone cannot tell whether later ops add drift of their own."
     );
+    if o.region.iter().any(|n| matches!(n, Node::Layer(_, Point::AttnCtx))) {
+        let _ = writeln!(
+            t,
+            "   Caveat: attention also reads the K/V rows of the earlier positions from the cache, and this \
+             trace pairs only the traced position: either the attention kernel or those cached rows differ."
+        );
+    }
     let more: Vec<String> =
         g.origins.iter().filter(|x| x.pair != ff).map(|x| format!("`{}` ({})", x.node, x.cause)).collect();
     if !more.is_empty() {
