@@ -8,7 +8,7 @@ use crate::dataflow::Node;
 
 /// How large a difference is, judged against the rounding step of the dtype.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Magnitude {
+pub enum Size {
     /// The stats agree exactly: a few low-order bits of some elements differ.
     StatsIdentical,
     /// Within a few rounding steps: the signature of a different reduction order.
@@ -27,13 +27,13 @@ pub fn epsilon(dtype: Option<DType>) -> f64 {
 }
 
 /// Judges a stat delta.
-pub fn magnitude(delta: &StatDelta, dtype: Option<DType>) -> Magnitude {
+pub fn stat_size(delta: &StatDelta, dtype: Option<DType>) -> Size {
     if delta.max_abs_lower_bound == 0.0 {
-        Magnitude::StatsIdentical
+        Size::StatsIdentical
     } else if delta.rel <= 8.0 * epsilon(dtype) {
-        Magnitude::Rounding
+        Size::Rounding
     } else {
-        Magnitude::Large
+        Size::Large
     }
 }
 
@@ -43,6 +43,39 @@ fn sci(x: f64) -> String {
     } else {
         format!("{x:.2e}")
     }
+}
+
+/// The size of pair `i`'s drift, judged from its dumped rows when there are some (exact), else
+/// from its statistics (a lower bound), with a sentence saying which.
+pub fn size_of(a: &Analysis, i: usize) -> Option<(Size, String)> {
+    let p = &a.pairs[i];
+    let dtype = a.dtype_of(i);
+    if let Some(m) = p.magnitude {
+        let eps = epsilon(dtype);
+        let size = if m.n_diff == 0 {
+            Size::StatsIdentical
+        } else if m.max_ulp <= 64 || m.rel_l2 <= 8.0 * eps {
+            Size::Rounding
+        } else {
+            Size::Large
+        };
+        let dt = dtype.map_or("its dtype", |d| d.as_str());
+        let sentence = format!(
+            "from the dumped rows: max |Δ| = {} at element {} ({} of {} elements differ, by at most {} ULP of {dt}; \
+             cosine similarity {:.9}; relative L2 {}), {} rounding",
+            sci(m.max_abs),
+            m.argmax,
+            m.n_diff,
+            m.numel,
+            m.max_ulp,
+            m.cosine,
+            sci(m.rel_l2),
+            if size == Size::Large { "far above" } else { "of the size of" }
+        );
+        return Some((size, sentence));
+    }
+    let d = a.delta(p)?;
+    Some((stat_size(&d, dtype), format!("from statistics (no dump): {}", magnitude_sentence(&d, dtype))))
 }
 
 /// A relative size: `0.725%`, or `5.80e-8` when a percentage would round to zero.
@@ -57,8 +90,8 @@ fn relative(rel: f64) -> String {
 /// One sentence on the size of a pair's drift.
 pub fn magnitude_sentence(delta: &StatDelta, dtype: Option<DType>) -> String {
     let dt = dtype.map_or("16-bit (dtype not traced)".to_string(), |d| d.as_str().to_string());
-    match magnitude(delta, dtype) {
-        Magnitude::StatsIdentical => "min, max and mean agree exactly although the hashes differ: only a few \
+    match stat_size(delta, dtype) {
+        Size::StatsIdentical => "min, max and mean agree exactly although the hashes differ: only a few \
              low-order bits of some elements differ"
             .to_string(),
         m => format!(
@@ -66,7 +99,7 @@ pub fn magnitude_sentence(delta: &StatDelta, dtype: Option<DType>) -> String {
              difference is at least this large), {} the rounding step of {dt} ({})",
             sci(delta.max_abs_lower_bound),
             relative(delta.rel),
-            if m == Magnitude::Rounding { "within a few times" } else { "far above" },
+            if m == Size::Rounding { "within a few times" } else { "far above" },
             sci(epsilon(dtype)),
         ),
     }
@@ -140,10 +173,10 @@ fn advise_group(a: &Analysis, g: &Group, out: &mut Vec<String>) {
         "`{}` computed this row in a forward call of seq_len {} (step {}), `{}` in one of seq_len {} (step {})",
         a.baseline_label, b.seq_len, b.step, a.candidate_label, c.seq_len, c.step
     );
-    let dtype = a.dtype_of(ff);
-    let delta = a.delta(p);
-    let size = delta.map(|d| magnitude_sentence(&d, dtype)).unwrap_or_default();
-    let mag = delta.map(|d| magnitude(&d, dtype));
+    let (mag, size) = match size_of(a, ff) {
+        Some((m, s)) => (Some(m), s),
+        None => (None, String::new()),
+    };
     match (p.classification, origin) {
         (Some(Classification::Originated), Some(o)) => {
             let which = if o.region.len() == 1 {
@@ -191,7 +224,7 @@ fn advise_group(a: &Analysis, g: &Group, out: &mut Vec<String>) {
 }
 
 /// For two traces of the same phase: the shapes are equal, so the two runs themselves differ.
-fn diff_advice(a: &Analysis, o: &Origin, mag: Option<Magnitude>) -> String {
+fn diff_advice(a: &Analysis, o: &Origin, mag: Option<Size>) -> String {
     let (x, y) = (a.meta_of(false), a.meta_of(true));
     let pairs = [
         ("engine", &x.engine, &y.engine),
@@ -210,7 +243,7 @@ fn diff_advice(a: &Analysis, o: &Origin, mag: Option<Magnitude>) -> String {
     } else {
         format!("the runs differ in {}", differ.join("; "))
     };
-    let size = if mag == Some(Magnitude::Large) {
+    let size = if mag == Some(Size::Large) {
         "far above rounding: look for different weights, dtypes or a logic difference"
     } else {
         "of rounding size: the two runs reduce in different orders or round at different points"
@@ -222,8 +255,8 @@ fn diff_advice(a: &Analysis, o: &Origin, mag: Option<Magnitude>) -> String {
     )
 }
 
-fn cause_advice(o: &Origin, mag: Option<Magnitude>, shapes: &str) -> String {
-    if mag == Some(Magnitude::Large) {
+fn cause_advice(o: &Origin, mag: Option<Size>, shapes: &str) -> String {
+    if mag == Some(Size::Large) {
         return format!(
             "The difference is far above rounding, so a reduction order alone is unlikely: look for a logic \
              difference between the two paths in {}: the causal mask, the position used for RoPE, the \

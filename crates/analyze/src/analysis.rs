@@ -9,6 +9,8 @@ use driftscope_trace::{DType, Point, RunMeta};
 
 use crate::collect::{Collected, Key, PointId, Side, Slot};
 use crate::dataflow::{cause_of_region, op_of, Graph, Node};
+use crate::dump::{dump_path, DumpError, DumpFile};
+use crate::magnitude::{compare_rows, token_impact, Magnitude, TokenImpact};
 
 /// What the analysis compares and how strict it is.
 #[derive(Debug, Clone)]
@@ -42,6 +44,9 @@ pub enum AnalyzeError {
         /// The phases that are there, with their event counts.
         present: String,
     },
+    /// A dump file next to a trace is unreadable.
+    #[error(transparent)]
+    Dump(#[from] DumpError),
     /// Two events for the same key and phase.
     #[error("{}\n(use --lenient to keep the first event of each key and go on)", .list.join("\n"))]
     Duplicates {
@@ -150,6 +155,8 @@ pub struct PairResult {
     pub baseline: Option<u32>,
     /// The candidate event (index into [`Collected::sides`]).
     pub candidate: Option<u32>,
+    /// Exact magnitudes, when both rows were dumped.
+    pub magnitude: Option<Magnitude>,
 }
 
 /// The upstream points a drifting pair was judged by.
@@ -217,6 +224,8 @@ pub struct Group {
     pub first_failure: Option<usize>,
     /// The group's root cause (`None` when it passes).
     pub cause: Option<&'static str>,
+    /// What drifting logits do to the next token (from the dump).
+    pub token_impact: Option<TokenImpact>,
 }
 
 /// Counts of the summary table.
@@ -277,6 +286,10 @@ pub struct Analysis {
     pub root_cause: Option<&'static str>,
     /// The first failing pair in dataflow order (prompts in file order).
     pub first_failure: Option<usize>,
+    /// Whether magnitudes come from dumped rows (exact) or from statistics (bounds).
+    pub magnitudes_from_dump: bool,
+    /// What the report should say about dumps (missing files, missing tensors).
+    pub dump_notes: Vec<String>,
 }
 
 impl Analysis {
@@ -436,6 +449,7 @@ pub fn analyze(mut collected: Collected, options: Options) -> Result<Analysis, A
                 origins: vec![],
                 first_failure: None,
                 cause: None,
+                token_impact: None,
             }),
         }
     }
@@ -475,7 +489,7 @@ pub fn analyze(mut collected: Collected, options: Options) -> Result<Analysis, A
         .map(|((point, status), n)| (drift_class(collected.point_name(point), status), n))
         .collect();
 
-    let first_failing = groups.iter().find(|g| g.cause.is_some());
+    let first_failing = groups.iter().find(|g| g.cause.is_some()).map(|g| g.cause);
     let verdict = if summary.failed + summary.missing_pairs > 0 { Verdict::Fail } else { Verdict::Pass };
     let (baseline_label, candidate_label) = if collected.is_diff() {
         let name = |cand: bool| {
@@ -486,8 +500,11 @@ pub fn analyze(mut collected: Collected, options: Options) -> Result<Analysis, A
     } else {
         (options.baseline.clone(), options.candidate.clone())
     };
+    let (magnitudes_from_dump, dump_notes) = attach_dumps(&collected, &mut pairs, &mut groups)?;
     Ok(Analysis {
-        root_cause: first_failing.and_then(|g| g.cause),
+        magnitudes_from_dump,
+        dump_notes,
+        root_cause: first_failing.flatten(),
         first_failure: groups.iter().find_map(|g| g.first_failure),
         options,
         baseline_label,
@@ -500,6 +517,86 @@ pub fn analyze(mut collected: Collected, options: Options) -> Result<Analysis, A
         breakdown,
         verdict,
     })
+}
+
+/// Reads the dumped rows of both sides (when the events name tensors and the dump files exist)
+/// and computes exact magnitudes and the token impact of the logits.
+fn attach_dumps(
+    c: &Collected,
+    pairs: &mut [PairResult],
+    groups: &mut [Group],
+) -> Result<(bool, Vec<String>), AnalyzeError> {
+    let named = |cand: bool| {
+        pairs.iter().any(|p| {
+            let s = if cand { p.candidate } else { p.baseline };
+            s.is_some_and(|i| c.sides[i as usize].tensor.is_some())
+        })
+    };
+    if !named(false) && !named(true) {
+        return Ok((false, vec![]));
+    }
+    let mut notes = Vec::new();
+    let mut open = |cand: bool| -> Result<Option<DumpFile>, AnalyzeError> {
+        let path = dump_path(&c.source_of(cand).path);
+        let f = DumpFile::open(&path)?;
+        if f.is_none() {
+            notes.push(format!(
+                "the events name dumped rows, but `{}` does not exist: magnitudes come from statistics",
+                path.display()
+            ));
+        }
+        Ok(f)
+    };
+    let base = open(false)?;
+    let cand = if c.is_diff() { open(true)? } else { None };
+    let Some(base) = base.as_ref() else { return Ok((false, notes)) };
+    let cand = if c.is_diff() {
+        match cand.as_ref() {
+            Some(f) => f,
+            None => return Ok((false, notes)),
+        }
+    } else {
+        base
+    };
+    let row = |f: &DumpFile, side: Option<u32>| -> Result<Option<(Vec<f32>, DType)>, AnalyzeError> {
+        let Some(t) = side.and_then(|i| c.sides[i as usize].tensor) else { return Ok(None) };
+        Ok(f.row(&c.tensors[t as usize])?)
+    };
+    type Measured = Option<(Magnitude, Option<TokenImpact>)>;
+    let results: Vec<Result<Measured, AnalyzeError>> = pairs
+        .par_iter()
+        .map(|p| {
+            if !matches!(p.status, PairStatus::Pass | PairStatus::Drift | PairStatus::NumericFault) {
+                return Ok(None);
+            }
+            let (Some((a, dt)), Some((b, _))) = (row(base, p.baseline)?, row(cand, p.candidate)?) else {
+                return Ok(None);
+            };
+            let impact = (p.node == Some(Node::Global(Point::Logits))).then(|| token_impact(&a, &b));
+            Ok(Some((compare_rows(&a, &b, dt), impact)))
+        })
+        .collect();
+    let mut missing = 0;
+    for (p, r) in pairs.iter_mut().zip(results) {
+        match r? {
+            Some((m, impact)) => {
+                p.magnitude = Some(m);
+                if let (Some(t), Some(g)) =
+                    (impact, groups.iter_mut().find(|g| g.prompt == p.key.prompt && g.rank == p.key.rank))
+                {
+                    g.token_impact = Some(t);
+                }
+            }
+            None if p.status.is_failure() && p.status != PairStatus::Misaligned => missing += 1,
+            None => {}
+        }
+    }
+    if missing > 0 {
+        notes.push(format!(
+            "{missing} failing pair(s) have no dumped row on one side: their magnitudes come from statistics"
+        ));
+    }
+    Ok((true, notes))
 }
 
 /// The failure class of a pair: `ATTN_OUT_DRIFT`, `X_IN_MISALIGNED`, `MLP_OUT_NUMERIC_FAULT`.
@@ -542,6 +639,7 @@ fn compare(key: &Key, slot: &Slot, sides: &[Side]) -> PairResult {
         relations: None,
         baseline: slot.baseline,
         candidate: slot.candidate,
+        magnitude: None,
     }
 }
 

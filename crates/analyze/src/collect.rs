@@ -70,6 +70,8 @@ pub struct Side {
     pub token_id: Option<u64>,
     /// Index into [`Collected::dtypes`], when given.
     pub dtype: Option<u16>,
+    /// Index into [`Collected::tensors`]: the dumped row, when the event names one.
+    pub tensor: Option<u32>,
 }
 
 /// Both sides of one key, as indices into [`Collected::sides`].
@@ -107,6 +109,8 @@ pub struct Collected {
     pub dtypes: Vec<String>,
     /// The events of the two phases, in file order (duplicates left out).
     pub sides: Vec<Side>,
+    /// Names of dumped rows, as the events give them.
+    pub tensors: Vec<String>,
     /// Every key with its two sides, in order of first appearance.
     pub pairs: Vec<(Key, Slot)>,
     /// Indices into `pairs` in dataflow order: by prompt (file order), rank, then the position
@@ -180,6 +184,7 @@ enum Item<'a> {
         prompt: Cow<'a, str>,
         point: Result<Point, Cow<'a, str>>,
         dtype: Option<Cow<'a, str>>,
+        tensor: Option<Cow<'a, str>>,
         layer: u32,
         rank: Option<u32>,
         side: Side,
@@ -228,8 +233,10 @@ impl Visit for Visitor<'_> {
             non_finite: ev.has_non_finite(),
             token_id: ev.token_id,
             dtype: None,
+            tensor: None,
         };
         Item::Side {
+            tensor: ev.tensor,
             point: Point::parse(&ev.point).ok_or(ev.point),
             prompt: ev.prompt_id,
             dtype: ev.dtype,
@@ -339,7 +346,11 @@ impl Collector {
         let visitor = Visitor { baseline, candidate };
         let Collector { c, prompts, others, dtypes, index } = self;
         let stats = read_file_visit(path, opts, &visitor, |item| match item {
-            Item::Side { prompt, point, dtype, layer, rank, mut side, candidate } => {
+            Item::Side { prompt, point, dtype, tensor, layer, rank, mut side, candidate } => {
+                side.tensor = tensor.map(|t| {
+                    c.tensors.push(t.into_owned());
+                    (c.tensors.len() - 1) as u32
+                });
                 let prompt = prompts.get(&mut c.prompts, &prompt);
                 let point = match point {
                     Ok(p) => PointId::Known(p),

@@ -8,6 +8,8 @@ pub mod advice;
 pub mod analysis;
 pub mod collect;
 pub mod dataflow;
+pub mod dump;
+pub mod magnitude;
 pub mod report;
 
 use std::fs::File;

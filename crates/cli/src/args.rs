@@ -102,6 +102,12 @@ pub struct EngineArgs {
     /// Storage dtype of activations and the KV cache (compute is f32).
     #[arg(long, value_name = "DTYPE", default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
     pub dtype: String,
+
+    /// Also write the traced rows to a safetensors file next to the trace (same name,
+    /// `.safetensors`), each event naming its tensor: the analysis then reports exact magnitudes
+    /// (max |Δ|, ULPs, cosine) and the token impact of drifting logits.
+    #[arg(long)]
+    pub dump: bool,
 }
 
 /// Flags of `driftscope run`.

@@ -41,10 +41,12 @@ pub fn check_outputs(inputs: &[&Path], outputs: &[&Path]) -> Result<()> {
 /// Writes `contents` to `path` atomically: a temporary file in the same directory, then rename.
 pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".driftscope-")
-        .tempfile_in(dir)
-        .with_context(|| format!("cannot create a file in {}", dir.display()))?;
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".driftscope-");
+    // Results are ordinary files: readable as the umask allows, not private like a temp file.
+    #[cfg(unix)]
+    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
+    let mut tmp = builder.tempfile_in(dir).with_context(|| format!("cannot create a file in {}", dir.display()))?;
     tmp.write_all(contents).with_context(|| format!("cannot write {}", path.display()))?;
     tmp.persist(path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())

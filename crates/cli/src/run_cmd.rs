@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use driftscope_analyze::{collect_file, Options, Verdict};
 use driftscope_engine::load::{cache_dir, find_smollm2, load};
 use driftscope_engine::prompts::{default_prompts, read_prompts};
-use driftscope_engine::runner::{run_phase, write_meta, Phase, Prompt, RunSpec};
+use driftscope_engine::runner::{run_phase, write_meta, Dump, Phase, Prompt, RunSpec};
 use driftscope_engine::synthetic::default_model;
 use driftscope_engine::{Loaded, Profile, Tokenizer};
 use driftscope_trace::{DType, Point, ReadOptions, RunMeta, FORMAT_VERSION};
@@ -121,6 +121,7 @@ fn trace_to(args: &EngineArgs, path: &Path) -> Result<()> {
         ..RunMeta::default()
     };
 
+    let mut dump = args.dump.then(Dump::default);
     let mut buf = BufWriter::new(Vec::new());
     write_meta(&mut buf, &meta)?;
     let phases: Vec<Phase> = std::iter::once(Phase::PrefillLast).chain(scenarios).collect();
@@ -129,13 +130,19 @@ fn trace_to(args: &EngineArgs, path: &Path) -> Result<()> {
     for prompt in &prompts {
         for &phase in &phases {
             bar.set_message(format!("{} {} ({} tokens)", prompt.id, phase.name(), prompt.tokens.len()));
-            let (_, n) = run_phase(model, prompt, phase, &spec, &mut buf)?;
+            let (_, n) = run_phase(model, prompt, phase, &spec, &mut buf, dump.as_mut())?;
             events += n;
             bar.inc(1);
         }
     }
     bar.finish_and_clear();
     let bytes = buf.into_inner().context("cannot buffer the trace")?;
+    if let Some(dump) = &dump {
+        let dump_path = path.with_extension("safetensors");
+        let data = dump.to_bytes().context("cannot serialize the dump")?;
+        write_atomic(&dump_path, &data)?;
+        eprintln!("dumped {} rows -> {}", dump.len(), dump_path.display());
+    }
     write_atomic(path, &bytes)?;
     eprintln!(
         "traced {} prompt(s) ({} tokens) x {} phases on {} ({} profile, {}): {events} events in {:.1} s -> {}",

@@ -190,3 +190,74 @@ fn check_runs_every_scenario_against_prefill() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("unknown scenario `batch4`"), "{}", stderr(&out));
 }
+
+/// With `--dump` the traced rows are written next to the trace, and the analysis reports exact
+/// magnitudes and the token impact; without the dump it says it fell back to statistics.
+#[test]
+fn dumps_give_exact_magnitudes_and_token_impact() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = driftscope(&["check", "--dump", "--out", "f"], dir.path());
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let meta = std::fs::metadata(dir.path().join("f/trace.safetensors")).unwrap();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(meta.permissions().mode() & 0o444, 0o444, "results are readable files");
+    }
+    let v = read_json(&dir.path().join("f/verdict.json"));
+    assert_eq!(v["magnitude_source"], "dump");
+    let ti = &v["token_impact"]["p2_long"];
+    assert!(ti["kl"].as_f64().unwrap() >= 0.0 && ti["max_dlogprob"].as_f64().unwrap() > 0.0, "{ti}");
+    let first = v["pairs"].as_array().unwrap().iter().find(|p| p["status"] == "DRIFT").unwrap();
+    assert!(first["max_ulp"].as_u64().unwrap() >= 1 && first["max_abs"].as_f64().unwrap() > 0.0, "{first}");
+    assert!(first["magnitude"]["n_diff"].as_u64().unwrap() >= 1);
+    let passing = v["pairs"].as_array().unwrap().iter().find(|p| p["status"] == "PASS").unwrap();
+    assert_eq!((passing["max_abs"].as_f64(), passing["max_ulp"].as_u64()), (Some(0.0), Some(0)));
+    let md = std::fs::read_to_string(dir.path().join("f/report.md")).unwrap();
+    assert!(
+        md.contains("## Token Impact")
+            && md.contains("## Drift Growth")
+            && md.contains("from the dumped rows: max |Δ|"),
+        "{md}"
+    );
+
+    let out = driftscope(&["check", "--dump", "--profile", "invariant", "--out", "i"], dir.path());
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let v = read_json(&dir.path().join("i/verdict.json"));
+    assert_eq!(v["token_impact"]["p0_short"]["kl"], 0.0);
+    assert!(v["token_impact"]["p0_short"]["argmax_agree"].as_bool().unwrap());
+
+    // The dump gone: statistics stand in, and the report says so.
+    std::fs::remove_file(dir.path().join("f/trace.safetensors")).unwrap();
+    let out = driftscope(&["analyze", "f/trace.jsonl", "--json", "v.json"], dir.path());
+    assert_eq!(out.status.code(), Some(1));
+    let v = read_json(&dir.path().join("v.json"));
+    assert_eq!(v["magnitude_source"], "stats");
+    assert!(
+        v["dump_notes"][0].as_str().unwrap().contains("f/trace.safetensors` does not exist"),
+        "{}",
+        v["dump_notes"]
+    );
+    assert_eq!(v["pairs"][3]["max_abs"], Value::Null);
+    // A corrupt dump is an error naming it.
+    std::fs::write(dir.path().join("f/trace.safetensors"), b"\x10\x00\x00\x00\x00\x00\x00\x00{broken").unwrap();
+    let out = driftscope(&["analyze", "f/trace.jsonl"], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("f/trace.safetensors: not a safetensors file"), "{}", stderr(&out));
+}
+
+#[test]
+fn diff_uses_both_dumps() {
+    let dir = tempfile::tempdir().unwrap();
+    for profile in ["fast", "invariant"] {
+        let out =
+            driftscope(&["run", "--dump", "--profile", profile, "--out", &format!("{profile}.jsonl")], dir.path());
+        assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    }
+    let out =
+        driftscope(&["diff", "fast.jsonl", "invariant.jsonl", "--phase", "decode0", "--json", "v.json"], dir.path());
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let v = read_json(&dir.path().join("v.json"));
+    assert_eq!(v["magnitude_source"], "dump");
+    assert!(v["token_impact"]["p1_medium"]["kl"].as_f64().unwrap() >= 0.0);
+}

@@ -85,9 +85,57 @@ impl Phase {
     }
 }
 
+/// The traced rows themselves, for exact magnitudes: written next to the trace as a safetensors
+/// file, one tensor per event, named by the event's `tensor` field.
+#[derive(Debug, Default)]
+pub struct Dump {
+    tensors: Vec<(String, DType, Vec<u8>)>,
+}
+
+impl Dump {
+    /// Adds a row (values exact in `dtype`) under `name`.
+    pub fn push(&mut self, name: String, row: &[f32], dtype: DType) {
+        let bytes: Vec<u8> = match dtype {
+            DType::F32 => row.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            DType::BF16 => row.iter().flat_map(|&x| bf16::from_f32(x).to_le_bytes()).collect(),
+            DType::F16 => row.iter().flat_map(|&x| f16::from_f32(x).to_le_bytes()).collect(),
+        };
+        self.tensors.push((name, dtype, bytes));
+    }
+
+    /// Number of rows held.
+    pub fn len(&self) -> usize {
+        self.tensors.len()
+    }
+
+    /// Whether no row is held.
+    pub fn is_empty(&self) -> bool {
+        self.tensors.is_empty()
+    }
+
+    /// The safetensors file's bytes.
+    pub fn to_bytes(&self) -> Result<Vec<u8>, safetensors::SafeTensorError> {
+        use safetensors::tensor::TensorView;
+        let views = self
+            .tensors
+            .iter()
+            .map(|(name, dtype, bytes)| {
+                let (dt, size) = match dtype {
+                    DType::F32 => (safetensors::Dtype::F32, 4),
+                    DType::BF16 => (safetensors::Dtype::BF16, 2),
+                    DType::F16 => (safetensors::Dtype::F16, 2),
+                };
+                TensorView::new(dt, vec![bytes.len() / size], bytes).map(|v| (name.clone(), v))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        safetensors::serialize(views, None)
+    }
+}
+
 /// Writes `stage_trace` events for the rows the engine hands over.
 pub struct JsonlTracer<'w> {
     out: &'w mut dyn Write,
+    dump: Option<&'w mut Dump>,
     spec: &'w RunSpec,
     prompt_id: &'w str,
     phase: String,
@@ -120,6 +168,11 @@ impl Tracer for JsonlTracer<'_> {
                 (hash_f16(&v), RowStats::of_f16(&v))
             }
         };
+        let tensor = self.dump.as_deref_mut().map(|dump| {
+            let name = format!("{}/{}/{}/{}", self.prompt_id, self.phase, point.as_str(), layer);
+            dump.push(name.clone(), row, dtype);
+            name
+        });
         let ev = StageTrace {
             event: "stage_trace",
             prompt_id: self.prompt_id.into(),
@@ -141,7 +194,7 @@ impl Tracer for JsonlTracer<'_> {
             inf_count: Some(stats.inf_count),
             token_id: Some(self.token_id),
             rank: None,
-            tensor: None,
+            tensor: tensor.map(Into::into),
         };
         self.line.clear();
         let res = serde_json::to_writer(&mut self.line, &ev).map_err(std::io::Error::other).and_then(|()| {
@@ -162,11 +215,13 @@ pub fn run_phase(
     phase: Phase,
     spec: &RunSpec,
     out: &mut dyn Write,
+    dump: Option<&mut Dump>,
 ) -> std::io::Result<(Vec<f32>, u64)> {
     let n = prompt.tokens.len();
     assert!(n > 0, "a prompt needs at least one token");
     let mut tracer = JsonlTracer {
         out,
+        dump,
         spec,
         prompt_id: &prompt.id,
         phase: phase.name(),

@@ -95,7 +95,7 @@ fn invariant_scenarios_match_prefill_bitwise() {
     let spec = RunSpec { profile: Profile::Invariant, dtype: DType::BF16, layers: None, points: None };
     let hashes = |prompt: &Prompt, phase: Phase| {
         let mut out = Vec::new();
-        let (logits, events) = run_phase(&model, prompt, phase, &spec, &mut out).unwrap();
+        let (logits, events) = run_phase(&model, prompt, phase, &spec, &mut out, None).unwrap();
         assert_eq!(events, 3 + 15 * model.config.n_layers as u64);
         let text = String::from_utf8(out).unwrap();
         let rows: Vec<(String, u64, u64, u64)> = text

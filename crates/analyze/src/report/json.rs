@@ -86,6 +86,11 @@ fn pair(a: &Analysis, p: &PairResult) -> Value {
         "baseline": side(a.base(p)),
         "candidate": side(a.cand(p)),
         "stat_delta": a.delta(p),
+        "max_abs": p.magnitude.map(|m| m.max_abs),
+        "max_rel": p.magnitude.map(|m| m.max_rel),
+        "max_ulp": p.magnitude.map(|m| m.max_ulp),
+        "cosine": p.magnitude.map(|m| num(m.cosine)),
+        "magnitude": p.magnitude,
     })
 }
 
@@ -120,6 +125,7 @@ pub fn verdict_json(a: &Analysis) -> Value {
         })
     });
     let mut origins = Map::new();
+    let mut impacts = Map::new();
     let mut prompts = Vec::new();
     for g in &a.groups {
         let first = g.first_failure.and_then(|ff| g.origins.iter().find(|o| o.pair == ff));
@@ -133,6 +139,9 @@ pub fn verdict_json(a: &Analysis) -> Value {
                 );
             }
             origins.insert(group_name(a, g), o);
+        }
+        if let Some(t) = g.token_impact {
+            impacts.insert(group_name(a, g), json!(t));
         }
         prompts.push(json!({
             "prompt_id": a.prompt_id(g),
@@ -165,6 +174,9 @@ pub fn verdict_json(a: &Analysis) -> Value {
         "breakdown": breakdown,
         "first_failure": first_failure,
         "origin": origins,
+        "token_impact": impacts,
+        "magnitude_source": if a.magnitudes_from_dump { "dump" } else { "stats" },
+        "dump_notes": a.dump_notes,
         "prompts": prompts,
         "n_layers": { "value": a.graph.n_layers, "exact": a.graph.exact },
         "recommendations": recommendations(a),

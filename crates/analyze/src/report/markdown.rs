@@ -6,7 +6,7 @@ use std::fmt::Write as _;
 
 use driftscope_trace::Point;
 
-use crate::advice::{list_nodes, magnitude_sentence, recommendations};
+use crate::advice::{list_nodes, recommendations, size_of};
 use crate::analysis::{describe_region, Analysis, Classification, Group, PairStatus, Verdict};
 use crate::collect::{PointId, Side};
 use crate::dataflow::Node;
@@ -17,9 +17,11 @@ pub fn render(a: &Analysis, ctx: &ReportContext) -> String {
     let mut md = String::new();
     header(a, ctx, &mut md);
     verdict(a, &mut md);
+    token_impact(a, &mut md);
     summary(a, &mut md);
     breakdown(a, &mut md);
     per_prompt(a, &mut md);
+    growth(a, &mut md);
     first_failure(a, &mut md);
     evidence(a, ctx.evidence.as_ref(), &mut md);
     propagation(a, &mut md);
@@ -130,6 +132,61 @@ fn verdict(a: &Analysis, md: &mut String) {
     md.push_str("\n---\n\n");
 }
 
+/// What drift does to the next token: it leads the report, since it is what users feel.
+fn token_impact(a: &Analysis, md: &mut String) {
+    if a.groups.iter().all(|g| g.token_impact.is_none()) {
+        return;
+    }
+    md.push_str("## Token Impact\n\n| Prompt | Greedy token (baseline / candidate) | Same token | KL(baseline ‖ candidate) | max \\|Δ log-prob\\| (top 10) |\n|---|---|---|---|---|\n");
+    for g in &a.groups {
+        let Some(t) = g.token_impact else { continue };
+        let _ = writeln!(
+            md,
+            "| `{}` | {} / {} | {} | {:.3e} | {:.3e} |",
+            a.prompt_id(g),
+            t.baseline_argmax,
+            t.candidate_argmax,
+            if t.argmax_agree { "yes" } else { "**no**" },
+            t.kl,
+            t.max_dlogprob
+        );
+    }
+    md.push('\n');
+}
+
+/// How the drift grows through the layers: the residual stream entering each traced layer.
+fn growth(a: &Analysis, md: &mut String) {
+    let mut rows = String::new();
+    for g in &a.groups {
+        let mut prev: Option<f64> = None;
+        for &i in &g.pairs {
+            let p = &a.pairs[i];
+            if p.key.point != PointId::Known(Point::XIn) || p.status == PairStatus::Pass && prev.is_none() {
+                continue;
+            }
+            let (size, what) = match (p.magnitude, a.delta(p)) {
+                (Some(m), _) => (m.rel_l2, format!("{:.3e} | {}", m.max_abs, m.max_ulp)),
+                (None, Some(d)) => (d.rel, format!("≥ {:.3e} | —", d.max_abs_lower_bound)),
+                _ => continue,
+            };
+            let amp = match prev {
+                Some(x) if x > 0.0 => format!("×{:.2}", size / x),
+                _ => "—".into(),
+            };
+            let _ = writeln!(rows, "| `{}` | {} | {what} | {size:.3e} | {amp} |", a.prompt_id(g), p.key.layer);
+            prev = Some(size);
+        }
+    }
+    if rows.is_empty() {
+        return;
+    }
+    let measure = if a.magnitudes_from_dump { "relative L2 (dump)" } else { "relative stat Δ (no dump)" };
+    let _ = writeln!(
+        md,
+        "## Drift Growth\n\nThe residual stream entering each traced layer (`x_in`), from the first layer where it drifts.\n\n| Prompt | Layer | max \\|Δ\\| | max ULP | {measure} | vs previous |\n|---|---|---|---|---|---|\n{rows}"
+    );
+}
+
 fn summary(a: &Analysis, md: &mut String) {
     let s = &a.summary;
     md.push_str("## Summary\n\n| Metric | Value |\n|--------|-------|\n");
@@ -149,6 +206,21 @@ fn summary(a: &Analysis, md: &mut String) {
         }
     }
     md.push('\n');
+    let _ = writeln!(
+        md,
+        "Magnitudes: {}.\n",
+        if a.magnitudes_from_dump {
+            "exact, from the rows dumped next to the trace"
+        } else {
+            "lower bounds from the events' statistics (run with `--dump` for exact ones)"
+        }
+    );
+    for note in &a.dump_notes {
+        let _ = writeln!(md, "- Note: {note}");
+    }
+    if !a.dump_notes.is_empty() {
+        md.push('\n');
+    }
 }
 
 fn breakdown(a: &Analysis, md: &mut String) {
@@ -262,9 +334,8 @@ fn first_failure(a: &Analysis, md: &mut String) {
     }
     let _ = writeln!(md, "| line | {} | {} | |", b.loc.line, c.loc.line);
     md.push('\n');
-    let dtype = a.dtype_of(ff);
-    if let Some(d) = a.delta(p) {
-        let _ = writeln!(md, "**Magnitude** (from stats; no dump): {}.\n", magnitude_sentence(&d, dtype));
+    if let Some((_, sentence)) = size_of(a, ff) {
+        let _ = writeln!(md, "**Magnitude**, {sentence}.\n");
     }
     let _ = writeln!(md, "**Classification**: {}\n", classification_text(a, ff));
     md.push_str("---\n\n");
@@ -565,12 +636,11 @@ fn evidence_table(a: &Analysis, gs: &[&Group], md: &mut String) {
     for r in rows {
         let _ = writeln!(md, "{r}");
     }
-    let ff = gs.iter().find_map(|g| g.first_failure);
-    if let Some(d) = ff.and_then(|i| a.delta(&a.pairs[i])) {
-        let _ =
-            writeln!(md, "\nMagnitude, first prompt: {}.\n", magnitude_sentence(&d, ff.and_then(|i| a.dtype_of(i))));
-    } else {
-        md.push('\n');
+    match gs.iter().find_map(|g| g.first_failure).and_then(|i| size_of(a, i)) {
+        Some((_, sentence)) => {
+            let _ = writeln!(md, "\nMagnitude at the first prompt's first failure, {sentence}.\n");
+        }
+        None => md.push('\n'),
     }
 }
 
