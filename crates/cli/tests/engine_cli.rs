@@ -186,9 +186,9 @@ fn check_runs_every_scenario_against_prefill() {
     );
     assert_eq!(out.status.code(), Some(0), "{}{}", stdout(&out), stderr(&out));
     assert_eq!(stdout(&out).matches("PASS: all 189 pairs bitwise identical").count(), 4, "{}", stdout(&out));
-    let out = driftscope(&["check", "--scenario", "batch4"], dir.path());
+    let out = driftscope(&["check", "--scenario", "batch1"], dir.path());
     assert_eq!(out.status.code(), Some(2));
-    assert!(stderr(&out).contains("unknown scenario `batch4`"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("unknown scenario `batch1`"), "{}", stderr(&out));
 }
 
 /// With `--dump` the traced rows are written next to the trace, and the analysis reports exact

@@ -20,6 +20,6 @@ pub use config::{Config, RopeLayout};
 pub use error::EngineError;
 pub use kernels::{Kernels, Profile};
 pub use load::{load, Loaded};
-pub use model::{KvCache, Model, Run, Tracer};
+pub use model::{KvCache, Model, Run, Seq, Tracer};
 pub use tokenizer::Tokenizer;
 pub use weights::{LayerWeights, Matrix, Weights};

@@ -96,21 +96,45 @@ fn trace(run: &mut Run<'_>, point: Point, layer: usize, x: &[f32], width: usize)
     }
 }
 
+/// One sequence of a batched forward call: its new tokens and its KV cache.
+pub struct Seq<'a> {
+    /// Tokens appended in this call.
+    pub tokens: &'a [u32],
+    /// The sequence's cache (its length is the position of the first token).
+    pub cache: &'a mut KvCache,
+}
+
 impl Model {
     /// Runs `tokens` at positions `cache.len()..`, appends their keys and values to the cache,
     /// and returns the logits of the last row (`[vocab]`).
     pub fn forward(&self, tokens: &[u32], cache: &mut KvCache, run: &mut Run<'_>) -> Vec<f32> {
+        let mut seqs = [Seq { tokens, cache }];
+        self.forward_batch(&mut seqs, run).pop().unwrap_or_default()
+    }
+
+    /// Runs several sequences in one call, as a serving engine batches requests: their rows are
+    /// stacked, so every matmul and norm sees all of them at once, while RoPE, the KV cache and
+    /// attention stay per sequence. `run.trace_row` indexes the stacked rows. Returns the logits
+    /// of each sequence's last row.
+    pub fn forward_batch(&self, seqs: &mut [Seq<'_>], run: &mut Run<'_>) -> Vec<Vec<f32>> {
         let c = &self.config;
         let w = &self.weights;
         let k = run.kernels;
-        let (t, d, dt) = (tokens.len(), c.hidden, run.dtype);
+        let t: usize = seqs.iter().map(|s| s.tokens.len()).sum();
+        let (d, dt) = (c.hidden, run.dtype);
         let (qd, kvd) = (c.q_dim(), c.kv_dim());
-        let pos0 = cache.len;
-        assert!(t > 0, "forward needs at least one token");
+        assert!(seqs.iter().all(|s| !s.tokens.is_empty()), "forward needs at least one token per sequence");
+        // Row ranges of the sequences in the stacked rows, and their first positions.
+        let mut spans = Vec::with_capacity(seqs.len());
+        let mut row0 = 0;
+        for s in seqs.iter() {
+            spans.push((row0, row0 + s.tokens.len(), s.cache.len));
+            row0 += s.tokens.len();
+        }
 
         // x: [t, hidden], the residual stream.
         let mut x = vec![0.0f32; t * d];
-        for (row, &tok) in x.chunks_mut(d).zip(tokens) {
+        for (row, &tok) in x.chunks_mut(d).zip(seqs.iter().flat_map(|s| s.tokens.iter())) {
             row.copy_from_slice(w.embed.row(tok as usize));
         }
         round_to(&mut x, dt);
@@ -141,16 +165,21 @@ impl Model {
                 trace(run, point, l, out, m.rows);
             }
 
-            rope(&mut q, c.n_heads, c.head_dim, pos0, c.rope_theta, c.rope_layout);
+            for &(r0, r1, pos0) in &spans {
+                rope(&mut q[r0 * qd..r1 * qd], c.n_heads, c.head_dim, pos0, c.rope_theta, c.rope_layout);
+                rope(&mut kk[r0 * kvd..r1 * kvd], c.n_kv_heads, c.head_dim, pos0, c.rope_theta, c.rope_layout);
+            }
             round_to(&mut q, dt);
             trace(run, Point::QRope, l, &q, qd);
-            rope(&mut kk, c.n_kv_heads, c.head_dim, pos0, c.rope_theta, c.rope_layout);
             round_to(&mut kk, dt);
             trace(run, Point::KRope, l, &kk, kvd);
 
-            cache.k[l].extend_from_slice(&kk);
-            cache.v[l].extend_from_slice(&vv);
-            k.attention(&q, t, pos0, &cache.k[l], &cache.v[l], shape, &mut ctx);
+            for (s, &(r0, r1, pos0)) in seqs.iter_mut().zip(&spans) {
+                s.cache.k[l].extend_from_slice(&kk[r0 * kvd..r1 * kvd]);
+                s.cache.v[l].extend_from_slice(&vv[r0 * kvd..r1 * kvd]);
+                let (kc, vc) = (&s.cache.k[l], &s.cache.v[l]);
+                k.attention(&q[r0 * qd..r1 * qd], r1 - r0, pos0, kc, vc, shape, &mut ctx[r0 * qd..r1 * qd]);
+            }
             round_to(&mut ctx, dt);
             trace(run, Point::AttnCtx, l, &ctx, qd);
 
@@ -191,13 +220,15 @@ impl Model {
             }
             round_to(&mut x, dt);
         }
-        cache.len += t;
-
-        // Final norm and LM head only for the rows that need them: the last, and the traced one.
-        let mut rows: Vec<usize> = vec![t - 1];
-        if let Some(r) = run.trace_row.filter(|&r| r != t - 1) {
-            rows.insert(0, r);
+        for (s, &(r0, r1, _)) in seqs.iter_mut().zip(&spans) {
+            s.cache.len += r1 - r0;
         }
+
+        // Final norm and LM head only for the rows that need them: each sequence's last row, and
+        // the traced one.
+        let mut rows: Vec<usize> = spans.iter().map(|&(_, r1, _)| r1 - 1).collect();
+        let traced_extra = run.trace_row.filter(|r| !rows.contains(r));
+        rows.extend(traced_extra);
         let sel: Vec<f32> = rows.iter().flat_map(|&r| x[r * d..(r + 1) * d].iter().copied()).collect();
         let mut normed = vec![0.0f32; sel.len()];
         k.rmsnorm(&sel, rows.len(), &w.final_norm, c.rms_eps, &mut normed);
@@ -213,7 +244,7 @@ impl Model {
             trace(run, Point::Logits, 0, &logits, head.rows);
             run.trace_row = saved;
         }
-        logits[(rows.len() - 1) * head.rows..].to_vec()
+        (0..seqs.len()).map(|i| logits[i * head.rows..(i + 1) * head.rows].to_vec()).collect()
     }
 }
 

@@ -7,6 +7,8 @@
 //!   seq_len = that chunk's length).
 //! - `prefix_cache`: prefill another prompt that shares the first N/2 tokens, keep its KV cache
 //!   for those positions, prefill the rest of this prompt over it (seq_len N - N/2).
+//! - `batchB`: prefill the prompt inside a batch of B prompts of other lengths, in one forward
+//!   call over all their rows (seq_len = the rows of the whole batch).
 //!
 //! Prompts are paired by token ids: both phases see exactly the same ids.
 
@@ -16,7 +18,7 @@ use driftscope_trace::{hash_bf16, hash_f16, hash_f32, DType, Point, RowStats, Ru
 use half::{bf16, f16};
 
 use crate::kernels::Profile;
-use crate::model::{KvCache, Model, Run, Tracer};
+use crate::model::{KvCache, Model, Run, Seq, Tracer};
 
 /// One prompt, as token ids.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -52,6 +54,9 @@ pub enum Phase {
     /// Reuse the KV cache of the first half of the prompt, computed while prefilling another
     /// prompt that shares that prefix, then prefill the rest and trace the last position.
     PrefixCache,
+    /// Prefill the prompt inside a batch of this many prompts of other lengths (one forward call
+    /// over all their rows), trace its last position.
+    Batch(usize),
 }
 
 impl Phase {
@@ -62,6 +67,7 @@ impl Phase {
             Phase::Decode0 => "decode0".into(),
             Phase::Chunked(c) => format!("chunk{c}"),
             Phase::PrefixCache => "prefix_cache".into(),
+            Phase::Batch(b) => format!("batch{b}"),
         }
     }
 
@@ -71,8 +77,26 @@ impl Phase {
             "prefill_last" => Some(Phase::PrefillLast),
             "decode0" => Some(Phase::Decode0),
             "prefix_cache" => Some(Phase::PrefixCache),
-            _ => name.strip_prefix("chunk")?.parse().ok().filter(|&c| c > 0).map(Phase::Chunked),
+            _ => {
+                let number = |prefix: &str| name.strip_prefix(prefix)?.parse::<usize>().ok();
+                number("chunk")
+                    .filter(|&c| c > 0)
+                    .map(Phase::Chunked)
+                    .or_else(|| number("batch").filter(|&b| b > 1).map(Phase::Batch))
+            }
         }
+    }
+
+    /// The other prompts of a batch of `b`: the prompt's tokens reversed and cycled, each of
+    /// another length (about j/(b+1) of the prompt's, plus j), so the batch is ragged.
+    pub fn batch_companions(tokens: &[u32], b: usize) -> Vec<Vec<u32>> {
+        let n = tokens.len();
+        (1..b)
+            .map(|j| {
+                let len = (n * j / (b + 1)).max(1) + j;
+                tokens.iter().rev().cycle().take(len).copied().collect()
+            })
+            .collect()
     }
 
     /// The prompt sharing this prompt's prefix whose cache [`Phase::PrefixCache`] reuses: the
@@ -260,6 +284,21 @@ pub fn run_phase(
             let mut run =
                 Run { kernels, dtype: spec.dtype, trace_row: Some(n - 1 - last_start), tracer: Some(&mut tracer) };
             model.forward(&prompt.tokens[last_start..], &mut cache, &mut run)
+        }
+        Phase::Batch(b) => {
+            // The prompt sits in the middle of the batch, after b/2 companions.
+            let companions = Phase::batch_companions(&prompt.tokens, b);
+            let me = b / 2;
+            let mut inputs: Vec<&[u32]> = companions.iter().map(Vec::as_slice).collect();
+            inputs.insert(me, &prompt.tokens);
+            let mut caches: Vec<KvCache> = inputs.iter().map(|_| KvCache::new(&model.config)).collect();
+            let mut seqs: Vec<Seq<'_>> =
+                inputs.iter().zip(caches.iter_mut()).map(|(tokens, cache)| Seq { tokens, cache }).collect();
+            let before: usize = inputs[..me].iter().map(|t| t.len()).sum();
+            tracer.seq_len = inputs.iter().map(|t| t.len() as u64).sum();
+            let mut run =
+                Run { kernels, dtype: spec.dtype, trace_row: Some(before + n - 1), tracer: Some(&mut tracer) };
+            model.forward_batch(&mut seqs, &mut run).swap_remove(me)
         }
         Phase::PrefixCache => {
             let (shared, donor) = Phase::prefix_donor(&prompt.tokens);

@@ -111,7 +111,15 @@ fn invariant_scenarios_match_prefill_bitwise() {
     for n in [1, 2, 33, 97, 257] {
         let prompt = Prompt { id: format!("n{n}"), tokens: tokens(n, model.config.vocab) };
         let (base, base_logits) = hashes(&prompt, Phase::PrefillLast);
-        for phase in [Phase::Decode0, Phase::Chunked(1), Phase::Chunked(7), Phase::Chunked(64), Phase::PrefixCache] {
+        for phase in [
+            Phase::Decode0,
+            Phase::Chunked(1),
+            Phase::Chunked(7),
+            Phase::Chunked(64),
+            Phase::PrefixCache,
+            Phase::Batch(2),
+            Phase::Batch(5),
+        ] {
             let (rows, logits) = hashes(&prompt, phase);
             for ((k1, h1, p1, _), (k2, h2, p2, s2)) in base.iter().zip(&rows) {
                 assert_eq!((k1, p1), (k2, p2), "n={n} {phase:?}: same rows in the same order");
@@ -124,6 +132,9 @@ fn invariant_scenarios_match_prefill_bitwise() {
         assert_eq!(chunked[0].3, ((n - 1) % 64 + 1) as u64, "seq_len of the last chunk");
         let (prefix, _) = hashes(&prompt, Phase::PrefixCache);
         assert_eq!(prefix[0].3, (n - n / 2) as u64);
+        let (batch, _) = hashes(&prompt, Phase::Batch(5));
+        let companions: usize = Phase::batch_companions(&prompt.tokens, 5).iter().map(Vec::len).sum();
+        assert_eq!(batch[0].3, (n + companions) as u64, "seq_len counts the whole batch");
     }
 }
 
