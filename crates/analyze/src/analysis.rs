@@ -11,6 +11,7 @@ use crate::collect::{Collected, Key, PointId, Side, Slot};
 use crate::dataflow::{cause_of_region, op_of, Graph, Node};
 use crate::dump::{dump_path, DumpError, DumpFile};
 use crate::magnitude::{compare_rows, token_impact, Magnitude, TokenImpact};
+use crate::tolerance::{Policy, TolClass, Tolerances};
 
 /// What the analysis compares and how strict it is.
 #[derive(Debug, Clone)]
@@ -23,11 +24,22 @@ pub struct Options {
     pub allow_missing: bool,
     /// Keep the first of two events for the same key and phase instead of failing.
     pub lenient: bool,
+    /// What FAIL means: any bitwise difference, or only differences beyond tolerance.
+    pub policy: Policy,
+    /// The tolerances pairs are classed with.
+    pub tolerances: Tolerances,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { baseline: "prefill_last".into(), candidate: "decode0".into(), allow_missing: false, lenient: false }
+        Options {
+            baseline: "prefill_last".into(),
+            candidate: "decode0".into(),
+            allow_missing: false,
+            lenient: false,
+            policy: Policy::Bitwise,
+            tolerances: Tolerances::default(),
+        }
     }
 }
 
@@ -157,6 +169,8 @@ pub struct PairResult {
     pub candidate: Option<u32>,
     /// Exact magnitudes, when both rows were dumped.
     pub magnitude: Option<Magnitude>,
+    /// Class under the tolerances (complete, aligned pairs only).
+    pub tol_class: Option<TolClass>,
 }
 
 /// The upstream points a drifting pair was judged by.
@@ -247,6 +261,10 @@ pub struct Summary {
     pub duplicates: u64,
     /// Lines skipped as unreadable (lenient mode).
     pub skipped_lines: u64,
+    /// Of the complete pairs: hashes differ, within tolerance.
+    pub within_tol: u64,
+    /// Of the complete pairs: beyond tolerance (drift or numeric fault).
+    pub beyond_tol: u64,
 }
 
 /// PASS or FAIL.
@@ -489,8 +507,6 @@ pub fn analyze(mut collected: Collected, options: Options) -> Result<Analysis, A
         .map(|((point, status), n)| (drift_class(collected.point_name(point), status), n))
         .collect();
 
-    let first_failing = groups.iter().find(|g| g.cause.is_some()).map(|g| g.cause);
-    let verdict = if summary.failed + summary.missing_pairs > 0 { Verdict::Fail } else { Verdict::Pass };
     let (baseline_label, candidate_label) = if collected.is_diff() {
         let name = |cand: bool| {
             let p = &collected.source_of(cand).path;
@@ -501,11 +517,34 @@ pub fn analyze(mut collected: Collected, options: Options) -> Result<Analysis, A
         (options.baseline.clone(), options.candidate.clone())
     };
     let (magnitudes_from_dump, dump_notes) = attach_dumps(&collected, &mut pairs, &mut groups)?;
+    for i in 0..pairs.len() {
+        let class = tolerance_class(&collected, &pairs[i], &options.tolerances);
+        pairs[i].tol_class = class;
+        summary.within_tol += u64::from(class == Some(TolClass::WithinTol));
+        summary.beyond_tol += u64::from(matches!(class, Some(TolClass::Drift | TolClass::NumericFault)));
+    }
+    // Under the tolerance policy only what is beyond tolerance fails; the root cause is still the
+    // origin of the drift, which may itself be within tolerance.
+    let fails = |p: &PairResult| match options.policy {
+        Policy::Bitwise => p.status.is_failure(),
+        Policy::Tolerance => {
+            p.status == PairStatus::Misaligned || matches!(p.tol_class, Some(TolClass::Drift | TolClass::NumericFault))
+        }
+    };
+    let first_failure = (0..pairs.len()).find(|&i| fails(&pairs[i]));
+    let failing_group = first_failure.map(|i| (pairs[i].key.prompt, pairs[i].key.rank));
+    let missing_fails = summary.missing_pairs > 0;
+    let verdict = if first_failure.is_some() || missing_fails { Verdict::Fail } else { Verdict::Pass };
+    let root_cause = match failing_group {
+        Some((prompt, rank)) => groups.iter().find(|g| g.prompt == prompt && g.rank == rank).and_then(|g| g.cause),
+        None if missing_fails => groups.iter().find_map(|g| g.cause),
+        None => None,
+    };
     Ok(Analysis {
         magnitudes_from_dump,
         dump_notes,
-        root_cause: first_failing.flatten(),
-        first_failure: groups.iter().find_map(|g| g.first_failure),
+        root_cause,
+        first_failure,
         options,
         baseline_label,
         candidate_label,
@@ -599,6 +638,33 @@ fn attach_dumps(
     Ok((true, notes))
 }
 
+/// A complete pair's class under the tolerances: exact with a dump, from the statistics' lower
+/// bound without one.
+fn tolerance_class(c: &Collected, p: &PairResult, tolerances: &Tolerances) -> Option<TolClass> {
+    let b = &c.sides[p.baseline? as usize];
+    match p.status {
+        PairStatus::Pass => return Some(TolClass::Bitwise),
+        PairStatus::NumericFault => return Some(TolClass::NumericFault),
+        PairStatus::Drift => {}
+        _ => return None,
+    }
+    let point = match p.key.point {
+        PointId::Known(pt) => Some(pt),
+        PointId::Other(_) => None,
+    };
+    let dtype = b.dtype.and_then(|i| DType::parse(&c.dtypes[i as usize]));
+    let tol = tolerances.for_pair(point, dtype);
+    let scale = b.min.abs().max(b.max.abs());
+    let max_abs = match p.magnitude {
+        Some(m) => m.max_abs,
+        None => {
+            let cand = &c.sides[p.candidate? as usize];
+            StatDelta::of(b, cand).max_abs_lower_bound
+        }
+    };
+    Some(if tol.admits(max_abs, scale) { TolClass::WithinTol } else { TolClass::Drift })
+}
+
 /// The failure class of a pair: `ATTN_OUT_DRIFT`, `X_IN_MISALIGNED`, `MLP_OUT_NUMERIC_FAULT`.
 pub fn drift_class(point: &str, status: PairStatus) -> String {
     let suffix = match status {
@@ -640,6 +706,7 @@ fn compare(key: &Key, slot: &Slot, sides: &[Side]) -> PairResult {
         baseline: slot.baseline,
         candidate: slot.candidate,
         magnitude: None,
+        tol_class: None,
     }
 }
 

@@ -11,6 +11,7 @@ pub mod dataflow;
 pub mod dump;
 pub mod magnitude;
 pub mod report;
+pub mod tolerance;
 
 use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};

@@ -6,21 +6,26 @@ use std::time::SystemTime;
 
 use anyhow::{Context, Result};
 use driftscope_analyze::report::{json::verdict_json, markdown, ReportContext};
+use driftscope_analyze::tolerance::{Policy, Tolerances};
 use driftscope_analyze::{analyze, collect_file, collect_two, evidence, Analysis, Collected, Options, Verdict};
 use driftscope_trace::ReadOptions;
 
-use crate::args::{AnalyzeArgs, DiffArgs};
+use crate::args::{AnalyzeArgs, DiffArgs, PolicyArgs};
 use crate::output::{check_outputs, write_atomic};
 
 /// Runs the analysis; returns the verdict.
 pub fn run(args: &AnalyzeArgs) -> Result<Verdict> {
     let outputs: Vec<&Path> = args.report.iter().chain(args.json.iter()).map(|p| p.as_path()).collect();
-    check_outputs(&[&args.trace], &outputs)?;
+    let inputs: Vec<&Path> = std::iter::once(args.trace.as_path()).chain(args.policy.tolerances.as_deref()).collect();
+    check_outputs(&inputs, &outputs)?;
+    let (policy, tolerances) = policy(&args.policy)?;
     let options = Options {
         baseline: args.baseline.clone(),
         candidate: args.candidate.clone(),
         allow_missing: args.allow_missing,
         lenient: args.lenient,
+        policy,
+        tolerances,
     };
     let read_opts = ReadOptions { lenient: options.lenient, ..ReadOptions::default() };
     let collected = collect_file(&args.trace, &options.baseline, &options.candidate, read_opts)?;
@@ -63,12 +68,17 @@ pub fn analyze_to(
 /// `driftscope diff`: the same phase of two traces; returns the verdict.
 pub fn diff(args: &DiffArgs) -> Result<Verdict> {
     let outputs: Vec<&Path> = args.report.iter().chain(args.json.iter()).map(|p| p.as_path()).collect();
-    check_outputs(&[&args.a, &args.b], &outputs)?;
+    let inputs: Vec<&Path> =
+        [args.a.as_path(), args.b.as_path()].into_iter().chain(args.policy.tolerances.as_deref()).collect();
+    check_outputs(&inputs, &outputs)?;
+    let (policy, tolerances) = policy(&args.policy)?;
     let options = Options {
         baseline: args.phase.clone(),
         candidate: args.phase.clone(),
         allow_missing: args.allow_missing,
         lenient: args.lenient,
+        policy,
+        tolerances,
     };
     let read_opts = ReadOptions { lenient: args.lenient, ..ReadOptions::default() };
     let collected = collect_two(&args.a, &args.b, &args.phase, read_opts)?;
@@ -83,9 +93,26 @@ pub fn diff(args: &DiffArgs) -> Result<Verdict> {
     Ok(analysis.verdict)
 }
 
+/// The policy and tolerances the flags ask for.
+pub fn policy(args: &PolicyArgs) -> Result<(Policy, Tolerances)> {
+    let policy = match args.policy.as_str() {
+        "tolerance" => Policy::Tolerance,
+        _ => Policy::Bitwise,
+    };
+    let tolerances = match &args.tolerances {
+        Some(path) => Tolerances::from_file(path)?,
+        None => Tolerances::default(),
+    };
+    Ok((policy, tolerances))
+}
+
 /// `FAIL + ROOT_CAUSE: X (first divergence: ...)` or `PASS (...)`.
 pub fn verdict_line(a: &Analysis) -> String {
     match a.verdict {
+        Verdict::Pass if a.summary.within_tol > 0 => format!(
+            "PASS (policy: tolerance): {} of {} pairs differ within tolerance, the rest bitwise identical",
+            a.summary.within_tol, a.summary.total_pairs
+        ),
         Verdict::Pass => format!("PASS: all {} pairs bitwise identical", a.summary.total_pairs),
         Verdict::Fail => {
             let mut s = format!(

@@ -34,6 +34,20 @@ pub enum Command {
     Diff(DiffArgs),
 }
 
+/// What FAIL means: flags shared by `analyze`, `diff` and `check`.
+#[derive(Debug, Args, Clone, Default)]
+pub struct PolicyArgs {
+    /// `bitwise`: any pair that is not bitwise equal fails. `tolerance`: pairs that differ within
+    /// tolerance pass; only pairs beyond it (and numeric faults, misaligned or missing pairs) fail.
+    #[arg(long, value_name = "POLICY", default_value = "bitwise", value_parser = ["bitwise", "tolerance"])]
+    pub policy: String,
+
+    /// Tolerances per dtype and per point (TOML; see docs/tolerances.md). Default: built-in
+    /// tolerances of a few rounding steps per dtype.
+    #[arg(long, value_name = "FILE.toml")]
+    pub tolerances: Option<PathBuf>,
+}
+
 /// Flags of `driftscope diff`.
 #[derive(Debug, Args)]
 pub struct DiffArgs {
@@ -64,6 +78,9 @@ pub struct DiffArgs {
     /// Report pairs present in one trace only instead of failing with exit code 2.
     #[arg(long)]
     pub allow_missing: bool,
+
+    #[command(flatten)]
+    pub policy: PolicyArgs,
 }
 
 /// Flags shared by `run` and `check`: what model, which prompts, what to trace, how to compute.
@@ -132,6 +149,9 @@ pub struct CheckArgs {
     /// scenarios: report-<scenario>.md and verdict-<scenario>.json for each.
     #[arg(long, value_name = "DIR", default_value = "driftscope-out")]
     pub out: PathBuf,
+
+    #[command(flatten)]
+    pub policy: PolicyArgs,
 }
 
 /// Flags of `driftscope analyze`.
@@ -166,6 +186,9 @@ pub struct AnalyzeArgs {
     /// failing with exit code 2.
     #[arg(long)]
     pub allow_missing: bool,
+
+    #[command(flatten)]
+    pub policy: PolicyArgs,
 }
 
 #[cfg(test)]

@@ -46,12 +46,15 @@ pub fn check(args: &CheckArgs) -> Result<Verdict> {
     let inputs: Vec<&Path> = args.engine.prompts.iter().map(PathBuf::as_path).collect();
     let mut files: Vec<&Path> = vec![&trace];
     files.extend(outputs.iter().flat_map(|(_, r, v)| [r.as_path(), v.as_path()]));
+    let mut inputs = inputs;
+    inputs.extend(args.policy.tolerances.as_deref());
     check_outputs(&inputs, &files)?;
     trace_to(&args.engine, &trace)?;
+    let (policy, tolerances) = crate::analyze_cmd::policy(&args.policy)?;
     let mut overall = Verdict::Pass;
     let mut out = std::io::stdout().lock();
     for (phase, report, verdict_path) in &outputs {
-        let options = Options { candidate: phase.name(), ..Options::default() };
+        let options = Options { candidate: phase.name(), policy, tolerances: tolerances.clone(), ..Options::default() };
         let collected = collect_file(&trace, &options.baseline, &options.candidate, ReadOptions::default())?;
         let (analysis, _) = analyze_to(collected, options, Some(report), Some(verdict_path))?;
         if analysis.verdict == Verdict::Fail {

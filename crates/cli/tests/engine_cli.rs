@@ -261,3 +261,58 @@ fn diff_uses_both_dumps() {
     assert_eq!(v["magnitude_source"], "dump");
     assert!(v["token_impact"]["p1_medium"]["kl"].as_f64().unwrap() >= 0.0);
 }
+
+/// `--policy tolerance`: rounding-sized drift passes, drift beyond the tolerances fails, and
+/// tolerance files with bad values are errors naming the file and key.
+#[test]
+fn tolerance_policy_and_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = driftscope(&["check", "--dump", "--policy", "tolerance", "--out", "t"], dir.path());
+    assert_eq!(out.status.code(), Some(0), "{}{}", stdout(&out), stderr(&out));
+    assert!(
+        stdout(&out).starts_with("PASS (policy: tolerance): 180 of 189 pairs differ within tolerance"),
+        "{}",
+        stdout(&out)
+    );
+    let v = read_json(&dir.path().join("t/verdict.json"));
+    assert_eq!(
+        (v["within_tol"].as_u64(), v["beyond_tol"].as_u64(), v["policy"].as_str()),
+        (Some(180), Some(0), Some("tolerance"))
+    );
+    assert_eq!(v["pairs"][3]["tolerance_class"], "WITHIN_TOL");
+    let md = std::fs::read_to_string(dir.path().join("t/report.md")).unwrap();
+    assert!(
+        md.contains("## Verdict: **PASS** (policy: tolerance)")
+            && md.contains("exact differences from the dumped rows"),
+        "{md}"
+    );
+
+    // Zero tolerance for f32: every difference is beyond it.
+    std::fs::write(dir.path().join("zero.toml"), "[default]\nf32 = { rel = 0.0 }\n").unwrap();
+    let out = driftscope(
+        &["analyze", "t/trace.jsonl", "--policy", "tolerance", "--tolerances", "zero.toml", "--json", "z.json"],
+        dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let v = read_json(&dir.path().join("z.json"));
+    assert_eq!((v["within_tol"].as_u64(), v["beyond_tol"].as_u64()), (Some(0), Some(180)));
+    assert_eq!(v["tolerances"], "zero.toml");
+    // A per-point override: only the logits may differ a little more.
+    std::fs::write(dir.path().join("pt.toml"), "[default]\nf32 = { rel = 0.0 }\n[point.logits]\nany = { rel = 1.0 }\n")
+        .unwrap();
+    let out = driftscope(&["analyze", "t/trace.jsonl", "--tolerances", "pt.toml", "--json", "p.json"], dir.path());
+    assert_eq!(out.status.code(), Some(1), "the bitwise policy ignores tolerances for the verdict");
+    let v = read_json(&dir.path().join("p.json"));
+    assert_eq!(v["within_tol"], 3, "the three logits pairs");
+
+    std::fs::write(dir.path().join("bad.toml"), "[default]\nbf16 = { rel = -0.5 }\n").unwrap();
+    let out = driftscope(&["analyze", "t/trace.jsonl", "--tolerances", "bad.toml"], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("bad.toml: `default.bf16.rel` = -0.5: must be a finite number >= 0"),
+        "{}",
+        stderr(&out)
+    );
+    let out = driftscope(&["analyze", "t/trace.jsonl", "--policy", "loose"], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -11,6 +11,7 @@ use crate::analysis::{describe_region, Analysis, Classification, Group, PairStat
 use crate::collect::{PointId, Side};
 use crate::dataflow::Node;
 use crate::report::{Evidence, ReportContext};
+use crate::tolerance::Policy;
 
 /// Renders the report.
 pub fn render(a: &Analysis, ctx: &ReportContext) -> String {
@@ -93,8 +94,34 @@ fn header(a: &Analysis, ctx: &ReportContext, md: &mut String) {
     md.push_str("\n---\n\n");
 }
 
+/// How the tolerances were applied, in words.
+fn tolerance_basis(a: &Analysis) -> String {
+    let source = match &a.options.tolerances.source {
+        Some(p) => format!("tolerances from `{}`", p.display()),
+        None => "built-in tolerances".into(),
+    };
+    let basis = if a.magnitudes_from_dump {
+        "exact differences from the dumped rows"
+    } else {
+        "statistics only, which bound the difference from below: no evidence beyond tolerance"
+    };
+    format!("{source}; {basis}")
+}
+
 fn verdict(a: &Analysis, md: &mut String) {
     match (a.verdict, a.root_cause) {
+        (Verdict::Pass, _) if a.summary.within_tol > 0 => {
+            let _ = writeln!(md, "## Verdict: **PASS** (policy: tolerance)\n");
+            let _ = writeln!(
+                md,
+                "{} of {} pairs differ between `{}` and `{}`, all within tolerance ({}); the rest are bitwise identical.",
+                a.summary.within_tol,
+                a.summary.total_pairs,
+                a.baseline_label,
+                a.candidate_label,
+                tolerance_basis(a)
+            );
+        }
         (Verdict::Pass, _) => {
             let _ = writeln!(md, "## Verdict: **PASS**\n");
             let _ = writeln!(
@@ -107,7 +134,14 @@ fn verdict(a: &Analysis, md: &mut String) {
             let cause = cause.unwrap_or("UNLOCALIZED");
             let _ = writeln!(md, "## Verdict: **FAIL** + ROOT_CAUSE: **{cause}**\n");
             if let Some(ff) = a.first_failure {
-                let _ = writeln!(md, "First divergence: {}.", a.pair_name(ff));
+                let what = match a.options.policy {
+                    Policy::Bitwise => "First divergence",
+                    Policy::Tolerance => "First pair beyond tolerance",
+                };
+                let _ = writeln!(md, "{what}: {}.", a.pair_name(ff));
+                if a.options.policy == Policy::Tolerance {
+                    let _ = writeln!(md, "\nPolicy: tolerance ({}).", tolerance_basis(a));
+                }
             }
             let causes = a.distinct_causes();
             let failing = a.groups.iter().filter(|g| g.cause.is_some()).count();
@@ -195,6 +229,8 @@ fn summary(a: &Analysis, md: &mut String) {
     let _ = writeln!(md, "| **Fail** | {} ({}) |", s.failed, pct(s.failed, s.total_pairs));
     let _ = writeln!(md, "| **Missing Pairs** | {} |", s.missing_pairs);
     let extra = [
+        ("Within Tolerance (of Fail)", s.within_tol),
+        ("Beyond Tolerance (of Fail)", s.beyond_tol),
         ("Misaligned (of Fail)", s.misaligned),
         ("Numeric Faults (of Fail)", s.numeric_faults),
         ("Duplicate Events Dropped", s.duplicates),
