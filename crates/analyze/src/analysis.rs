@@ -517,9 +517,9 @@ pub fn analyze(mut collected: Collected, options: Options) -> Result<Analysis, A
         (options.baseline.clone(), options.candidate.clone())
     };
     let (magnitudes_from_dump, dump_notes) = attach_dumps(&collected, &mut pairs, &mut groups)?;
-    for i in 0..pairs.len() {
-        let class = tolerance_class(&collected, &pairs[i], &options.tolerances);
-        pairs[i].tol_class = class;
+    for p in pairs.iter_mut() {
+        let class = tolerance_class(&collected, p, &options.tolerances);
+        p.tol_class = class;
         summary.within_tol += u64::from(class == Some(TolClass::WithinTol));
         summary.beyond_tol += u64::from(matches!(class, Some(TolClass::Drift | TolClass::NumericFault)));
     }
