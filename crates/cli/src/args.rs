@@ -28,6 +28,8 @@ pub enum Command {
     ///
     /// Without --report or --json the Markdown report goes to stdout.
     Analyze(AnalyzeArgs),
+    /// Run one scenario over many prompt lengths and report where the verdict flips.
+    Sweep(SweepArgs),
     /// Compare the same phase of two traces (two engines, devices, dtypes or commits).
     ///
     /// Pairs trace A's events with trace B's by (prompt, layer, point) and reports like analyze.
@@ -46,6 +48,42 @@ pub struct PolicyArgs {
     /// tolerances of a few rounding steps per dtype.
     #[arg(long, value_name = "FILE.toml")]
     pub tolerances: Option<PathBuf>,
+}
+
+/// Flags of `driftscope sweep`.
+#[derive(Debug, Args)]
+pub struct SweepArgs {
+    /// Prompt lengths: `1..1024` (inclusive), `1..1024:8` (with a step), `96,97,255..257`.
+    #[arg(long, value_name = "LIST", default_value = "1..256")]
+    pub lengths: String,
+
+    /// The scenario compared with `prefill_last` at each length.
+    #[arg(long, value_name = "SCENARIO", default_value = "decode0")]
+    pub scenario: String,
+
+    /// The model (as for `run`).
+    #[arg(long, value_name = "MODEL", default_value = "builtin")]
+    pub model: String,
+
+    /// Kernel profile.
+    #[arg(long, value_name = "PROFILE", default_value = "fast", value_parser = ["fast", "invariant", "reference"])]
+    pub profile: String,
+
+    /// Storage dtype.
+    #[arg(long, value_name = "DTYPE", default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
+    pub dtype: String,
+
+    /// Layers to trace.
+    #[arg(long, value_name = "LIST", default_value = "all")]
+    pub layers: String,
+
+    /// Points to trace.
+    #[arg(long, value_name = "LIST", default_value = "all")]
+    pub points: String,
+
+    /// Folder for sweep.csv and sweep.md.
+    #[arg(long, value_name = "DIR", default_value = "driftscope-sweep")]
+    pub out: PathBuf,
 }
 
 /// Flags of `driftscope diff`.

@@ -6,6 +6,7 @@ mod analyze_cmd;
 mod args;
 mod output;
 mod run_cmd;
+mod sweep_cmd;
 
 use std::process::ExitCode;
 
@@ -26,6 +27,7 @@ fn main() -> ExitCode {
     let result = match &cli.command {
         Command::Analyze(a) => analyze_cmd::run(a),
         Command::Diff(d) => analyze_cmd::diff(d),
+        Command::Sweep(s) => sweep_cmd::sweep(s),
         Command::Check(c) => run_cmd::check(c),
         Command::Run(r) => run_cmd::run(r).map(|()| Verdict::Pass),
     };

@@ -174,7 +174,7 @@ fn progress(total: u64) -> ProgressBar {
 }
 
 /// The model named on the command line, and how to describe it in the trace.
-fn resolve_model(spec: &str) -> Result<(Loaded, String)> {
+pub fn resolve_model(spec: &str) -> Result<(Loaded, String)> {
     match spec {
         "builtin" => {
             let model = default_model();

@@ -316,3 +316,40 @@ fn tolerance_policy_and_files() {
     let out = driftscope(&["analyze", "t/trace.jsonl", "--policy", "loose"], dir.path());
     assert_eq!(out.status.code(), Some(2));
 }
+
+/// `driftscope sweep`: length 1 is the same computation in both phases; from 2 rows on the
+/// `fast` GEMM order differs from the GEMV's; from 32 rows the RMSNorm blocking changes too.
+#[test]
+fn sweep_finds_where_the_verdict_flips() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = driftscope(&["sweep", "--lengths", "1..3,30..40", "--out", "s"], dir.path());
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let csv = std::fs::read_to_string(dir.path().join("s/sweep.csv")).unwrap();
+    let lines: Vec<&str> = csv.lines().collect();
+    assert_eq!(lines[0], "length,verdict,root_cause,first_failure,failed_pairs,total_pairs");
+    assert_eq!(lines.len(), 1 + 3 + 11);
+    assert!(lines[1].starts_with("1,PASS,-,-,0,63"), "{csv}");
+    assert!(lines[2].starts_with("2,FAIL,QKV_PROJECTION_MISMATCH,q[0],"), "{csv}");
+    // Below 32 rows the prefill RMSNorm reduces like the decode one; from 32 on it may not.
+    assert!(
+        lines[1..].iter().filter(|l| l.contains("RMSNORM_MISMATCH")).all(|l| l
+            .split(',')
+            .next()
+            .unwrap()
+            .parse::<u32>()
+            .unwrap()
+            >= 32),
+        "{csv}"
+    );
+    let md = std::fs::read_to_string(dir.path().join("s/sweep.md")).unwrap();
+    assert!(md.contains("| 1 | 1 | PASS | - | - |"), "{md}");
+    let out = driftscope(
+        &["sweep", "--lengths", "1..40:13", "--profile", "invariant", "--scenario", "chunk8", "--out", "i"],
+        dir.path(),
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("0 of 4 lengths fail."), "{}", stdout(&out));
+    let out = driftscope(&["sweep", "--lengths", "5000", "--out", "x"], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("more than the model's context of 4096"), "{}", stderr(&out));
+}
