@@ -151,7 +151,8 @@ pub struct EngineArgs {
     /// Scenarios, each compared with `prefill_last`: `decode0` (prefill N-1, decode 1), `chunkC`
     /// (prefill in chunks of C tokens), `prefix_cache` (reuse the KV cache of a shared prefix
     /// computed for another prompt), `batchB` (prefill inside a batch of B prompts of other
-    /// lengths). A comma-separated list.
+    /// lengths), `decodeK` (K greedy decode steps against one prefill of the sampled tokens,
+    /// compared step by step). A comma-separated list.
     #[arg(long, value_name = "LIST", default_value = "decode0")]
     pub scenario: String,
 

@@ -32,37 +32,66 @@ pub fn check(args: &CheckArgs) -> Result<Verdict> {
     let scenarios = parse_scenarios(&args.engine.scenario)?;
     std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
     let trace = args.out.join("trace.jsonl");
-    let outputs: Vec<(Phase, PathBuf, PathBuf)> = scenarios
+    let comparisons: Vec<(String, String)> = scenarios.iter().flat_map(|p| p.comparisons()).collect();
+    let outputs: Vec<(String, String, PathBuf, PathBuf)> = comparisons
         .iter()
-        .map(|&p| match scenarios.len() {
-            1 => (p, args.out.join("report.md"), args.out.join("verdict.json")),
+        .map(|(b, c)| match comparisons.len() {
+            1 => (b.clone(), c.clone(), args.out.join("report.md"), args.out.join("verdict.json")),
             _ => (
-                p,
-                args.out.join(format!("report-{}.md", p.name())),
-                args.out.join(format!("verdict-{}.json", p.name())),
+                b.clone(),
+                c.clone(),
+                args.out.join(format!("report-{c}.md")),
+                args.out.join(format!("verdict-{c}.json")),
             ),
         })
         .collect();
-    let inputs: Vec<&Path> = args.engine.prompts.iter().map(PathBuf::as_path).collect();
-    let mut files: Vec<&Path> = vec![&trace];
-    files.extend(outputs.iter().flat_map(|(_, r, v)| [r.as_path(), v.as_path()]));
-    let mut inputs = inputs;
+    let mut inputs: Vec<&Path> = args.engine.prompts.iter().map(PathBuf::as_path).collect();
     inputs.extend(args.policy.tolerances.as_deref());
+    let mut files: Vec<&Path> = vec![&trace];
+    files.extend(outputs.iter().flat_map(|(_, _, r, v)| [r.as_path(), v.as_path()]));
     check_outputs(&inputs, &files)?;
     trace_to(&args.engine, &trace)?;
     let (policy, tolerances) = crate::analyze_cmd::policy(&args.policy)?;
     let mut overall = Verdict::Pass;
     let mut out = std::io::stdout().lock();
-    for (phase, report, verdict_path) in &outputs {
-        let options = Options { candidate: phase.name(), policy, tolerances: tolerances.clone(), ..Options::default() };
+    let mut greedy_flips: Vec<String> = Vec::new();
+    for (baseline, candidate, report, verdict_path) in &outputs {
+        let options = Options {
+            baseline: baseline.clone(),
+            candidate: candidate.clone(),
+            policy,
+            tolerances: tolerances.clone(),
+            ..Options::default()
+        };
         let collected = collect_file(&trace, &options.baseline, &options.candidate, ReadOptions::default())?;
         let (analysis, _) = analyze_to(collected, options, Some(report), Some(verdict_path))?;
         if analysis.verdict == Verdict::Fail {
             overall = Verdict::Fail;
         }
-        let label = if outputs.len() > 1 { format!("{}: ", phase.name()) } else { String::new() };
+        for g in &analysis.groups {
+            if g.token_impact.is_some_and(|t| !t.argmax_agree) {
+                greedy_flips.push(format!("`{}` at {candidate}", analysis.prompt_id(g)));
+            }
+        }
+        let label = if outputs.len() > 1 { format!("{candidate}: ") } else { String::new() };
         writeln!(out, "{label}{}", verdict_line(&analysis))?;
+        let impacts: Vec<_> = analysis.groups.iter().filter_map(|g| g.token_impact).collect();
+        if !impacts.is_empty() {
+            let kl = impacts.iter().map(|t| t.kl).fold(0.0, f64::max);
+            let agree = impacts.iter().filter(|t| t.argmax_agree).count();
+            writeln!(
+                out,
+                "  token impact: greedy token agrees for {agree} of {} prompts, max KL {kl:.2e}",
+                impacts.len()
+            )?;
+        }
         writeln!(out, "  report: {}  verdict: {}", report.display(), verdict_path.display())?;
+    }
+    if args.engine.dump {
+        match greedy_flips.first() {
+            Some(_) => writeln!(out, "greedy token differs: {}", greedy_flips.join(", "))?,
+            None => writeln!(out, "greedy token: the same in every comparison")?,
+        }
     }
     writeln!(out, "trace: {}", trace.display())?;
     Ok(overall)
@@ -79,7 +108,10 @@ pub fn parse_scenarios(text: &str) -> Result<Vec<Phase>> {
             Some(p) if !out.contains(&p) => out.push(p),
             Some(_) => {}
             None => {
-                bail!("--scenario: unknown scenario `{name}` (known: decode0, chunkC such as chunk64, prefix_cache)")
+                bail!(
+                    "--scenario: unknown scenario `{name}` (known: decode0, decodeK such as decode8, chunkC such as \
+                     chunk64, prefix_cache, batchB such as batch4)"
+                )
             }
         }
     }
@@ -282,7 +314,7 @@ mod tests {
         );
         assert!(parse_scenarios("chunk0").unwrap_err().to_string().contains("unknown scenario `chunk0`"));
         assert!(parse_scenarios("prefill_last").is_err());
-        assert_eq!(parse_scenarios("batch4").unwrap(), [Phase::Batch(4)]);
+        assert_eq!(parse_scenarios("batch4,decode8").unwrap(), [Phase::Batch(4), Phase::DecodeK(8)]);
         assert!(parse_scenarios("batch1").unwrap_err().to_string().contains("known: decode0"));
     }
 

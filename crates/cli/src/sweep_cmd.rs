@@ -58,8 +58,10 @@ pub fn parse_lengths(text: &str) -> Result<Vec<usize>> {
 pub fn sweep(args: &SweepArgs) -> Result<Verdict> {
     let lengths = parse_lengths(&args.lengths)?;
     let phase = Phase::parse(&args.scenario)
-        .filter(|p| *p != Phase::PrefillLast)
-        .with_context(|| format!("--scenario: unknown scenario `{}`", args.scenario))?;
+        .filter(|p| *p != Phase::PrefillLast && !matches!(p, Phase::DecodeK(_)))
+        .with_context(|| {
+            format!("--scenario: `{}` cannot be swept (use decode0, chunkC, prefix_cache or batchB)", args.scenario)
+        })?;
     std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
     let (csv_path, md_path) = (args.out.join("sweep.csv"), args.out.join("sweep.md"));
     check_outputs(&[], &[&csv_path, &md_path])?;

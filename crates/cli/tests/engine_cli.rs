@@ -353,3 +353,23 @@ fn sweep_finds_where_the_verdict_flips() {
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("more than the model's context of 4096"), "{}", stderr(&out));
 }
+
+#[test]
+fn check_decode_k_compares_every_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = driftscope(&["check", "--scenario", "decode3", "--dump", "--out", "f"], dir.path());
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let text = stdout(&out);
+    for step in 1..=3 {
+        assert!(text.contains(&format!("decode{step}: FAIL")), "{text}");
+        let v = read_json(&dir.path().join(format!("f/verdict-decode{step}.json")));
+        assert_eq!(
+            (v["baseline_phase"].as_str(), v["candidate_phase"].as_str()),
+            (Some(format!("prefill_decode{step}").as_str()), Some(format!("decode{step}").as_str()))
+        );
+    }
+    assert!(text.contains("token impact: greedy token agrees for"), "{text}");
+    let out = driftscope(&["check", "--profile", "invariant", "--scenario", "decode3", "--out", "i"], dir.path());
+    assert_eq!(out.status.code(), Some(0), "{}", stdout(&out));
+    assert_eq!(stdout(&out).matches("PASS: all 189 pairs bitwise identical").count(), 3);
+}

@@ -21,8 +21,9 @@ use crate::weights::Weights;
 pub trait Tracer {
     /// Whether the point at this layer (0 for model-global points) should be recorded.
     fn wants(&self, point: Point, layer: u32) -> bool;
-    /// One traced row, already rounded to `dtype` (the values are exact in that dtype).
-    fn record(&mut self, point: Point, layer: u32, row: &[f32], dtype: DType);
+    /// One traced row, already rounded to `dtype` (the values are exact in that dtype); `which`
+    /// is its index in [`Run::trace_rows`].
+    fn record(&mut self, point: Point, layer: u32, which: usize, row: &[f32], dtype: DType);
 }
 
 /// Rounds values to the storage dtype (a no-op for f32).
@@ -73,8 +74,8 @@ pub struct Run<'a> {
     pub kernels: &'a dyn Kernels,
     /// Storage dtype of activations and cache.
     pub dtype: DType,
-    /// Row of this call to trace (0-based within the call), if any.
-    pub trace_row: Option<usize>,
+    /// Rows of this call to trace (0-based within the call's stacked rows).
+    pub trace_rows: Vec<usize>,
     /// Where traced rows go.
     pub tracer: Option<&'a mut dyn Tracer>,
 }
@@ -88,11 +89,14 @@ pub struct Model {
     pub weights: Weights,
 }
 
-/// Records `row` of `x` (`[rows, width]`) if the tracer wants the point.
+/// Records the traced rows of `x` (`[rows, width]`) if the tracer wants the point.
 fn trace(run: &mut Run<'_>, point: Point, layer: usize, x: &[f32], width: usize) {
-    let (Some(row), Some(tracer)) = (run.trace_row, run.tracer.as_deref_mut()) else { return };
-    if tracer.wants(point, layer as u32) {
-        tracer.record(point, layer as u32, &x[row * width..(row + 1) * width], run.dtype);
+    let Some(tracer) = run.tracer.as_deref_mut() else { return };
+    if run.trace_rows.is_empty() || !tracer.wants(point, layer as u32) {
+        return;
+    }
+    for (which, &row) in run.trace_rows.iter().enumerate() {
+        tracer.record(point, layer as u32, which, &x[row * width..(row + 1) * width], run.dtype);
     }
 }
 
@@ -114,7 +118,7 @@ impl Model {
 
     /// Runs several sequences in one call, as a serving engine batches requests: their rows are
     /// stacked, so every matmul and norm sees all of them at once, while RoPE, the KV cache and
-    /// attention stay per sequence. `run.trace_row` indexes the stacked rows. Returns the logits
+    /// attention stay per sequence. `run.trace_rows` index the stacked rows. Returns the logits
     /// of each sequence's last row.
     pub fn forward_batch(&self, seqs: &mut [Seq<'_>], run: &mut Run<'_>) -> Vec<Vec<f32>> {
         let c = &self.config;
@@ -227,8 +231,11 @@ impl Model {
         // Final norm and LM head only for the rows that need them: each sequence's last row, and
         // the traced one.
         let mut rows: Vec<usize> = spans.iter().map(|&(_, r1, _)| r1 - 1).collect();
-        let traced_extra = run.trace_row.filter(|r| !rows.contains(r));
-        rows.extend(traced_extra);
+        for &r in &run.trace_rows {
+            if !rows.contains(&r) {
+                rows.push(r);
+            }
+        }
         let sel: Vec<f32> = rows.iter().flat_map(|&r| x[r * d..(r + 1) * d].iter().copied()).collect();
         let mut normed = vec![0.0f32; sel.len()];
         k.rmsnorm(&sel, rows.len(), &w.final_norm, c.rms_eps, &mut normed);
@@ -237,12 +244,13 @@ impl Model {
         let mut logits = vec![0.0f32; rows.len() * head.rows];
         k.matmul(&normed, rows.len(), head, &mut logits);
         round_to(&mut logits, dt);
-        if let Some(pos_in_sel) = run.trace_row.and_then(|r| rows.iter().position(|&x| x == r)) {
-            let saved = run.trace_row;
-            run.trace_row = Some(pos_in_sel);
+        if !run.trace_rows.is_empty() {
+            // The traced rows, as rows of `normed` and `logits`.
+            let saved = std::mem::take(&mut run.trace_rows);
+            run.trace_rows = saved.iter().filter_map(|r| rows.iter().position(|x| x == r)).collect();
             trace(run, Point::FinalNorm, 0, &normed, d);
             trace(run, Point::Logits, 0, &logits, head.rows);
-            run.trace_row = saved;
+            run.trace_rows = saved;
         }
         (0..seqs.len()).map(|i| logits[i * head.rows..(i + 1) * head.rows].to_vec()).collect()
     }

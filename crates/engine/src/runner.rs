@@ -9,6 +9,10 @@
 //!   for those positions, prefill the rest of this prompt over it (seq_len N - N/2).
 //! - `batchB`: prefill the prompt inside a batch of B prompts of other lengths, in one forward
 //!   call over all their rows (seq_len = the rows of the whole batch).
+//! - `decodeK` (K ≥ 1): prefill N-K tokens, then K greedy decode steps (`decode1`..`decodeK`,
+//!   step k, seq_len 1); then one prefill of the prompt with the sampled tokens, traced at the same
+//!   positions (`prefill_decode1`..`prefill_decodeK`): what an RL trainer recomputes for a
+//!   sampler's tokens.
 //!
 //! Prompts are paired by token ids: both phases see exactly the same ids.
 
@@ -57,6 +61,9 @@ pub enum Phase {
     /// Prefill the prompt inside a batch of this many prompts of other lengths (one forward call
     /// over all their rows), trace its last position.
     Batch(usize),
+    /// K greedy decode steps from a prefill of N-K tokens (phases `decode1`..`decodeK`), against
+    /// one prefill of the prompt with the sampled tokens (phases `prefill_decode1`..).
+    DecodeK(usize),
 }
 
 impl Phase {
@@ -68,6 +75,16 @@ impl Phase {
             Phase::Chunked(c) => format!("chunk{c}"),
             Phase::PrefixCache => "prefix_cache".into(),
             Phase::Batch(b) => format!("batch{b}"),
+            Phase::DecodeK(k) => format!("decode{k}"),
+        }
+    }
+
+    /// The (baseline, candidate) phase pairs the scenario is analyzed as.
+    pub fn comparisons(self) -> Vec<(String, String)> {
+        match self {
+            Phase::PrefillLast => vec![],
+            Phase::DecodeK(k) => (1..=k).map(|s| (format!("prefill_decode{s}"), format!("decode{s}"))).collect(),
+            p => vec![("prefill_last".into(), p.name())],
         }
     }
 
@@ -83,6 +100,7 @@ impl Phase {
                     .filter(|&c| c > 0)
                     .map(Phase::Chunked)
                     .or_else(|| number("batch").filter(|&b| b > 1).map(Phase::Batch))
+                    .or_else(|| number("decode").filter(|&k| k > 0).map(Phase::DecodeK))
             }
         }
     }
@@ -156,17 +174,24 @@ impl Dump {
     }
 }
 
+/// The phase, step and position a traced row belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RowMeta {
+    phase: String,
+    step: u64,
+    pos_id: u64,
+    seq_len: u64,
+    token_id: u64,
+}
+
 /// Writes `stage_trace` events for the rows the engine hands over.
 pub struct JsonlTracer<'w> {
     out: &'w mut dyn Write,
     dump: Option<&'w mut Dump>,
     spec: &'w RunSpec,
     prompt_id: &'w str,
-    phase: String,
-    step: u64,
-    pos_id: u64,
-    seq_len: u64,
-    token_id: u64,
+    /// What each traced row of the current forward call is: `rows[which]`.
+    rows: Vec<RowMeta>,
     /// Events written.
     pub events: u64,
     /// The first write error, if any (the engine cannot take errors from a tracer).
@@ -180,7 +205,8 @@ impl Tracer for JsonlTracer<'_> {
         layer_ok && self.spec.points.as_ref().is_none_or(|ps| ps.contains(&point)) && self.error.is_none()
     }
 
-    fn record(&mut self, point: Point, layer: u32, row: &[f32], dtype: DType) {
+    fn record(&mut self, point: Point, layer: u32, which: usize, row: &[f32], dtype: DType) {
+        let Some(meta) = self.rows.get(which).cloned() else { return };
         let (hash, stats) = match dtype {
             DType::F32 => (hash_f32(row), RowStats::of_f32(row)),
             DType::BF16 => {
@@ -193,19 +219,19 @@ impl Tracer for JsonlTracer<'_> {
             }
         };
         let tensor = self.dump.as_deref_mut().map(|dump| {
-            let name = format!("{}/{}/{}/{}", self.prompt_id, self.phase, point.as_str(), layer);
+            let name = format!("{}/{}/{}/{}", self.prompt_id, meta.phase, point.as_str(), layer);
             dump.push(name.clone(), row, dtype);
             name
         });
         let ev = StageTrace {
             event: "stage_trace",
             prompt_id: self.prompt_id.into(),
-            phase: self.phase.as_str().into(),
+            phase: meta.phase.as_str().into(),
             point: point.as_str().into(),
             layer,
-            step: self.step,
-            pos_id: self.pos_id,
-            seq_len: self.seq_len,
+            step: meta.step,
+            pos_id: meta.pos_id,
+            seq_len: meta.seq_len,
             hash,
             min: stats.min,
             max: stats.max,
@@ -216,7 +242,7 @@ impl Tracer for JsonlTracer<'_> {
             l2: Some(stats.l2),
             nan_count: Some(stats.nan_count),
             inf_count: Some(stats.inf_count),
-            token_id: Some(self.token_id),
+            token_id: Some(meta.token_id),
             rank: None,
             tensor: tensor.map(Into::into),
         };
@@ -232,7 +258,8 @@ impl Tracer for JsonlTracer<'_> {
     }
 }
 
-/// Runs one phase of one prompt; returns the logits at the traced position.
+/// Runs one phase (or, for `decodeK`, the phases of one scenario) of one prompt; returns the
+/// logits of the last traced position and the number of events written.
 pub fn run_phase(
     model: &Model,
     prompt: &Prompt,
@@ -243,80 +270,119 @@ pub fn run_phase(
 ) -> std::io::Result<(Vec<f32>, u64)> {
     let n = prompt.tokens.len();
     assert!(n > 0, "a prompt needs at least one token");
+    if matches!(phase, Phase::DecodeK(_)) && n < 2 {
+        return Ok((Vec::new(), 0)); // nothing to prefill before the first decode step
+    }
+    let toks = &prompt.tokens;
+    // The row at position `pos` of a call of `seq_len` rows, in phase `name` at `step`.
+    let meta = |name: String, step: u64, pos: usize, seq_len: usize, token: u32| RowMeta {
+        phase: name,
+        step,
+        pos_id: pos as u64,
+        seq_len: seq_len as u64,
+        token_id: u64::from(token),
+    };
     let mut tracer = JsonlTracer {
         out,
         dump,
         spec,
         prompt_id: &prompt.id,
-        phase: phase.name(),
-        step: 0,
-        pos_id: (n - 1) as u64,
-        seq_len: n as u64,
-        token_id: u64::from(prompt.tokens[n - 1]),
+        rows: vec![meta(phase.name(), 0, n - 1, n, toks[n - 1])],
         events: 0,
         error: None,
         line: Vec::with_capacity(512),
     };
     let kernels = spec.profile.kernels();
+    let quiet = || Run { kernels, dtype: spec.dtype, trace_rows: vec![], tracer: None };
     let mut cache = KvCache::new(&model.config);
     let logits = match phase {
         Phase::PrefillLast => {
-            let mut run = Run { kernels, dtype: spec.dtype, trace_row: Some(n - 1), tracer: Some(&mut tracer) };
-            model.forward(&prompt.tokens, &mut cache, &mut run)
+            let mut run = Run { kernels, dtype: spec.dtype, trace_rows: vec![n - 1], tracer: Some(&mut tracer) };
+            model.forward(toks, &mut cache, &mut run)
         }
         Phase::Decode0 => {
             if n > 1 {
-                let mut run = Run { kernels, dtype: spec.dtype, trace_row: None, tracer: None };
-                model.forward(&prompt.tokens[..n - 1], &mut cache, &mut run);
+                model.forward(&toks[..n - 1], &mut cache, &mut quiet());
             }
-            tracer.step = 1;
-            tracer.seq_len = 1;
-            let mut run = Run { kernels, dtype: spec.dtype, trace_row: Some(0), tracer: Some(&mut tracer) };
-            model.forward(&prompt.tokens[n - 1..], &mut cache, &mut run)
+            tracer.rows = vec![meta(phase.name(), 1, n - 1, 1, toks[n - 1])];
+            let mut run = Run { kernels, dtype: spec.dtype, trace_rows: vec![0], tracer: Some(&mut tracer) };
+            model.forward(&toks[n - 1..], &mut cache, &mut run)
+        }
+        Phase::DecodeK(k) => {
+            // K greedy decode steps after a prefill of the first N-K tokens (the sampler), then
+            // one prefill of the prompt with the sampled tokens (the trainer), traced at the same
+            // positions: `prefill_decodek` against `decodek`.
+            let k = k.min(n - 1);
+            let start = n - k;
+            let mut logits = model.forward(&toks[..start], &mut cache, &mut quiet());
+            let mut seq = toks[..start].to_vec();
+            for step in 1..=k {
+                let next = argmax(&logits);
+                let pos = seq.len();
+                seq.push(next);
+                tracer.rows = vec![meta(format!("decode{step}"), step as u64, pos, 1, next)];
+                let mut run = Run { kernels, dtype: spec.dtype, trace_rows: vec![0], tracer: Some(&mut tracer) };
+                logits = model.forward(&[next], &mut cache, &mut run);
+            }
+            tracer.rows = (1..=k)
+                .map(|step| {
+                    let pos = start + step - 1;
+                    meta(format!("prefill_decode{step}"), 0, pos, seq.len(), seq[pos])
+                })
+                .collect();
+            let mut fresh = KvCache::new(&model.config);
+            let mut run =
+                Run { kernels, dtype: spec.dtype, trace_rows: (start..seq.len()).collect(), tracer: Some(&mut tracer) };
+            model.forward(&seq, &mut fresh, &mut run);
+            logits
         }
         Phase::Chunked(c) => {
             let last_start = (n - 1) / c * c;
             for start in (0..last_start).step_by(c) {
-                let mut run = Run { kernels, dtype: spec.dtype, trace_row: None, tracer: None };
-                model.forward(&prompt.tokens[start..start + c], &mut cache, &mut run);
+                model.forward(&toks[start..start + c], &mut cache, &mut quiet());
             }
-            tracer.seq_len = (n - last_start) as u64;
+            tracer.rows = vec![meta(phase.name(), 0, n - 1, n - last_start, toks[n - 1])];
             let mut run =
-                Run { kernels, dtype: spec.dtype, trace_row: Some(n - 1 - last_start), tracer: Some(&mut tracer) };
-            model.forward(&prompt.tokens[last_start..], &mut cache, &mut run)
+                Run { kernels, dtype: spec.dtype, trace_rows: vec![n - 1 - last_start], tracer: Some(&mut tracer) };
+            model.forward(&toks[last_start..], &mut cache, &mut run)
         }
         Phase::Batch(b) => {
             // The prompt sits in the middle of the batch, after b/2 companions.
-            let companions = Phase::batch_companions(&prompt.tokens, b);
+            let companions = Phase::batch_companions(toks, b);
             let me = b / 2;
             let mut inputs: Vec<&[u32]> = companions.iter().map(Vec::as_slice).collect();
-            inputs.insert(me, &prompt.tokens);
+            inputs.insert(me, toks);
             let mut caches: Vec<KvCache> = inputs.iter().map(|_| KvCache::new(&model.config)).collect();
             let mut seqs: Vec<Seq<'_>> =
                 inputs.iter().zip(caches.iter_mut()).map(|(tokens, cache)| Seq { tokens, cache }).collect();
             let before: usize = inputs[..me].iter().map(|t| t.len()).sum();
-            tracer.seq_len = inputs.iter().map(|t| t.len() as u64).sum();
+            let total: usize = inputs.iter().map(|t| t.len()).sum();
+            tracer.rows = vec![meta(phase.name(), 0, n - 1, total, toks[n - 1])];
             let mut run =
-                Run { kernels, dtype: spec.dtype, trace_row: Some(before + n - 1), tracer: Some(&mut tracer) };
+                Run { kernels, dtype: spec.dtype, trace_rows: vec![before + n - 1], tracer: Some(&mut tracer) };
             model.forward_batch(&mut seqs, &mut run).swap_remove(me)
         }
         Phase::PrefixCache => {
-            let (shared, donor) = Phase::prefix_donor(&prompt.tokens);
+            let (shared, donor) = Phase::prefix_donor(toks);
             if shared > 0 {
-                let mut run = Run { kernels, dtype: spec.dtype, trace_row: None, tracer: None };
-                model.forward(&donor, &mut cache, &mut run);
+                model.forward(&donor, &mut cache, &mut quiet());
                 cache.truncate(shared, model.config.kv_dim());
             }
-            tracer.seq_len = (n - shared) as u64;
+            tracer.rows = vec![meta(phase.name(), 0, n - 1, n - shared, toks[n - 1])];
             let mut run =
-                Run { kernels, dtype: spec.dtype, trace_row: Some(n - 1 - shared), tracer: Some(&mut tracer) };
-            model.forward(&prompt.tokens[shared..], &mut cache, &mut run)
+                Run { kernels, dtype: spec.dtype, trace_rows: vec![n - 1 - shared], tracer: Some(&mut tracer) };
+            model.forward(&toks[shared..], &mut cache, &mut run)
         }
     };
     match tracer.error {
         Some(e) => Err(e),
         None => Ok((logits, tracer.events)),
     }
+}
+
+/// The greedy choice: the first index of the largest logit.
+pub fn argmax(logits: &[f32]) -> u32 {
+    (0..logits.len()).fold(0, |best, i| if logits[i] > logits[best] { i } else { best }) as u32
 }
 
 /// Writes the `run_meta` line.

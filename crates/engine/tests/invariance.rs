@@ -23,7 +23,7 @@ fn tracing_never_changes_a_bit() {
         for dtype in [DType::F32, DType::BF16, DType::F16] {
             let (_, traced) = prefill_last(&model, &toks, profile, dtype);
             let mut cache = KvCache::new(&model.config);
-            let mut run = Run { kernels: profile.kernels(), dtype, trace_row: None, tracer: None };
+            let mut run = Run { kernels: profile.kernels(), dtype, trace_rows: vec![], tracer: None };
             let plain = bits(&model.forward(&toks, &mut cache, &mut run));
             assert_eq!(traced, plain, "{profile:?} {dtype:?}");
             let (cap, _) = decode0(&model, &toks, profile, dtype);
@@ -59,12 +59,12 @@ fn invariant_kv_cache_is_bitwise_equal_for_all_lengths_up_to_600() {
     let toks = tokens(600, model.config.vocab);
     let k = Profile::Invariant.kernels();
     let mut prefill = KvCache::new(&model.config);
-    let mut run = Run { kernels: k, dtype: DType::F32, trace_row: None, tracer: None };
+    let mut run = Run { kernels: k, dtype: DType::F32, trace_rows: vec![], tracer: None };
     let pl = bits(&model.forward(&toks, &mut prefill, &mut run));
     let mut decode = KvCache::new(&model.config);
     let mut last = Vec::new();
     for t in &toks {
-        let mut run = Run { kernels: k, dtype: DType::F32, trace_row: None, tracer: None };
+        let mut run = Run { kernels: k, dtype: DType::F32, trace_rows: vec![], tracer: None };
         last = bits(&model.forward(std::slice::from_ref(t), &mut decode, &mut run));
     }
     assert!(prefill == decode, "KV caches differ between one prefill and token-by-token decode");
@@ -150,4 +150,36 @@ fn prefix_donor_shares_only_the_prefix() {
     assert_eq!(Phase::parse("chunk64"), Some(Phase::Chunked(64)));
     assert_eq!(Phase::parse("chunk"), None);
     assert_eq!(Phase::Chunked(64).name(), "chunk64");
+}
+
+/// decodeK: the sampler's K greedy decode steps and the trainer's prefill of the sampled tokens
+/// see the same tokens at the same positions; with `invariant` kernels they agree bitwise.
+#[test]
+fn decode_k_pairs_each_step_with_the_prefill_of_the_sampled_tokens() {
+    use driftscope_engine::runner::{run_phase, Phase, Prompt, RunSpec};
+    let model = default_model();
+    for profile in [Profile::Invariant, Profile::Fast] {
+        let spec = RunSpec { profile, dtype: DType::F32, layers: None, points: None };
+        let prompt = Prompt { id: "p".into(), tokens: tokens(40, model.config.vocab) };
+        let mut out = Vec::new();
+        run_phase(&model, &prompt, Phase::DecodeK(5), &spec, &mut out, None).unwrap();
+        let events: Vec<serde_json::Value> =
+            String::from_utf8(out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let per_phase = 3 + 15 * model.config.n_layers;
+        assert_eq!(events.len(), 10 * per_phase, "5 decode steps and 5 prefill positions");
+        for step in 1..=5u64 {
+            let of =
+                |phase: String| -> Vec<&serde_json::Value> { events.iter().filter(|e| e["phase"] == phase).collect() };
+            let (dec, pre) = (of(format!("decode{step}")), of(format!("prefill_decode{step}")));
+            assert_eq!((dec.len(), pre.len()), (per_phase, per_phase));
+            assert!(dec.iter().all(|e| e["step"] == step && e["seq_len"] == 1 && e["pos_id"] == 34 + step));
+            assert!(pre.iter().all(|e| e["step"] == 0 && e["seq_len"] == 40 && e["pos_id"] == 34 + step));
+            assert_eq!(dec[0]["token_id"], pre[0]["token_id"], "the same sampled token");
+            let same = dec.iter().zip(&pre).all(|(d, p)| d["hash"] == p["hash"]);
+            assert_eq!(same, profile == Profile::Invariant, "{profile:?} step {step}");
+        }
+        // The first step feeds the greedy choice after the prompt's first 35 tokens, not token 35.
+        let first = events.iter().find(|e| e["phase"] == "decode1").unwrap();
+        assert!(first["token_id"].as_u64().unwrap() < model.config.vocab as u64);
+    }
 }

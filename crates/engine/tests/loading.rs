@@ -97,7 +97,7 @@ fn gguf_f16_bf16_and_q8_0_dequantize_close_to_the_source() {
         assert!(err > 0.0 && err < budget, "{dtype:?}: relative error {err}");
         // And the model runs.
         let mut cache = KvCache::new(&loaded.model.config);
-        let mut run = Run { kernels: Profile::Fast.kernels(), dtype: DType::F32, trace_row: None, tracer: None };
+        let mut run = Run { kernels: Profile::Fast.kernels(), dtype: DType::F32, trace_rows: vec![], tracer: None };
         let logits = loaded.model.forward(&[1, 2, 3], &mut cache, &mut run);
         assert!(logits.iter().all(|x| x.is_finite()));
     }
@@ -188,7 +188,8 @@ fn safetensors_f32_checkpoint_computes_the_same_bits() {
     assert_eq!(loaded.model.weights.embed, model.weights.embed);
     let logits = |m: &Model| {
         let mut cache = KvCache::new(&m.config);
-        let mut run = Run { kernels: Profile::Invariant.kernels(), dtype: DType::F32, trace_row: None, tracer: None };
+        let mut run =
+            Run { kernels: Profile::Invariant.kernels(), dtype: DType::F32, trace_rows: vec![], tracer: None };
         m.forward(&[10, 20, 30, 40], &mut cache, &mut run).iter().map(|x| x.to_bits()).collect::<Vec<_>>()
     };
     assert_eq!(logits(&loaded.model), logits(&model), "same weights, same RoPE layout (halves): same bits");
@@ -250,7 +251,8 @@ fn rope_layouts_agree_after_the_converter_permutation() {
     }
     let logits = |m: &Model| {
         let mut cache = KvCache::new(&m.config);
-        let mut run = Run { kernels: Profile::Reference.kernels(), dtype: DType::F32, trace_row: None, tracer: None };
+        let mut run =
+            Run { kernels: Profile::Reference.kernels(), dtype: DType::F32, trace_rows: vec![], tracer: None };
         m.forward(&[3, 1, 4, 1, 5, 9, 2, 6], &mut cache, &mut run)
     };
     let (a, b) = (logits(&halves), logits(&inter));

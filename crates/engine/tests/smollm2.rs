@@ -136,7 +136,7 @@ fn greedy_decoding_continues_paris() {
         let mut run = driftscope_engine::Run {
             kernels: Profile::Invariant.kernels(),
             dtype: DType::F32,
-            trace_row: None,
+            trace_rows: vec![],
             tracer: None,
         };
         let logits = model.forward(&input, &mut cache, &mut run);

@@ -17,7 +17,7 @@ impl Tracer for Capture {
     fn wants(&self, _: Point, _: u32) -> bool {
         true
     }
-    fn record(&mut self, point: Point, layer: u32, row: &[f32], _: DType) {
+    fn record(&mut self, point: Point, layer: u32, _: usize, row: &[f32], _: DType) {
         self.rows.insert((layer, point.index()), row.iter().map(|x| x.to_bits()).collect());
     }
 }
@@ -30,7 +30,7 @@ pub fn bits(v: &[f32]) -> Vec<u32> {
 pub fn prefill_last(model: &Model, tokens: &[u32], profile: Profile, dtype: DType) -> (Capture, Vec<u32>) {
     let mut cap = Capture::default();
     let mut cache = KvCache::new(&model.config);
-    let mut run = Run { kernels: profile.kernels(), dtype, trace_row: Some(tokens.len() - 1), tracer: Some(&mut cap) };
+    let mut run = Run { kernels: profile.kernels(), dtype, trace_rows: vec![tokens.len() - 1], tracer: Some(&mut cap) };
     let logits = model.forward(tokens, &mut cache, &mut run);
     (cap, bits(&logits))
 }
@@ -40,11 +40,11 @@ pub fn decode0(model: &Model, tokens: &[u32], profile: Profile, dtype: DType) ->
     let n = tokens.len();
     let mut cache = KvCache::new(&model.config);
     if n > 1 {
-        let mut run = Run { kernels: profile.kernels(), dtype, trace_row: None, tracer: None };
+        let mut run = Run { kernels: profile.kernels(), dtype, trace_rows: vec![], tracer: None };
         model.forward(&tokens[..n - 1], &mut cache, &mut run);
     }
     let mut cap = Capture::default();
-    let mut run = Run { kernels: profile.kernels(), dtype, trace_row: Some(0), tracer: Some(&mut cap) };
+    let mut run = Run { kernels: profile.kernels(), dtype, trace_rows: vec![0], tracer: Some(&mut cap) };
     let logits = model.forward(&tokens[n - 1..], &mut cache, &mut run);
     (cap, bits(&logits))
 }
