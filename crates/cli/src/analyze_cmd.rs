@@ -30,11 +30,16 @@ pub fn run(args: &AnalyzeArgs) -> Result<Verdict> {
     let read_opts = ReadOptions { lenient: options.lenient, ..ReadOptions::default() };
     let collected = collect_file(&args.trace, &options.baseline, &options.candidate, read_opts)?;
     let (analysis, md) = analyze_to(collected, options, args.report.as_deref(), args.json.as_deref())?;
+    print_result(&analysis, &md, outputs.is_empty())
+}
+
+/// Prints the Markdown report when no output file was asked for, else the one-line verdict.
+fn print_result(analysis: &Analysis, md: &str, to_stdout: bool) -> Result<Verdict> {
     let mut stdout = std::io::stdout().lock();
-    if outputs.is_empty() {
+    if to_stdout {
         stdout.write_all(md.as_bytes())?;
     } else {
-        writeln!(stdout, "{}", verdict_line(&analysis))?;
+        writeln!(stdout, "{}", verdict_line(analysis))?;
     }
     stdout.flush()?;
     Ok(analysis.verdict)
@@ -83,14 +88,7 @@ pub fn diff(args: &DiffArgs) -> Result<Verdict> {
     let read_opts = ReadOptions { lenient: args.lenient, ..ReadOptions::default() };
     let collected = collect_two(&args.a, &args.b, &args.phase, read_opts)?;
     let (analysis, md) = analyze_to(collected, options, args.report.as_deref(), args.json.as_deref())?;
-    let mut stdout = std::io::stdout().lock();
-    if outputs.is_empty() {
-        stdout.write_all(md.as_bytes())?;
-    } else {
-        writeln!(stdout, "{}", verdict_line(&analysis))?;
-    }
-    stdout.flush()?;
-    Ok(analysis.verdict)
+    print_result(&analysis, &md, outputs.is_empty())
 }
 
 /// The policy and tolerances the flags ask for.

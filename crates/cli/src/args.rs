@@ -61,25 +61,8 @@ pub struct SweepArgs {
     #[arg(long, value_name = "SCENARIO", default_value = "decode0")]
     pub scenario: String,
 
-    /// The model (as for `run`).
-    #[arg(long, value_name = "MODEL", default_value = "builtin")]
-    pub model: String,
-
-    /// Kernel profile.
-    #[arg(long, value_name = "PROFILE", default_value = "fast", value_parser = ["fast", "invariant", "reference"])]
-    pub profile: String,
-
-    /// Storage dtype.
-    #[arg(long, value_name = "DTYPE", default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
-    pub dtype: String,
-
-    /// Layers to trace.
-    #[arg(long, value_name = "LIST", default_value = "all")]
-    pub layers: String,
-
-    /// Points to trace.
-    #[arg(long, value_name = "LIST", default_value = "all")]
-    pub points: String,
+    #[command(flatten)]
+    pub model: ModelArgs,
 
     /// Folder for sweep.csv and sweep.md.
     #[arg(long, value_name = "DIR", default_value = "driftscope-sweep")]
@@ -121,19 +104,14 @@ pub struct DiffArgs {
     pub policy: PolicyArgs,
 }
 
-/// Flags shared by `run` and `check`: what model, which prompts, what to trace, how to compute.
+/// The model and how to run and trace it: flags shared by `run`, `check` and `sweep`.
 #[derive(Debug, Args)]
-pub struct EngineArgs {
+pub struct ModelArgs {
     /// The model: `builtin` (a small model generated from a fixed seed, no download), `smollm2`
     /// (SmolLM2-135M-Instruct fetched by scripts/fetch-smollm2.sh), a .gguf file, or a directory
     /// with config.json and *.safetensors.
     #[arg(long, value_name = "MODEL", default_value = "builtin")]
     pub model: String,
-
-    /// Prompts: JSON Lines of {"id": ..., "text": ...} or {"id": ..., "token_ids": [...]}.
-    /// Default: p0_short, p1_medium (~150 tokens) and p2_long (~600 tokens).
-    #[arg(long, value_name = "FILE")]
-    pub prompts: Option<PathBuf>,
 
     /// Layers to trace: `all`, or a list such as `0,1,2,4,8` or `0-3,8`.
     #[arg(long, value_name = "LIST", default_value = "all")]
@@ -148,6 +126,22 @@ pub struct EngineArgs {
     #[arg(long, value_name = "PROFILE", default_value = "fast", value_parser = ["fast", "invariant", "reference"])]
     pub profile: String,
 
+    /// Storage dtype of activations and the KV cache (compute is f32).
+    #[arg(long, value_name = "DTYPE", default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
+    pub dtype: String,
+}
+
+/// Flags shared by `run` and `check`: the model, the prompts, the scenarios, the dump.
+#[derive(Debug, Args)]
+pub struct EngineArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+
+    /// Prompts: JSON Lines of {"id": ..., "text": ...} or {"id": ..., "token_ids": [...]}.
+    /// Default: p0_short, p1_medium (~150 tokens) and p2_long (~600 tokens).
+    #[arg(long, value_name = "FILE")]
+    pub prompts: Option<PathBuf>,
+
     /// Scenarios, each compared with `prefill_last`: `decode0` (prefill N-1, decode 1), `chunkC`
     /// (prefill in chunks of C tokens), `prefix_cache` (reuse the KV cache of a shared prefix
     /// computed for another prompt), `batchB` (prefill inside a batch of B prompts of other
@@ -155,10 +149,6 @@ pub struct EngineArgs {
     /// compared step by step). A comma-separated list.
     #[arg(long, value_name = "LIST", default_value = "decode0")]
     pub scenario: String,
-
-    /// Storage dtype of activations and the KV cache (compute is f32).
-    #[arg(long, value_name = "DTYPE", default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
-    pub dtype: String,
 
     /// Also write the traced rows to a safetensors file next to the trace (same name,
     /// `.safetensors`), each event naming its tensor: the analysis then reports exact magnitudes
@@ -269,11 +259,9 @@ mod tests {
     fn run_and_check_flags() {
         let cli = Cli::try_parse_from(["driftscope", "check"]).unwrap();
         let Command::Check(c) = cli.command else { panic!("check") };
-        assert_eq!(
-            (c.engine.model.as_str(), c.engine.profile.as_str(), c.engine.dtype.as_str()),
-            ("builtin", "fast", "f32")
-        );
-        assert_eq!((c.engine.layers.as_str(), c.engine.points.as_str()), ("all", "all"));
+        let m = &c.engine.model;
+        assert_eq!((m.model.as_str(), m.profile.as_str(), m.dtype.as_str()), ("builtin", "fast", "f32"));
+        assert_eq!((m.layers.as_str(), m.points.as_str()), ("all", "all"));
         assert_eq!(c.out, PathBuf::from("driftscope-out"));
         let cli = Cli::try_parse_from([
             "driftscope",
@@ -295,10 +283,8 @@ mod tests {
         ])
         .unwrap();
         let Command::Run(r) = cli.command else { panic!("run") };
-        assert_eq!(
-            (r.engine.model.as_str(), r.engine.profile.as_str(), r.engine.dtype.as_str()),
-            ("smollm2", "invariant", "bf16")
-        );
+        let m = &r.engine.model;
+        assert_eq!((m.model.as_str(), m.profile.as_str(), m.dtype.as_str()), ("smollm2", "invariant", "bf16"));
         assert_eq!(r.engine.prompts, Some(PathBuf::from("p.jsonl")));
         assert!(Cli::try_parse_from(["driftscope", "run"]).is_err(), "--out is required");
         assert!(Cli::try_parse_from(["driftscope", "check", "--profile", "slow"]).is_err());

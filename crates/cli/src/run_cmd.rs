@@ -16,7 +16,7 @@ use driftscope_trace::{DType, Point, ReadOptions, RunMeta, FORMAT_VERSION};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::analyze_cmd::{analyze_to, verdict_line};
-use crate::args::{CheckArgs, EngineArgs, RunArgs};
+use crate::args::{CheckArgs, EngineArgs, ModelArgs, RunArgs};
 use crate::output::{check_outputs, write_atomic};
 
 /// `driftscope run`.
@@ -124,7 +124,7 @@ pub fn parse_scenarios(text: &str) -> Result<Vec<Phase>> {
 /// Runs the engine over the prompts and writes the trace atomically to `path`.
 fn trace_to(args: &EngineArgs, path: &Path) -> Result<()> {
     let started = Instant::now();
-    let (loaded, model_desc) = resolve_model(&args.model)?;
+    let (loaded, model_desc) = resolve_model(&args.model.model)?;
     let model = &loaded.model;
     let c = &model.config;
     let prompts = match &args.prompts {
@@ -135,12 +135,7 @@ fn trace_to(args: &EngineArgs, path: &Path) -> Result<()> {
         bail!("prompt `{}` has {} tokens, more than the model's context of {}", p.id, p.tokens.len(), c.max_context);
     }
     let scenarios = parse_scenarios(&args.scenario)?;
-    let spec = RunSpec {
-        profile: Profile::parse(&args.profile).with_context(|| format!("unknown profile `{}`", args.profile))?,
-        dtype: DType::parse(&args.dtype).with_context(|| format!("unknown dtype `{}`", args.dtype))?,
-        layers: parse_layers(&args.layers, c.n_layers)?,
-        points: parse_points(&args.points)?,
-    };
+    let spec = run_spec(&args.model, c.n_layers)?;
     let meta = RunMeta {
         format_version: Some(FORMAT_VERSION),
         engine: Some(format!("driftscope-engine {}", env!("CARGO_PKG_VERSION"))),
@@ -231,6 +226,16 @@ pub fn resolve_model(spec: &str) -> Result<(Loaded, String)> {
             Ok((loaded, name))
         }
     }
+}
+
+/// What the model flags ask for.
+pub fn run_spec(args: &ModelArgs, n_layers: usize) -> Result<RunSpec> {
+    Ok(RunSpec {
+        profile: Profile::parse(&args.profile).with_context(|| format!("unknown profile `{}`", args.profile))?,
+        dtype: DType::parse(&args.dtype).with_context(|| format!("unknown dtype `{}`", args.dtype))?,
+        layers: parse_layers(&args.layers, n_layers)?,
+        points: parse_points(&args.points)?,
+    })
 }
 
 /// `all`, or `0,1,2,4,8`, or `0-3,8`; every layer must exist.

@@ -8,13 +8,12 @@ use anyhow::{bail, Context, Result};
 use driftscope_analyze::{analyze, collect_file, Analysis, Options, Verdict};
 use driftscope_engine::prompts::LONG;
 use driftscope_engine::runner::{run_phase, Phase, Prompt, RunSpec};
-use driftscope_engine::Profile;
-use driftscope_trace::{DType, ReadOptions};
+use driftscope_trace::ReadOptions;
 use indicatif::ProgressBar;
 
 use crate::args::SweepArgs;
 use crate::output::{check_outputs, write_atomic};
-use crate::run_cmd::{parse_layers, parse_points, resolve_model};
+use crate::run_cmd::{resolve_model, run_spec};
 
 /// One length's outcome.
 struct Row {
@@ -66,7 +65,7 @@ pub fn sweep(args: &SweepArgs) -> Result<Verdict> {
     let (csv_path, md_path) = (args.out.join("sweep.csv"), args.out.join("sweep.md"));
     check_outputs(&[], &[&csv_path, &md_path])?;
 
-    let (loaded, model_desc) = resolve_model(&args.model)?;
+    let (loaded, model_desc) = resolve_model(&args.model.model)?;
     let model = &loaded.model;
     let max = *lengths.last().unwrap_or(&1);
     if max > model.config.max_context {
@@ -75,12 +74,7 @@ pub fn sweep(args: &SweepArgs) -> Result<Verdict> {
     // Prompts of every length are prefixes of one long token sequence (the default text, repeated).
     let text_tokens = loaded.tokenizer.encode(LONG)?;
     let tokens: Vec<u32> = text_tokens.iter().copied().cycle().take(max).collect();
-    let spec = RunSpec {
-        profile: Profile::parse(&args.profile).with_context(|| format!("unknown profile `{}`", args.profile))?,
-        dtype: DType::parse(&args.dtype).with_context(|| format!("unknown dtype `{}`", args.dtype))?,
-        layers: parse_layers(&args.layers, model.config.n_layers)?,
-        points: parse_points(&args.points)?,
-    };
+    let spec = run_spec(&args.model, model.config.n_layers)?;
     let scratch = tempfile::tempdir().context("cannot create a scratch folder")?;
     let trace = scratch.path().join("trace.jsonl");
     let bar = ProgressBar::new(lengths.len() as u64);
@@ -156,6 +150,8 @@ fn render(rows: &[Row], model: &str, spec: &RunSpec, phase: Phase) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use driftscope_engine::Profile;
+    use driftscope_trace::DType;
 
     #[test]
     fn length_lists() {
