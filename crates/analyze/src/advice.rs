@@ -50,7 +50,7 @@ fn sci(x: f64) -> String {
 pub fn size_of(a: &Analysis, i: usize) -> Option<(Size, String)> {
     let p = &a.pairs[i];
     let dtype = a.dtype_of(i);
-    if let Some(m) = p.magnitude {
+    if let Some(m) = p.magnitude.as_deref() {
         let eps = epsilon(dtype);
         let size = if m.n_diff == 0 {
             Size::StatsIdentical

@@ -167,8 +167,8 @@ pub struct PairResult {
     pub baseline: Option<u32>,
     /// The candidate event (index into [`Collected::sides`]).
     pub candidate: Option<u32>,
-    /// Exact magnitudes, when both rows were dumped.
-    pub magnitude: Option<Magnitude>,
+    /// Exact magnitudes, when both rows were dumped (boxed: most traces have no dump).
+    pub magnitude: Option<Box<Magnitude>>,
     /// Class under the tolerances (complete, aligned pairs only).
     pub tol_class: Option<TolClass>,
 }
@@ -517,11 +517,11 @@ pub fn analyze(mut collected: Collected, options: Options) -> Result<Analysis, A
         (options.baseline.clone(), options.candidate.clone())
     };
     let (magnitudes_from_dump, dump_notes) = attach_dumps(&collected, &mut pairs, &mut groups)?;
-    for p in pairs.iter_mut() {
-        let class = tolerance_class(&collected, p, &options.tolerances);
-        p.tol_class = class;
-        summary.within_tol += u64::from(class == Some(TolClass::WithinTol));
-        summary.beyond_tol += u64::from(matches!(class, Some(TolClass::Drift | TolClass::NumericFault)));
+    let dtypes: Vec<Option<DType>> = collected.dtypes.iter().map(|d| DType::parse(d)).collect();
+    pairs.par_iter_mut().for_each(|p| p.tol_class = tolerance_class(&collected, &dtypes, p, &options.tolerances));
+    for p in pairs.iter() {
+        summary.within_tol += u64::from(p.tol_class == Some(TolClass::WithinTol));
+        summary.beyond_tol += u64::from(matches!(p.tol_class, Some(TolClass::Drift | TolClass::NumericFault)));
     }
     // Under the tolerance policy only what is beyond tolerance fails; the root cause is still the
     // origin of the drift, which may itself be within tolerance.
@@ -619,7 +619,7 @@ fn attach_dumps(
     for (p, r) in pairs.iter_mut().zip(results) {
         match r? {
             Some((m, impact)) => {
-                p.magnitude = Some(m);
+                p.magnitude = Some(Box::new(m));
                 if let (Some(t), Some(g)) =
                     (impact, groups.iter_mut().find(|g| g.prompt == p.key.prompt && g.rank == p.key.rank))
                 {
@@ -640,7 +640,12 @@ fn attach_dumps(
 
 /// A complete pair's class under the tolerances: exact with a dump, from the statistics' lower
 /// bound without one.
-fn tolerance_class(c: &Collected, p: &PairResult, tolerances: &Tolerances) -> Option<TolClass> {
+fn tolerance_class(
+    c: &Collected,
+    dtypes: &[Option<DType>],
+    p: &PairResult,
+    tolerances: &Tolerances,
+) -> Option<TolClass> {
     let b = &c.sides[p.baseline? as usize];
     match p.status {
         PairStatus::Pass => return Some(TolClass::Bitwise),
@@ -652,10 +657,10 @@ fn tolerance_class(c: &Collected, p: &PairResult, tolerances: &Tolerances) -> Op
         PointId::Known(pt) => Some(pt),
         PointId::Other(_) => None,
     };
-    let dtype = b.dtype.and_then(|i| DType::parse(&c.dtypes[i as usize]));
+    let dtype = b.dtype.and_then(|i| dtypes[i as usize]);
     let tol = tolerances.for_pair(point, dtype);
     let scale = b.min.abs().max(b.max.abs());
-    let max_abs = match p.magnitude {
+    let max_abs = match p.magnitude.as_deref() {
         Some(m) => m.max_abs,
         None => {
             let cand = &c.sides[p.candidate? as usize];

@@ -408,10 +408,17 @@ impl Collector {
     /// Puts the pairs in dataflow order and hands the result over.
     pub fn finish(self) -> Collected {
         let mut c = self.c;
-        let mut order: Vec<(DataflowKey, u32)> =
-            c.pairs.par_iter().enumerate().map(|(i, (k, _))| (dataflow_key(k), i as u32)).collect();
-        order.par_sort_unstable();
-        c.order = order.into_iter().map(|(_, i)| i).collect();
+        // Engines write a prompt's events in dataflow order, so first appearance usually is that
+        // order already: check before sorting.
+        let sorted = c.pairs.par_windows(2).all(|w| dataflow_key(&w[0].0) < dataflow_key(&w[1].0));
+        if sorted {
+            c.order = (0..c.pairs.len() as u32).collect();
+        } else {
+            let mut order: Vec<(DataflowKey, u32)> =
+                c.pairs.par_iter().enumerate().map(|(i, (k, _))| (dataflow_key(k), i as u32)).collect();
+            order.par_sort_unstable();
+            c.order = order.into_iter().map(|(_, i)| i).collect();
+        }
         c
     }
 }

@@ -87,10 +87,10 @@ fn pair(a: &Analysis, p: &PairResult) -> Value {
         "baseline": side(a.base(p)),
         "candidate": side(a.cand(p)),
         "stat_delta": a.delta(p),
-        "max_abs": p.magnitude.map(|m| m.max_abs),
-        "max_rel": p.magnitude.map(|m| m.max_rel),
-        "max_ulp": p.magnitude.map(|m| m.max_ulp),
-        "cosine": p.magnitude.map(|m| num(m.cosine)),
+        "max_abs": p.magnitude.as_ref().map(|m| m.max_abs),
+        "max_rel": p.magnitude.as_ref().map(|m| m.max_rel),
+        "max_ulp": p.magnitude.as_ref().map(|m| m.max_ulp),
+        "cosine": p.magnitude.as_ref().map(|m| num(m.cosine)),
         "magnitude": p.magnitude,
     })
 }

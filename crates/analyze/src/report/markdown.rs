@@ -198,7 +198,7 @@ fn growth(a: &Analysis, md: &mut String) {
             if p.key.point != PointId::Known(Point::XIn) || p.status == PairStatus::Pass && prev.is_none() {
                 continue;
             }
-            let (size, what) = match (p.magnitude, a.delta(p)) {
+            let (size, what) = match (p.magnitude.as_deref(), a.delta(p)) {
                 (Some(m), _) => (m.rel_l2, format!("{:.3e} | {}", m.max_abs, m.max_ulp)),
                 (None, Some(d)) => (d.rel, format!("≥ {:.3e} | —", d.max_abs_lower_bound)),
                 _ => continue,
