@@ -66,6 +66,62 @@ fn decode(model: &Model, ctx: usize, profile: Profile) -> f64 {
     median(steps)
 }
 
+/// Memory bandwidth: bytes/s summing a 1 GiB f32 array on all threads with 16 independent
+/// accumulators (so the loads, not the additions, are the bound), best of 3.
+fn bandwidth() -> f64 {
+    use rayon::prelude::*;
+    let data = vec![1.0f32; 256 << 20];
+    let mut best = 0.0f64;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let s: f32 = data
+            .par_chunks(1 << 16)
+            .map(|c| {
+                let mut acc = [0.0f32; 16];
+                for v in c.chunks_exact(16) {
+                    for l in 0..16 {
+                        acc[l] += v[l];
+                    }
+                }
+                acc.iter().sum::<f32>()
+            })
+            .sum();
+        let dt = t.elapsed().as_secs_f64();
+        assert!(s > 0.0);
+        best = best.max((data.len() * 4) as f64 / dt);
+    }
+    best
+}
+
+/// Peak f32 multiply-add rate this build reaches: 32 independent accumulators per thread (a
+/// mul and an add each, as the kernels compute them: Rust does not fuse), best of 3, all threads.
+fn peak_flops() -> f64 {
+    use rayon::prelude::*;
+    let threads = rayon::current_num_threads();
+    let iters = 20_000_000u64;
+    let mut best = 0.0f64;
+    for _ in 0..3 {
+        let t = Instant::now();
+        let s: f32 = (0..threads)
+            .into_par_iter()
+            .map(|k| {
+                let mut acc = [0.0f32; 32];
+                let (x, y) = (std::hint::black_box(1.0000001f32 + k as f32 * 1e-9), std::hint::black_box(0.9999999f32));
+                for _ in 0..iters {
+                    for a in acc.iter_mut() {
+                        *a = *a * x + y;
+                    }
+                }
+                acc.iter().sum::<f32>()
+            })
+            .sum();
+        let dt = t.elapsed().as_secs_f64();
+        assert!(s.is_finite());
+        best = best.max((threads as u64 * iters * 32 * 2) as f64 / dt);
+    }
+    best
+}
+
 fn main() {
     let reps: usize = std::env::var("DRIFTSCOPE_BENCH_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(5).max(1);
     let model = match find_smollm2() {
@@ -115,6 +171,34 @@ fn main() {
     for (what, n) in [("prefill", 128), ("prefill", 512), ("decode", 128), ("decode", 512)] {
         let (f, i) = (medians[&("fast", what, n)], medians[&("invariant", what, n)]);
         println!("invariant / fast, {what} {n}: {:.3}x", i / f);
+    }
+    // The machine's limits and the floors they set for this model.
+    let (bw, peak) = (bandwidth(), peak_flops());
+    let bytes = (params * 4) as f64;
+    println!(
+        "limits: memory bandwidth {:.1} GB/s, f32 mul+add {:.1} GFLOP/s (this build, all threads)",
+        bw / 1e9,
+        peak / 1e9
+    );
+    for ctx in [128, 512] {
+        let floor = bytes / bw;
+        let got = medians[&("fast", "decode", ctx)];
+        println!(
+            "decode @{ctx}: floor {:.1} ms (weights / bandwidth), fast {:.1} ms = {:.2}x the floor",
+            floor * 1e3,
+            got * 1e3,
+            got / floor
+        );
+    }
+    for n in [128, 512] {
+        let floor = 2.0 * params as f64 * n as f64 / peak;
+        let got = medians[&("fast", "prefill", n)];
+        println!(
+            "prefill {n}: floor {:.2} s (matmul FLOPs / peak), fast {:.2} s = {:.2}x the floor",
+            floor,
+            got,
+            got / floor
+        );
     }
     // Tracing every point of every layer at the last row, vs no tracer.
     for profile in [Profile::Fast, Profile::Invariant] {
