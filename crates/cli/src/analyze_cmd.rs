@@ -10,27 +10,58 @@ use driftscope_analyze::tolerance::{Policy, Tolerances};
 use driftscope_analyze::{analyze, collect_file, collect_two, evidence, Analysis, Collected, Options, Verdict};
 use driftscope_trace::ReadOptions;
 
-use crate::args::{AnalyzeArgs, DiffArgs, PolicyArgs};
+use crate::args::{AnalyzeArgs, DiffArgs, PolicyArgs, ReportArgs};
 use crate::output::{check_outputs, write_atomic};
 
 /// Runs the analysis; returns the verdict.
 pub fn run(args: &AnalyzeArgs) -> Result<Verdict> {
-    let outputs: Vec<&Path> = args.report.iter().chain(args.json.iter()).map(|p| p.as_path()).collect();
-    let inputs: Vec<&Path> = std::iter::once(args.trace.as_path()).chain(args.policy.tolerances.as_deref()).collect();
-    check_outputs(&inputs, &outputs)?;
-    let (policy, tolerances) = policy(&args.policy)?;
-    let options = Options {
-        baseline: args.baseline.clone(),
-        candidate: args.candidate.clone(),
-        allow_missing: args.allow_missing,
-        lenient: args.lenient,
+    let out = &args.output;
+    check_paths(&[&args.trace], out)?;
+    let options = options(&args.baseline, &args.candidate, out)?;
+    let collected = collect_file(&args.trace, &options.baseline, &options.candidate, read_options(out))?;
+    report(collected, options, out)
+}
+
+/// `driftscope diff`: the same phase of two traces; returns the verdict.
+pub fn diff(args: &DiffArgs) -> Result<Verdict> {
+    let out = &args.output;
+    check_paths(&[&args.a, &args.b], out)?;
+    let options = options(&args.phase, &args.phase, out)?;
+    let collected = collect_two(&args.a, &args.b, &args.phase, read_options(out))?;
+    report(collected, options, out)
+}
+
+/// Refuses output files that would overwrite the traces, the tolerance file or each other.
+fn check_paths(traces: &[&Path], out: &ReportArgs) -> Result<()> {
+    let inputs: Vec<&Path> = traces.iter().copied().chain(out.policy.tolerances.as_deref()).collect();
+    check_outputs(&inputs, &outputs(out))
+}
+
+fn outputs(out: &ReportArgs) -> Vec<&Path> {
+    out.report.iter().chain(out.json.iter()).map(|p| p.as_path()).collect()
+}
+
+fn read_options(out: &ReportArgs) -> ReadOptions {
+    ReadOptions { lenient: out.lenient, ..ReadOptions::default() }
+}
+
+/// The analysis options the flags ask for.
+fn options(baseline: &str, candidate: &str, out: &ReportArgs) -> Result<Options> {
+    let (policy, tolerances) = policy(&out.policy)?;
+    Ok(Options {
+        baseline: baseline.to_string(),
+        candidate: candidate.to_string(),
+        allow_missing: out.allow_missing,
+        lenient: out.lenient,
         policy,
         tolerances,
-    };
-    let read_opts = ReadOptions { lenient: options.lenient, ..ReadOptions::default() };
-    let collected = collect_file(&args.trace, &options.baseline, &options.candidate, read_opts)?;
-    let (analysis, md) = analyze_to(collected, options, args.report.as_deref(), args.json.as_deref())?;
-    print_result(&analysis, &md, outputs.is_empty())
+    })
+}
+
+/// Analyzes, writes the files asked for, and prints the report or the verdict line.
+fn report(collected: Collected, options: Options, out: &ReportArgs) -> Result<Verdict> {
+    let (analysis, md) = analyze_to(collected, options, out.report.as_deref(), out.json.as_deref())?;
+    print_result(&analysis, &md, outputs(out).is_empty())
 }
 
 /// Prints the Markdown report when no output file was asked for, else the one-line verdict.
@@ -68,27 +99,6 @@ pub fn analyze_to(
         write_atomic(path, md.as_bytes())?;
     }
     Ok((analysis, md))
-}
-
-/// `driftscope diff`: the same phase of two traces; returns the verdict.
-pub fn diff(args: &DiffArgs) -> Result<Verdict> {
-    let outputs: Vec<&Path> = args.report.iter().chain(args.json.iter()).map(|p| p.as_path()).collect();
-    let inputs: Vec<&Path> =
-        [args.a.as_path(), args.b.as_path()].into_iter().chain(args.policy.tolerances.as_deref()).collect();
-    check_outputs(&inputs, &outputs)?;
-    let (policy, tolerances) = policy(&args.policy)?;
-    let options = Options {
-        baseline: args.phase.clone(),
-        candidate: args.phase.clone(),
-        allow_missing: args.allow_missing,
-        lenient: args.lenient,
-        policy,
-        tolerances,
-    };
-    let read_opts = ReadOptions { lenient: args.lenient, ..ReadOptions::default() };
-    let collected = collect_two(&args.a, &args.b, &args.phase, read_opts)?;
-    let (analysis, md) = analyze_to(collected, options, args.report.as_deref(), args.json.as_deref())?;
-    print_result(&analysis, &md, outputs.is_empty())
 }
 
 /// The policy and tolerances the flags ask for.

@@ -84,24 +84,8 @@ pub struct DiffArgs {
     #[arg(long, value_name = "PHASE", default_value = "prefill_last")]
     pub phase: String,
 
-    /// Write the Markdown report to this file.
-    #[arg(long, value_name = "FILE.md")]
-    pub report: Option<PathBuf>,
-
-    /// Write the JSON verdict to this file.
-    #[arg(long, value_name = "FILE.json")]
-    pub json: Option<PathBuf>,
-
-    /// Skip unreadable lines and duplicate events instead of failing with exit code 2.
-    #[arg(long)]
-    pub lenient: bool,
-
-    /// Report pairs present in one trace only instead of failing with exit code 2.
-    #[arg(long)]
-    pub allow_missing: bool,
-
     #[command(flatten)]
-    pub policy: PolicyArgs,
+    pub output: ReportArgs,
 }
 
 /// The model and how to run and trace it: flags shared by `run`, `check` and `sweep`.
@@ -198,6 +182,13 @@ pub struct AnalyzeArgs {
     #[arg(long, value_name = "PHASE", default_value = "decode0")]
     pub candidate: String,
 
+    #[command(flatten)]
+    pub output: ReportArgs,
+}
+
+/// Where the analysis goes and how strict it is: flags shared by `analyze` and `diff`.
+#[derive(Debug, Args)]
+pub struct ReportArgs {
     /// Write the Markdown report to this file.
     #[arg(long, value_name = "FILE.md")]
     pub report: Option<PathBuf>,
@@ -211,7 +202,7 @@ pub struct AnalyzeArgs {
     #[arg(long)]
     pub lenient: bool,
 
-    /// Report pairs that have an event in one phase only (the verdict is then FAIL) instead of
+    /// Report pairs that have an event on one side only (the verdict is then FAIL) instead of
     /// failing with exit code 2.
     #[arg(long)]
     pub allow_missing: bool,
@@ -231,7 +222,7 @@ mod tests {
         let cli = Cli::try_parse_from(["driftscope", "analyze", "t.jsonl"]).unwrap();
         let Command::Analyze(a) = cli.command else { panic!("analyze") };
         assert_eq!((a.baseline.as_str(), a.candidate.as_str()), ("prefill_last", "decode0"));
-        assert!(a.report.is_none() && a.json.is_none() && !a.lenient && !a.allow_missing);
+        assert!(a.output.report.is_none() && a.output.json.is_none() && !a.output.lenient && !a.output.allow_missing);
         let cli = Cli::try_parse_from([
             "driftscope",
             "analyze",
@@ -250,8 +241,8 @@ mod tests {
         .unwrap();
         let Command::Analyze(a) = cli.command else { panic!("analyze") };
         assert_eq!((a.baseline.as_str(), a.candidate.as_str()), ("a", "b"));
-        assert_eq!(a.report.unwrap(), PathBuf::from("r.md"));
-        assert!(a.lenient && a.allow_missing);
+        assert_eq!(a.output.report.unwrap(), PathBuf::from("r.md"));
+        assert!(a.output.lenient && a.output.allow_missing);
         assert!(Cli::try_parse_from(["driftscope", "analyze"]).is_err());
     }
 
