@@ -2,24 +2,26 @@
 
 use std::io::Write;
 use std::path::Path;
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 use anyhow::{Context, Result};
-use driftscope_analyze::report::{json::verdict_json, markdown, ReportContext};
+use driftscope_analyze::report::{json::write_verdict, markdown, ReportContext};
 use driftscope_analyze::tolerance::{Policy, Tolerances};
 use driftscope_analyze::{analyze, collect_file, collect_two, evidence, Analysis, Collected, Options, Verdict};
 use driftscope_trace::ReadOptions;
 
 use crate::args::{AnalyzeArgs, DiffArgs, PolicyArgs, ReportArgs};
-use crate::output::{check_outputs, write_atomic};
+use crate::output::{check_outputs, write_atomic, write_atomic_with};
 
 /// Runs the analysis; returns the verdict.
 pub fn run(args: &AnalyzeArgs) -> Result<Verdict> {
     let out = &args.output;
     check_paths(&[&args.trace], out)?;
     let options = options(&args.baseline, &args.candidate, out)?;
+    let mut clock = Timings::new(out.timings);
     let collected = collect_file(&args.trace, &options.baseline, &options.candidate, read_options(out))?;
-    report(collected, options, out)
+    clock.read(&collected);
+    report(collected, options, out, clock)
 }
 
 /// `driftscope diff`: the same phase of two traces; returns the verdict.
@@ -27,8 +29,55 @@ pub fn diff(args: &DiffArgs) -> Result<Verdict> {
     let out = &args.output;
     check_paths(&[&args.a, &args.b], out)?;
     let options = options(&args.phase, &args.phase, out)?;
+    let mut clock = Timings::new(out.timings);
     let collected = collect_two(&args.a, &args.b, &args.phase, read_options(out))?;
-    report(collected, options, out)
+    clock.read(&collected);
+    report(collected, options, out, clock)
+}
+
+/// `--timings`: wall time of each stage, printed to stderr as it ends.
+pub struct Timings {
+    on: bool,
+    start: Instant,
+    last: Instant,
+    bytes: u64,
+}
+
+impl Timings {
+    /// A clock that prints only when `on`.
+    pub fn new(on: bool) -> Timings {
+        let now = Instant::now();
+        Timings { on, start: now, last: now, bytes: 0 }
+    }
+
+    /// Ends the read stage: also prints the throughput.
+    fn read(&mut self, c: &Collected) {
+        self.bytes = c.sources.iter().map(|s| s.read.bytes).sum();
+        let events: u64 = c.sources.iter().map(|s| s.read.stage_events).sum();
+        let secs = self.last.elapsed().as_secs_f64();
+        self.lap(&format!(
+            "read and pair: {} events, {:.0} MB ({:.0} MB/s)",
+            events,
+            self.bytes as f64 / 1e6,
+            self.bytes as f64 / 1e6 / secs.max(1e-9)
+        ));
+    }
+
+    /// Ends a stage named `what`.
+    fn lap(&mut self, what: &str) {
+        if self.on {
+            eprintln!("timings: {what}: {:.3} s", self.last.elapsed().as_secs_f64());
+        }
+        self.last = Instant::now();
+    }
+
+    /// Prints the total and the end-to-end throughput.
+    fn total(&self) {
+        if self.on {
+            let secs = self.start.elapsed().as_secs_f64();
+            eprintln!("timings: total: {secs:.3} s ({:.0} MB/s of trace)", self.bytes as f64 / 1e6 / secs.max(1e-9));
+        }
+    }
 }
 
 /// Refuses output files that would overwrite the traces, the tolerance file or each other.
@@ -59,9 +108,15 @@ fn options(baseline: &str, candidate: &str, out: &ReportArgs) -> Result<Options>
 }
 
 /// Analyzes, writes the files asked for, and prints the report or the verdict line.
-fn report(collected: Collected, options: Options, out: &ReportArgs) -> Result<Verdict> {
-    let (analysis, md) = analyze_to(collected, options, out.report.as_deref(), out.json.as_deref())?;
-    print_result(&analysis, &md, outputs(out).is_empty())
+fn report(collected: Collected, options: Options, out: &ReportArgs, mut clock: Timings) -> Result<Verdict> {
+    let (analysis, md) = analyze_to(collected, options, out.report.as_deref(), out.json.as_deref(), &mut clock)?;
+    let verdict = print_result(&analysis, &md, outputs(out).is_empty())?;
+    clock.lap("print");
+    // The analysis of a large trace holds millions of small allocations: the process is about to
+    // exit, so leave them to the operating system instead of freeing them one by one.
+    std::mem::forget(analysis);
+    clock.total();
+    Ok(verdict)
 }
 
 /// Prints the Markdown report when no output file was asked for, else the one-line verdict.
@@ -83,20 +138,23 @@ pub fn analyze_to(
     options: Options,
     report: Option<&Path>,
     json: Option<&Path>,
+    clock: &mut Timings,
 ) -> Result<(Analysis, String)> {
     let analysis = analyze(collected, options)?;
+    clock.lap("analyze");
     let ctx = ReportContext {
         date: today(),
         evidence: evidence(&analysis).context("cannot read the evidence lines back from the trace")?,
     };
     let md = markdown::render(&analysis, &ctx);
+    clock.lap("render the report");
     if let Some(path) = json {
-        let mut text = serde_json::to_string_pretty(&verdict_json(&analysis))?;
-        text.push('\n');
-        write_atomic(path, text.as_bytes())?;
+        write_atomic_with(path, |w| write_verdict(&analysis, &mut { w }))?;
+        clock.lap("write the JSON verdict");
     }
     if let Some(path) = report {
         write_atomic(path, md.as_bytes())?;
+        clock.lap("write the report");
     }
     Ok((analysis, md))
 }

@@ -207,6 +207,11 @@ pub struct ReportArgs {
     #[arg(long)]
     pub allow_missing: bool,
 
+    /// Print how long each stage took (read and pair, analyze, render, write) and the read
+    /// throughput to stderr.
+    #[arg(long)]
+    pub timings: bool,
+
     #[command(flatten)]
     pub policy: PolicyArgs,
 }

@@ -40,6 +40,12 @@ pub fn check_outputs(inputs: &[&Path], outputs: &[&Path]) -> Result<()> {
 
 /// Writes `contents` to `path` atomically: a temporary file in the same directory, then rename.
 pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
+    write_atomic_with(path, |w| w.write_all(contents))
+}
+
+/// Writes `path` through `write` (buffered) into a temporary file of the same folder, then renames
+/// it over `path`: a failed write leaves what was there before.
+pub fn write_atomic_with(path: &Path, write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> Result<()> {
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let mut builder = tempfile::Builder::new();
     builder.prefix(".driftscope-");
@@ -47,7 +53,9 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
     #[cfg(unix)]
     builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
     let mut tmp = builder.tempfile_in(dir).with_context(|| format!("cannot create a file in {}", dir.display()))?;
-    tmp.write_all(contents).with_context(|| format!("cannot write {}", path.display()))?;
+    let mut w = std::io::BufWriter::with_capacity(1 << 20, tmp.as_file_mut());
+    write(&mut w).and_then(|()| w.flush()).with_context(|| format!("cannot write {}", path.display()))?;
+    drop(w);
     tmp.persist(path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(())
 }

@@ -15,7 +15,7 @@ use driftscope_engine::{Loaded, Profile, Tokenizer};
 use driftscope_trace::{DType, Point, ReadOptions, RunMeta, FORMAT_VERSION};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::analyze_cmd::{analyze_to, verdict_line};
+use crate::analyze_cmd::{analyze_to, verdict_line, Timings};
 use crate::args::{CheckArgs, EngineArgs, ModelArgs, RunArgs};
 use crate::output::{check_outputs, write_atomic};
 
@@ -64,7 +64,7 @@ pub fn check(args: &CheckArgs) -> Result<Verdict> {
             ..Options::default()
         };
         let collected = collect_file(&trace, &options.baseline, &options.candidate, ReadOptions::default())?;
-        let (analysis, _) = analyze_to(collected, options, Some(report), Some(verdict_path))?;
+        let (analysis, _) = analyze_to(collected, options, Some(report), Some(verdict_path), &mut Timings::new(false))?;
         if analysis.verdict == Verdict::Fail {
             overall = Verdict::Fail;
         }

@@ -225,6 +225,27 @@ fn missing_pairs_error_unless_allowed() {
         (Some(1), Some(16), Some(15))
     );
     assert!(md.contains("| **Missing Pairs** | 1 |") && md.contains("## Missing Pairs"), "{md}");
+    // The streamed verdict lists every pair; fields that do not apply are left out.
+    let pairs = v["pairs"].as_array().unwrap();
+    assert_eq!(pairs.len(), 16);
+    let missing = pair(&v, "p", "mlp_out", 2);
+    assert_eq!(missing["status"], "MISSING_CANDIDATE");
+    assert!(missing.get("candidate").is_none() && missing["baseline"]["hash"].is_u64(), "{missing}");
+    let passing = pair(&v, "p", "x_in", 0);
+    assert!(passing.get("stat_delta").is_none() && passing.get("max_abs").is_none(), "{passing}");
+}
+
+#[test]
+fn timings_go_to_stderr() {
+    let evs = trace(&[("p", 9)], &seed_rows(), |_, _, _| false, 0.0);
+    let (code, v, _, err) = analyze_text(join(&evs).as_bytes(), &["--timings"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(v["verdict"], "PASS");
+    for stage in
+        ["timings: read and pair: 32 events", "timings: analyze:", "timings: render the report:", "timings: total:"]
+    {
+        assert!(err.contains(stage), "{stage} missing in {err}");
+    }
 }
 
 #[test]

@@ -93,6 +93,15 @@ impl<'a> Cursor<'a> {
         self.ws();
         let start = self.i;
         let mut v: u64 = 0;
+        // Eight digits at a time while they last (hashes have up to 20), then one at a time.
+        while let Some(w) = self.b.get(self.i..self.i + 8).and_then(|c| <[u8; 8]>::try_from(c).ok()) {
+            let w = u64::from_le_bytes(w);
+            if !eight_digits(w) {
+                break;
+            }
+            v = v.checked_mul(100_000_000)?.checked_add(parse_eight(w))?;
+            self.i += 8;
+        }
         while let Some(&b) = self.b.get(self.i) {
             if !b.is_ascii_digit() {
                 break;
@@ -246,6 +255,23 @@ fn string_stop(b: &[u8], mut i: usize) -> usize {
     i
 }
 
+/// Whether the eight bytes of `w` (little-endian) are all ASCII digits.
+fn eight_digits(w: u64) -> bool {
+    const H: u64 = 0xF0F0_F0F0_F0F0_F0F0;
+    const ZEROS: u64 = 0x3030_3030_3030_3030;
+    // High nibbles all 3, and adding 6 to each byte keeps them 3 (so the low nibbles are <= 9).
+    w & H == ZEROS && (w.wrapping_add(0x0606_0606_0606_0606) & H) == ZEROS
+}
+
+/// The value of eight ASCII digits, the first in the lowest byte: digits are combined in pairs,
+/// then pairs of pairs, then halves (each step fits its lane, so no carry crosses lanes).
+fn parse_eight(w: u64) -> u64 {
+    let w = w - 0x3030_3030_3030_3030;
+    let w = (w * 10 + (w >> 8)) & 0x00FF_00FF_00FF_00FF;
+    let w = (w * 100 + (w >> 16)) & 0x0000_FFFF_0000_FFFF;
+    (w * 10_000 + (w >> 32)) & 0xFFFF_FFFF
+}
+
 /// Powers of ten that f64 holds exactly.
 const POW10: [f64; 23] = [
     1e0, 1e1, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7, 1e8, 1e9, 1e10, 1e11, 1e12, 1e13, 1e14, 1e15, 1e16, 1e17, 1e18, 1e19, 1e20,
@@ -346,6 +372,31 @@ const FIELDS: [&str; 21] = [
     "tensor",
 ];
 
+/// The fields as they appear in a compact line: `"name":`.
+const KEYS: [&str; 21] = [
+    "\"event\":",
+    "\"prompt_id\":",
+    "\"phase\":",
+    "\"point\":",
+    "\"layer\":",
+    "\"step\":",
+    "\"pos_id\":",
+    "\"seq_len\":",
+    "\"hash\":",
+    "\"min\":",
+    "\"max\":",
+    "\"mean\":",
+    "\"dtype\":",
+    "\"shape\":",
+    "\"numel\":",
+    "\"l2\":",
+    "\"nan_count\":",
+    "\"inf_count\":",
+    "\"token_id\":",
+    "\"rank\":",
+    "\"tensor\":",
+];
+
 /// The bit of a field name (31 for names the fast path does not read): a switch on length and
 /// two bytes picks the one candidate, and one comparison confirms it.
 fn field_bit(key: &str) -> u32 {
@@ -416,10 +467,23 @@ pub(crate) fn parse_stage(line: &str) -> Option<StageTrace<'_>> {
     if c.peek()? == b'}' {
         return None;
     }
+    // Writers put the fields in the same order on every line, usually this crate's order: the
+    // name after the previous field's is tried first with one comparison, and only on a miss is
+    // the name scanned and looked up.
+    let mut next = 0usize;
     loop {
-        let key = c.string()?;
-        c.eat(b':')?;
-        let bit = field_bit(key);
+        let bit = match KEYS.get(next) {
+            Some(k) if c.b.get(c.i..c.i + k.len()).is_some_and(|b| eq_short(b, k.as_bytes())) => {
+                c.i += k.len();
+                next as u32
+            }
+            _ => {
+                let key = c.string()?;
+                c.eat(b':')?;
+                field_bit(key)
+            }
+        };
+        next = bit as usize + 1;
         if bit != 31 {
             if seen & (1 << bit) != 0 {
                 return None; // duplicate field: serde reports it
@@ -537,6 +601,31 @@ mod tests {
             }
         }
         assert!(answered > total / 20, "the fast path should still answer many mutated lines ({answered}/{total})");
+    }
+
+    #[test]
+    fn eight_digits_at_a_time() {
+        for text in ["00000000", "12345678", "99999999", "10000000", "00000001", "87654321"] {
+            let w = u64::from_le_bytes(text.as_bytes().try_into().unwrap());
+            assert!(eight_digits(w), "{text}");
+            assert_eq!(parse_eight(w), text.parse::<u64>().unwrap(), "{text}");
+        }
+        for text in ["1234567a", "/2345678", "12:45678", "1234 678", "-1234567", "1234567.", "\x009999999"] {
+            let w = u64::from_le_bytes(text.as_bytes().try_into().unwrap());
+            assert!(!eight_digits(w), "{text}");
+        }
+        // Hashes: 20 digits, the u64 limit, and one past it.
+        let line = |h: &str| LINES[0].replace("10153995460507501903", h);
+        assert_eq!(parse_stage(&line("18446744073709551615")).map(|e| e.hash), Some(u64::MAX));
+        assert_eq!(parse_stage(&line("18446744073709551616")).map(|e| e.hash), None);
+        assert_eq!(parse_stage(&line("1234567812345678")).map(|e| e.hash), Some(1_234_567_812_345_678));
+    }
+
+    #[test]
+    fn key_names_match_fields() {
+        for (k, f) in KEYS.iter().zip(FIELDS) {
+            assert_eq!(*k, format!("\"{f}\":"));
+        }
     }
 
     #[test]

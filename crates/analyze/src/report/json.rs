@@ -4,7 +4,16 @@
 //! `missing_pairs`, `breakdown`, `first_failure`, `origin`, `pairs`); new fields may be added.
 //! Hashes are JSON integers, exact. Non-finite statistics are the strings "NaN", "Infinity",
 //! "-Infinity", as in the trace format.
+//!
+//! The verdict of a large trace holds millions of pairs: [`write_verdict`] streams them, one
+//! compact object per line, after the pretty-printed summary, without building a document. In a
+//! pair, fields that do not apply (a missing side, magnitudes without a dump, the stat deltas of
+//! a bitwise-identical pair) are left out.
 
+use std::io::{self, Write};
+
+use rayon::prelude::*;
+use serde::Serialize;
 use serde_json::{json, Map, Value};
 
 use crate::advice::recommendations;
@@ -15,34 +24,57 @@ use crate::dataflow::Node;
 /// Version of the verdict layout.
 pub const VERDICT_VERSION: u32 = 1;
 
-fn num(x: f64) -> Value {
-    if x.is_nan() {
-        json!("NaN")
-    } else if x.is_infinite() {
-        json!(if x > 0.0 { "Infinity" } else { "-Infinity" })
-    } else {
-        json!(x)
+/// A statistic: a number, or "NaN" / "Infinity" / "-Infinity".
+struct Num(f64);
+
+impl Serialize for Num {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let x = self.0;
+        if x.is_nan() {
+            s.serialize_str("NaN")
+        } else if x.is_infinite() {
+            s.serialize_str(if x > 0.0 { "Infinity" } else { "-Infinity" })
+        } else {
+            s.serialize_f64(x)
+        }
     }
 }
 
-fn side(s: Option<Side>) -> Value {
-    match s {
-        None => Value::Null,
-        Some(s) => json!({
-            "line": s.loc.line,
-            "step": s.step,
-            "pos_id": s.pos_id,
-            "seq_len": s.seq_len,
-            "hash": s.hash,
-            "min": num(s.min),
-            "max": num(s.max),
-            "mean": num(s.mean),
-            "l2": s.l2.map(num),
-            "nan_count": s.nan_count,
-            "inf_count": s.inf_count,
-            "token_id": s.token_id,
-        }),
-    }
+#[derive(Serialize)]
+struct SideJson {
+    line: u64,
+    step: u64,
+    pos_id: u64,
+    seq_len: u64,
+    hash: u64,
+    min: Num,
+    max: Num,
+    mean: Num,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    l2: Option<Num>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nan_count: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    inf_count: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    token_id: Option<u64>,
+}
+
+fn side(s: Option<Side>) -> Option<SideJson> {
+    s.map(|s| SideJson {
+        line: s.loc.line,
+        step: s.step,
+        pos_id: s.pos_id,
+        seq_len: s.seq_len,
+        hash: s.hash,
+        min: Num(s.min),
+        max: Num(s.max),
+        mean: Num(s.mean),
+        l2: s.l2.map(Num),
+        nan_count: s.nan_count,
+        inf_count: s.inf_count,
+        token_id: s.token_id,
+    })
 }
 
 fn nodes(v: &[Node]) -> Value {
@@ -68,31 +100,73 @@ fn group_name(a: &Analysis, g: &Group) -> String {
     }
 }
 
-fn pair(a: &Analysis, p: &PairResult) -> Value {
-    let drift_class =
-        p.status.is_failure().then(|| crate::analysis::drift_class(a.collected.point_name(p.key.point), p.status));
-    json!({
-        "key": {
-            "prompt_id": a.collected.prompts[p.key.prompt as usize],
-            "layer": p.key.layer,
-            "point": a.collected.point_name(p.key.point),
-            "rank": p.key.rank,
+#[derive(Serialize)]
+struct KeyJson<'a> {
+    prompt_id: &'a str,
+    layer: u32,
+    point: &'a str,
+    rank: Option<u32>,
+}
+
+#[derive(Serialize)]
+struct PairJson<'a> {
+    key: KeyJson<'a>,
+    status: crate::analysis::PairStatus,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    classification: Option<crate::analysis::Classification>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tolerance_class: Option<crate::tolerance::TolClass>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    drift_class: Option<String>,
+    inherited_from: Vec<String>,
+    untraced_between: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    baseline: Option<SideJson>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    candidate: Option<SideJson>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stat_delta: Option<crate::analysis::StatDelta>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_abs: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_rel: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_ulp: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cosine: Option<Num>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    magnitude: Option<&'a crate::magnitude::Magnitude>,
+}
+
+fn names(v: &[Node]) -> Vec<String> {
+    v.iter().map(|n| n.to_string()).collect()
+}
+
+fn pair<'a>(a: &'a Analysis, p: &'a PairResult) -> PairJson<'a> {
+    let point = a.collected.point_name(p.key.point);
+    let m = p.magnitude.as_deref();
+    PairJson {
+        key: KeyJson {
+            prompt_id: &a.collected.prompts[p.key.prompt as usize],
+            layer: p.key.layer,
+            point,
+            rank: p.key.rank,
         },
-        "status": p.status,
-        "classification": p.classification,
-        "tolerance_class": p.tol_class,
-        "drift_class": drift_class,
-        "inherited_from": nodes(p.inherited_from()),
-        "untraced_between": nodes(p.untraced_between()),
-        "baseline": side(a.base(p)),
-        "candidate": side(a.cand(p)),
-        "stat_delta": a.delta(p),
-        "max_abs": p.magnitude.as_ref().map(|m| m.max_abs),
-        "max_rel": p.magnitude.as_ref().map(|m| m.max_rel),
-        "max_ulp": p.magnitude.as_ref().map(|m| m.max_ulp),
-        "cosine": p.magnitude.as_ref().map(|m| num(m.cosine)),
-        "magnitude": p.magnitude,
-    })
+        status: p.status,
+        classification: p.classification,
+        tolerance_class: p.tol_class,
+        drift_class: p.status.is_failure().then(|| crate::analysis::drift_class(point, p.status)),
+        inherited_from: names(p.inherited_from()),
+        untraced_between: names(p.untraced_between()),
+        baseline: side(a.base(p)),
+        candidate: side(a.cand(p)),
+        stat_delta: a.delta(p).filter(|_| p.status != crate::analysis::PairStatus::Pass),
+        max_abs: m.map(|m| m.max_abs),
+        max_rel: m.map(|m| m.max_rel),
+        max_ulp: m.map(|m| m.max_ulp),
+        cosine: m.map(|m| Num(m.cosine)),
+        magnitude: m,
+    }
 }
 
 fn run_meta(a: &Analysis, candidate: bool) -> Value {
@@ -102,8 +176,48 @@ fn run_meta(a: &Analysis, candidate: bool) -> Value {
     serde_json::to_value(a.meta_of(candidate)).unwrap_or(Value::Null)
 }
 
-/// Builds the verdict document.
+/// Writes the verdict: the summary pretty-printed, then `"pairs"` with one compact object per
+/// line, streamed.
+pub fn write_verdict(a: &Analysis, w: &mut impl Write) -> io::Result<()> {
+    let head = serde_json::to_string_pretty(&summary_json(a))?;
+    // The summary is an object: reopen it to append the pairs.
+    let head = head.trim_end().strip_suffix('}').unwrap_or(&head).trim_end();
+    w.write_all(head.as_bytes())?;
+    w.write_all(if head.ends_with('{') { b"\n  \"pairs\": [" } else { b",\n  \"pairs\": [" })?;
+    // Pairs are serialized on all cores, a block at a time, and written in order.
+    const BLOCK: usize = 1 << 16;
+    for (b, block) in a.pairs.chunks(BLOCK * rayon::current_num_threads()).enumerate() {
+        let parts: Vec<io::Result<Vec<u8>>> = block
+            .par_chunks(BLOCK)
+            .enumerate()
+            .map(|(c, pairs)| {
+                let mut buf = Vec::with_capacity(pairs.len() * 512);
+                for (i, p) in pairs.iter().enumerate() {
+                    buf.extend_from_slice(if b == 0 && c == 0 && i == 0 { b"\n    " } else { b",\n    " });
+                    serde_json::to_writer(&mut buf, &pair(a, p))?;
+                }
+                Ok(buf)
+            })
+            .collect();
+        for part in parts {
+            w.write_all(&part?)?;
+        }
+    }
+    w.write_all(if a.pairs.is_empty() { b"]\n}\n" } else { b"\n  ]\n}\n" })
+}
+
+/// The whole verdict as a JSON value (for small analyses and tests; [`write_verdict`] streams).
 pub fn verdict_json(a: &Analysis) -> Value {
+    let mut v = summary_json(a);
+    if let Value::Object(m) = &mut v {
+        let pairs = a.pairs.iter().map(|p| serde_json::to_value(pair(a, p)).unwrap_or(Value::Null)).collect();
+        m.insert("pairs".into(), Value::Array(pairs));
+    }
+    v
+}
+
+/// Everything of the verdict but the pairs.
+fn summary_json(a: &Analysis) -> Value {
     let s = &a.summary;
     let breakdown: Map<String, Value> = a.breakdown.iter().map(|(k, n)| (k.clone(), json!(n))).collect();
     let first_failure = a.first_failure.map(|i| {
@@ -187,6 +301,5 @@ pub fn verdict_json(a: &Analysis) -> Value {
         "recommendations": recommendations(a),
         "run_meta": run_meta(a, false),
         "candidate_run_meta": if a.collected.is_diff() { run_meta(a, true) } else { Value::Null },
-        "pairs": a.pairs.iter().map(|p| pair(a, p)).collect::<Vec<_>>(),
     })
 }

@@ -1,6 +1,7 @@
 //! The Markdown report, in the seed report's layout: header, verdict, summary, failure
 //! breakdown, first failure, sample evidence, propagation tree, root cause, recommendations.
 
+use rayon::prelude::*;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
@@ -456,7 +457,7 @@ fn tree(a: &Analysis, g: &Group) -> Vec<String> {
     for &i in &g.pairs {
         let p = &a.pairs[i];
         let name = a.collected.point_name(p.key.point);
-        let line = format!("{name}: {}", node_status(a, i));
+        let line = format!("{name}: {}", node_status(a, g, i));
         match p.key.point {
             PointId::Known(Point::EmbedOut) => globals_before.push(line),
             PointId::Known(pt) if !pt.is_per_layer() => globals_after.push(line),
@@ -485,7 +486,7 @@ fn tree(a: &Analysis, g: &Group) -> Vec<String> {
 }
 
 /// `✓ MATCH`, `✗ DRIFT (…)`, with the relation to upstream in layer-relative words.
-fn node_status(a: &Analysis, i: usize) -> String {
+fn node_status(a: &Analysis, g: &Group, i: usize) -> String {
     let p = &a.pairs[i];
     match p.status {
         PairStatus::Pass => "✓ MATCH (hash identical)".into(),
@@ -496,20 +497,17 @@ fn node_status(a: &Analysis, i: usize) -> String {
             let what = if s == PairStatus::NumericFault { "✗ NUMERIC FAULT" } else { "✗ DRIFT" };
             let layer = p.key.layer;
             let why = match p.classification {
-                Some(Classification::Originated) => {
-                    let g = a.groups.iter().find(|g| g.pairs.contains(&i));
-                    match g.and_then(|g| g.origins.iter().find(|o| o.pair == i)) {
-                        Some(o) if o.region.len() == 1 => "originated here: inputs match".to_string(),
-                        Some(o) => {
-                            let span = match o.layers {
-                                Some((x, y)) if x != y => format!(" somewhere in untraced layers {x}–{y}"),
-                                _ => " in the untraced ops before it".to_string(),
-                            };
-                            format!("originated{span}; inputs {} match", relative(&o.upstream, layer))
-                        }
-                        None => "originated".into(),
+                Some(Classification::Originated) => match g.origins.iter().find(|o| o.pair == i) {
+                    Some(o) if o.region.len() == 1 => "originated here: inputs match".to_string(),
+                    Some(o) => {
+                        let span = match o.layers {
+                            Some((x, y)) if x != y => format!(" somewhere in untraced layers {x}–{y}"),
+                            _ => " in the untraced ops before it".to_string(),
+                        };
+                        format!("originated{span}; inputs {} match", relative(&o.upstream, layer))
                     }
-                }
+                    None => "originated".into(),
+                },
                 Some(Classification::Inherited) => format!("propagated from {}", relative(p.inherited_from(), layer)),
                 Some(Classification::Undetermined) => {
                     format!("origin undetermined: {} missing/misaligned", relative(p.unknown_upstream(), layer))
@@ -553,7 +551,7 @@ fn propagation(a: &Analysis, md: &mut String) {
     md.push_str("## Drift Propagation Pattern\n\n");
     let trees: Vec<(String, Vec<String>)> = a
         .groups
-        .iter()
+        .par_iter()
         .map(|g| {
             let name = match g.rank {
                 Some(r) => format!("`{}` rank {r}", a.prompt_id(g)),
