@@ -46,7 +46,9 @@ fn write_gguf(path: &Path, model: &Model, arch: &str, dtype: GgmlDType, skip: Op
     let mat = |name: String, m: &Matrix, dt: GgmlDType| (name, qt(&m.data, &[m.rows, m.cols], dt));
     tensors.push(mat("token_embd.weight".into(), &w.embed, GgmlDType::F32));
     for (i, l) in w.layers.iter().enumerate() {
-        for (n, m) in [("attn_q", &l.wq), ("attn_k", &l.wk), ("attn_v", &l.wv), ("attn_output", &l.wo)] {
+        // As llama.cpp's converter writes them: q/k rows permuted for adjacent-pair RoPE.
+        let (wq, wk) = (converter_permute(&l.wq, c.head_dim), converter_permute(&l.wk, c.head_dim));
+        for (n, m) in [("attn_q", &wq), ("attn_k", &wk), ("attn_v", &l.wv), ("attn_output", &l.wo)] {
             tensors.push(mat(format!("blk.{i}.{n}.weight"), m, dtype));
         }
         for (n, m) in [("ffn_gate", &l.w_gate), ("ffn_up", &l.w_up), ("ffn_down", &l.w_down)] {
@@ -66,6 +68,23 @@ fn write_gguf(path: &Path, model: &Model, arch: &str, dtype: GgmlDType, skip: Op
     gguf_file::write(&mut f, &meta_refs, &tensor_refs).unwrap();
 }
 
+/// llama.cpp's converter permutation of q/k rows: within each head of `d` rows, Hugging Face row
+/// `i` (first half) goes to `2i` and row `i + d/2` to `2i + 1`.
+fn converter_permute(m: &Matrix, d: usize) -> Matrix {
+    let mut out = m.clone();
+    for head in 0..m.rows / d {
+        for i in 0..d / 2 {
+            for (src, dst) in [(i, 2 * i), (i + d / 2, 2 * i + 1)] {
+                let (s, t) = ((head * d + src) * m.cols, (head * d + dst) * m.cols);
+                out.data[t..t + m.cols].copy_from_slice(&m.data[s..s + m.cols]);
+            }
+        }
+    }
+    out
+}
+
+/// The loader undoes the converter's permutation: the weights come back in Hugging Face's order
+/// bit for bit, with the halves RoPE layout.
 #[test]
 fn gguf_f32_round_trips_bit_for_bit() {
     let dir = tempfile::tempdir().unwrap();
@@ -73,6 +92,8 @@ fn gguf_f32_round_trips_bit_for_bit() {
     let model = default_model();
     write_gguf(&path, &model, "llama", GgmlDType::F32, None);
     let loaded = load_gguf(&path).unwrap();
+    assert_eq!(loaded.model.config.rope_layout, driftscope_engine::RopeLayout::Halves);
+    assert_ne!(converter_permute(&model.weights.layers[0].wq, model.config.head_dim), model.weights.layers[0].wq);
     assert_eq!(loaded.model.weights, model.weights);
     let (a, b) = (&loaded.model.config, &model.config);
     assert_eq!(
@@ -232,22 +253,9 @@ fn rope_layouts_agree_after_the_converter_permutation() {
     let mut inter = halves.clone();
     inter.config.rope_layout = RopeLayout::Interleaved;
     let d = halves.config.head_dim;
-    // Within each head, HF row i (first half) goes to 2i and row i + d/2 to 2i + 1.
-    let permute = |m: &Matrix| {
-        let mut out = m.clone();
-        for head in 0..m.rows / d {
-            for i in 0..d / 2 {
-                for (src, dst) in [(i, 2 * i), (i + d / 2, 2 * i + 1)] {
-                    let (s, t) = ((head * d + src) * m.cols, (head * d + dst) * m.cols);
-                    out.data[t..t + m.cols].copy_from_slice(&m.data[s..s + m.cols]);
-                }
-            }
-        }
-        out
-    };
     for l in &mut inter.weights.layers {
-        l.wq = permute(&l.wq);
-        l.wk = permute(&l.wk);
+        l.wq = converter_permute(&l.wq, d);
+        l.wk = converter_permute(&l.wk, d);
     }
     let logits = |m: &Model| {
         let mut cache = KvCache::new(&m.config);

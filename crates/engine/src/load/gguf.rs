@@ -1,5 +1,11 @@
 //! GGUF v2/v3 (`general.architecture = llama`) through candle's reader, which handles the
 //! container and dequantizes every ggml type (F32, F16, BF16, Q4_0, Q4_1, Q5_x, Q8_0, K-quants).
+//!
+//! llama.cpp's converter permutes the rows of each head of `attn_q` and `attn_k` so that RoPE
+//! rotates adjacent pairs `(2i, 2i+1)`. The loader puts them back into Hugging Face's order
+//! (pairs `(i, i + d/2)`): the model computes the same function, and its traced `q`, `k`,
+//! `q_rope` and `k_rope` rows line up element by element with those of the same model run from
+//! safetensors or through transformers, so cross-engine diffs compare like with like.
 
 use std::fs::File;
 use std::io::BufReader;
@@ -119,7 +125,7 @@ pub fn load_gguf(path: &Path) -> Result<Loaded, EngineError> {
             rope_theta: g.f64_or(&a("rope.freq_base"), 10_000.0)?,
             rms_eps: g.f64_or(&a("attention.layer_norm_rms_epsilon"), 1e-5)? as f32,
             max_context: g.usize(&a("context_length")).unwrap_or(4096),
-            rope_layout: RopeLayout::Interleaved,
+            rope_layout: RopeLayout::Halves,
         },
     )?;
 
@@ -127,6 +133,14 @@ pub fn load_gguf(path: &Path) -> Result<Loaded, EngineError> {
     let mat = |g: &mut Gguf<'_>, name: &str, rows: usize, cols: usize| {
         let (shape, data) = g.tensor(name)?;
         matrix(path, name, &shape, data, rows, cols)
+    };
+    // q/k: back from the converter's per-head permutation to Hugging Face's row order.
+    let mat_hf = |g: &mut Gguf<'_>, name: &str, rows: usize| {
+        let (shape, mut data) = g.tensor(name)?;
+        if shape.len() == 2 && shape[0] == rows && rows % c.head_dim == 0 && c.head_dim % 2 == 0 {
+            data = unpermute_heads(&data, c.head_dim, c.hidden);
+        }
+        matrix(path, name, &shape, data, rows, c.hidden)
     };
     let embed = mat(&mut g, "token_embd.weight", c.vocab, c.hidden)?;
     let mut layers = Vec::with_capacity(c.n_layers);
@@ -139,8 +153,8 @@ pub fn load_gguf(path: &Path) -> Result<Loaded, EngineError> {
         };
         layers.push(LayerWeights {
             attn_norm: vecn(&mut g, n("attn_norm"))?,
-            wq: mat(&mut g, &n("attn_q"), c.q_dim(), c.hidden)?,
-            wk: mat(&mut g, &n("attn_k"), c.kv_dim(), c.hidden)?,
+            wq: mat_hf(&mut g, &n("attn_q"), c.q_dim())?,
+            wk: mat_hf(&mut g, &n("attn_k"), c.kv_dim())?,
             wv: mat(&mut g, &n("attn_v"), c.kv_dim(), c.hidden)?,
             wo: mat(&mut g, &n("attn_output"), c.hidden, c.q_dim())?,
             mlp_norm: vecn(&mut g, n("ffn_norm"))?,
@@ -158,6 +172,21 @@ pub fn load_gguf(path: &Path) -> Result<Loaded, EngineError> {
     };
     let tokenizer = gguf_tokenizer(&g)?;
     Ok(Loaded { model: Model { weights: Weights { embed, layers, final_norm, lm_head }, config }, tokenizer })
+}
+
+/// Undoes llama.cpp's q/k permutation: within each head of `d` rows (of `cols` values), GGUF row
+/// `2i` is Hugging Face row `i` and GGUF row `2i + 1` is row `i + d/2`.
+pub(crate) fn unpermute_heads(data: &[f32], d: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0.0; data.len()];
+    for head in 0..data.len() / (d * cols) {
+        for i in 0..d / 2 {
+            for (src, dst) in [(2 * i, i), (2 * i + 1, i + d / 2)] {
+                let (s, t) = ((head * d + src) * cols, (head * d + dst) * cols);
+                out[t..t + cols].copy_from_slice(&data[s..s + cols]);
+            }
+        }
+    }
+    out
 }
 
 fn gguf_tokenizer(g: &Gguf<'_>) -> Result<Tokenizer, EngineError> {
