@@ -1,15 +1,21 @@
 //! Engine speed: prefill and decode tokens/s per kernel profile, the cost of `invariant` over
 //! `fast`, and the cost of tracing every point (with a check that tracing changes no output bit).
 //!
-//! Run with `cargo bench -p driftscope-engine --bench engine_speed`. Uses SmolLM2 when
-//! `scripts/fetch-smollm2.sh` has cached it, else the built-in model.
-//! `DRIFTSCOPE_BENCH_REPS` (default 5) sets the repetitions; medians are printed.
+//! Run with `cargo bench -p driftscope-engine --bench engine_speed`. Environment:
+//! - `DRIFTSCOPE_BENCH_MODEL`: `smollm2` (the default when `scripts/fetch-smollm2.sh` has cached
+//!   it, else `builtin`), `builtin`, `llama-1b` (random weights in the shape of Llama-3.2-1B: 16
+//!   layers, hidden 2048, FFN 8192, 32 query / 8 KV heads, vocabulary 128256), or a GGUF path;
+//! - `DRIFTSCOPE_BENCH_DTYPE`: storage dtype of activations and KV cache, `f32` (default), `bf16`
+//!   or `f16` (weights are held in f32 whatever the file's type);
+//! - `DRIFTSCOPE_BENCH_LENGTHS`: prompt lengths and decode contexts (default `128,512`);
+//! - `DRIFTSCOPE_BENCH_REPS` (default 5): repetitions; medians are printed.
 
 use std::time::Instant;
 
+use driftscope_engine::config::{Config, RopeLayout};
 use driftscope_engine::load::{find_smollm2, load_gguf};
 use driftscope_engine::model::Tracer;
-use driftscope_engine::synthetic::default_model;
+use driftscope_engine::synthetic::{default_model, generate};
 use driftscope_engine::{KvCache, Model, Profile, Run};
 use driftscope_trace::{hash_f32, DType, Point, RowStats};
 
@@ -36,13 +42,13 @@ fn tokens(n: usize, vocab: usize) -> Vec<u32> {
 }
 
 /// Seconds to prefill `n` tokens (last row traced when `trace`), and the logits' bits.
-fn prefill(model: &Model, n: usize, profile: Profile, trace: bool) -> (f64, Vec<u32>) {
+fn prefill(model: &Model, n: usize, profile: Profile, trace: bool, dtype: DType) -> (f64, Vec<u32>) {
     let toks = tokens(n, model.config.vocab);
     let mut cache = KvCache::new(&model.config);
     let mut tracer = HashAll(0);
     let mut run = Run {
         kernels: profile.kernels(),
-        dtype: DType::F32,
+        dtype,
         trace_rows: if trace { vec![n - 1] } else { vec![] },
         tracer: if trace { Some(&mut tracer) } else { None },
     };
@@ -52,10 +58,10 @@ fn prefill(model: &Model, n: usize, profile: Profile, trace: bool) -> (f64, Vec<
 }
 
 /// Seconds per decode step over a context of `ctx` tokens (median of 16 steps).
-fn decode(model: &Model, ctx: usize, profile: Profile) -> f64 {
+fn decode(model: &Model, ctx: usize, profile: Profile, dtype: DType) -> f64 {
     let toks = tokens(ctx + 16, model.config.vocab);
     let mut cache = KvCache::new(&model.config);
-    let mut run = Run { kernels: profile.kernels(), dtype: DType::F32, trace_rows: vec![], tracer: None };
+    let mut run = Run { kernels: profile.kernels(), dtype, trace_rows: vec![], tracer: None };
     model.forward(&toks[..ctx], &mut cache, &mut run);
     let mut steps = Vec::new();
     for t in &toks[ctx..] {
@@ -122,12 +128,47 @@ fn peak_flops() -> f64 {
     best
 }
 
+/// Llama-3.2-1B's shape (the weights are random: speed depends on shapes only).
+fn llama_1b() -> Config {
+    Config {
+        name: "llama-1b-shaped (random weights)".into(),
+        n_layers: 16,
+        hidden: 2048,
+        ffn: 8192,
+        n_heads: 32,
+        n_kv_heads: 8,
+        head_dim: 64,
+        vocab: 128_256,
+        rope_theta: 500_000.0,
+        rms_eps: 1e-5,
+        max_context: 4096,
+        rope_layout: RopeLayout::Halves,
+    }
+}
+
 fn main() {
-    let reps: usize = std::env::var("DRIFTSCOPE_BENCH_REPS").ok().and_then(|v| v.parse().ok()).unwrap_or(5).max(1);
-    let model = match find_smollm2() {
-        Some(path) => load_gguf(&path).expect("SmolLM2 loads").model,
-        None => default_model(),
+    let env = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let reps: usize = env("DRIFTSCOPE_BENCH_REPS").and_then(|v| v.parse().ok()).unwrap_or(5).max(1);
+    let dtype = match env("DRIFTSCOPE_BENCH_DTYPE").as_deref() {
+        None | Some("f32") => DType::F32,
+        Some("bf16") => DType::BF16,
+        Some("f16") => DType::F16,
+        Some(other) => panic!("DRIFTSCOPE_BENCH_DTYPE: f32, bf16 or f16, not {other}"),
     };
+    let lengths: Vec<usize> = env("DRIFTSCOPE_BENCH_LENGTHS")
+        .map(|v| v.split(',').map(|n| n.trim().parse().expect("DRIFTSCOPE_BENCH_LENGTHS: numbers")).collect())
+        .unwrap_or(vec![128, 512]);
+    let t = Instant::now();
+    let model = match env("DRIFTSCOPE_BENCH_MODEL").as_deref() {
+        None | Some("smollm2") => match find_smollm2() {
+            Some(path) => load_gguf(&path).expect("SmolLM2 loads").model,
+            None => default_model(),
+        },
+        Some("builtin") => default_model(),
+        Some("llama-1b") => generate(llama_1b(), 1),
+        Some(path) => load_gguf(std::path::Path::new(path)).expect("the GGUF loads").model,
+    };
+    println!("loaded in {:.1} s", t.elapsed().as_secs_f64());
     let params: usize = model
         .weights
         .layers
@@ -144,31 +185,37 @@ fn main() {
         .sum::<usize>()
         + model.weights.lm_head().data.len();
     println!(
-        "model: {} ({} layers, hidden {}, {:.1} M matmul weights, f32); threads: {}; {reps} repetitions, medians",
+        "model: {} ({} layers, hidden {}, {:.1} M matmul weights held in f32; activations {}); threads: {}; {reps} repetitions, medians",
         model.config.name,
         model.config.n_layers,
         model.config.hidden,
         params as f64 / 1e6,
+        dtype.as_str(),
         rayon::current_num_threads()
     );
-    println!("| profile | prefill 128 tok/s | prefill 512 tok/s | decode @128 tok/s | decode @512 tok/s |");
-    println!("|---|---|---|---|---|");
+    let head: Vec<String> = lengths
+        .iter()
+        .map(|n| format!("prefill {n} tok/s"))
+        .chain(lengths.iter().map(|n| format!("decode @{n} tok/s")))
+        .collect();
+    println!("| profile | {} |", head.join(" | "));
+    println!("|---|{}", "---|".repeat(head.len()));
     let mut medians = std::collections::BTreeMap::new();
     for profile in [Profile::Fast, Profile::Invariant] {
         let mut row = Vec::new();
-        for n in [128, 512] {
-            let s = median((0..reps).map(|_| prefill(&model, n, profile, false).0).collect());
+        for &n in &lengths {
+            let s = median((0..reps).map(|_| prefill(&model, n, profile, false, dtype).0).collect());
             medians.insert((profile.as_str(), "prefill", n), s);
             row.push(format!("{:.1}", n as f64 / s));
         }
-        for ctx in [128, 512] {
-            let s = median((0..reps).map(|_| decode(&model, ctx, profile)).collect());
+        for &ctx in &lengths {
+            let s = median((0..reps).map(|_| decode(&model, ctx, profile, dtype)).collect());
             medians.insert((profile.as_str(), "decode", ctx), s);
             row.push(format!("{:.1}", 1.0 / s));
         }
         println!("| {} | {} |", profile.as_str(), row.join(" | "));
     }
-    for (what, n) in [("prefill", 128), ("prefill", 512), ("decode", 128), ("decode", 512)] {
+    for (what, n) in ["prefill", "decode"].iter().flat_map(|w| lengths.iter().map(move |&n| (*w, n))) {
         let (f, i) = (medians[&("fast", what, n)], medians[&("invariant", what, n)]);
         println!("invariant / fast, {what} {n}: {:.3}x", i / f);
     }
@@ -180,7 +227,7 @@ fn main() {
         bw / 1e9,
         peak / 1e9
     );
-    for ctx in [128, 512] {
+    for &ctx in &lengths {
         let floor = bytes / bw;
         let got = medians[&("fast", "decode", ctx)];
         println!(
@@ -190,7 +237,7 @@ fn main() {
             got / floor
         );
     }
-    for n in [128, 512] {
+    for &n in &lengths {
         let floor = 2.0 * params as f64 * n as f64 / peak;
         let got = medians[&("fast", "prefill", n)];
         println!(
@@ -202,12 +249,13 @@ fn main() {
     }
     // Tracing every point of every layer at the last row, vs no tracer.
     for profile in [Profile::Fast, Profile::Invariant] {
-        let off: Vec<(f64, Vec<u32>)> = (0..reps).map(|_| prefill(&model, 128, profile, false)).collect();
-        let on: Vec<(f64, Vec<u32>)> = (0..reps).map(|_| prefill(&model, 128, profile, true)).collect();
+        let n = lengths[0];
+        let off: Vec<(f64, Vec<u32>)> = (0..reps).map(|_| prefill(&model, n, profile, false, dtype)).collect();
+        let on: Vec<(f64, Vec<u32>)> = (0..reps).map(|_| prefill(&model, n, profile, true, dtype)).collect();
         assert!(off.iter().chain(&on).all(|(_, l)| *l == off[0].1), "tracing changed an output bit");
         let (a, b) = (median(off.iter().map(|x| x.0).collect()), median(on.iter().map(|x| x.0).collect()));
         println!(
-            "tracing all points, prefill 128, {}: {:.3}x the untraced time (logits bit-identical)",
+            "tracing all points, prefill {n}, {}: {:.3}x the untraced time (logits bit-identical)",
             profile.as_str(),
             b / a
         );

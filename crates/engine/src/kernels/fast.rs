@@ -1,7 +1,8 @@
 //! Shape-dependent kernels, as production engines choose them (see the module docs).
 
 use super::reduce::{
-    dot_blocked, dot_lanes8, par_attention, par_matmul, rmsnorm_with, sumsq_blocked128, sumsq_lanes8, KvHead, Softmax,
+    dot_lanes8, par_attention, par_matmul, par_matmul_blocked, rmsnorm_with, sumsq_blocked128, sumsq_lanes8, KvHead,
+    Softmax,
 };
 use super::{AttnShape, Kernels};
 use crate::weights::Matrix;
@@ -29,7 +30,7 @@ impl Kernels for Fast {
         if rows == 1 {
             par_matmul(x, rows, w, out, dot_lanes8) // GEMV
         } else {
-            par_matmul(x, rows, w, out, dot_blocked) // GEMM
+            par_matmul_blocked(x, rows, w, out) // GEMM: dot_blocked's order
         }
     }
 

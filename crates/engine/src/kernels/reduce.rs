@@ -115,6 +115,121 @@ pub fn par_matmul(
     }
 }
 
+/// `par_matmul(x, rows, w, out, dot_blocked)`, bit for bit, computed a block of [`MR`] input rows
+/// × [`NR`] output features at a time: each loaded chunk of `x` and of `w` serves several
+/// outputs, and every output element still runs exactly [`dot_blocked`]'s sequence of
+/// operations (its own four lane accumulators per 64-block, summed the same way, tails in order).
+pub fn par_matmul_blocked(x: &[f32], rows: usize, w: &crate::weights::Matrix, out: &mut [f32]) {
+    use rayon::prelude::*;
+    const TILE: usize = 32;
+    let (k, n) = (w.cols, w.rows);
+    assert_eq!(x.len(), rows * k, "matmul input is not [rows, in]");
+    assert_eq!(out.len(), rows * n, "matmul output is not [rows, out]");
+    let tiles: Vec<Vec<f32>> = (0..n.div_ceil(TILE))
+        .into_par_iter()
+        .map(|t| {
+            let (o0, o1) = (t * TILE, ((t + 1) * TILE).min(n));
+            let width = o1 - o0;
+            let mut part = vec![0.0f32; rows * width];
+            let xrow = |r: usize| &x[r * k..(r + 1) * k];
+            let mut r = 0;
+            while r < rows {
+                let mr = (rows - r).min(MR);
+                let mut o = o0;
+                while o < o1 {
+                    // One row (decode in the invariant profile) is a GEMV: share each chunk of x
+                    // between more outputs instead.
+                    let nr = (o1 - o).min(if mr == 1 { NR1 } else { NR });
+                    let mut acc = [[0.0f32; NR1]; MR];
+                    match (mr, nr) {
+                        (MR, NR) => {
+                            let mut blk = [[0.0f32; NR]; MR];
+                            block_dot::<MR, NR>(
+                                std::array::from_fn(|i| xrow(r + i)),
+                                std::array::from_fn(|j| w.row(o + j)),
+                                &mut blk,
+                            );
+                            for (a, b) in acc.iter_mut().zip(blk) {
+                                a[..NR].copy_from_slice(&b);
+                            }
+                        }
+                        (1, NR1) => {
+                            let mut one = [[0.0f32; NR1]; 1];
+                            block_dot::<1, NR1>([xrow(r)], std::array::from_fn(|j| w.row(o + j)), &mut one);
+                            acc[0] = one[0];
+                        }
+                        _ => {
+                            for (i, a) in acc.iter_mut().enumerate().take(mr) {
+                                for (j, v) in a.iter_mut().enumerate().take(nr) {
+                                    *v = dot_blocked(xrow(r + i), w.row(o + j));
+                                }
+                            }
+                        }
+                    }
+                    for (i, a) in acc.iter().enumerate().take(mr) {
+                        part[(r + i) * width + (o - o0)..][..nr].copy_from_slice(&a[..nr]);
+                    }
+                    o += nr;
+                }
+                r += mr;
+            }
+            part
+        })
+        .collect();
+    for (t, part) in tiles.iter().enumerate() {
+        let (o0, o1) = (t * TILE, ((t + 1) * TILE).min(n));
+        let width = o1 - o0;
+        for r in 0..rows {
+            out[r * n + o0..r * n + o1].copy_from_slice(&part[r * width..(r + 1) * width]);
+        }
+    }
+}
+
+/// Input rows per block of [`par_matmul_blocked`].
+pub const MR: usize = 4;
+/// Output features per block of [`par_matmul_blocked`].
+pub const NR: usize = 2;
+/// Output features per block when there is one input row.
+pub const NR1: usize = 4;
+
+/// [`dot_blocked`] of every pair (`xs[i]`, `ws[j]`) at once, into `out[i][j]`.
+#[inline(always)]
+fn block_dot<const R: usize, const O: usize>(xs: [&[f32]; R], ws: [&[f32]; O], out: &mut [[f32; O]; R]) {
+    let k = xs.iter().chain(ws.iter()).map(|s| s.len()).min().unwrap_or(0);
+    let mut total = [[0.0f32; O]; R];
+    let mut b = 0;
+    while b < k {
+        let end = (b + 64).min(k);
+        let full = b + (end - b) / 4 * 4;
+        let mut acc = [[[0.0f32; 4]; O]; R];
+        let mut i = b;
+        while i < full {
+            let wv: [[f32; 4]; O] = std::array::from_fn(|j| [ws[j][i], ws[j][i + 1], ws[j][i + 2], ws[j][i + 3]]);
+            for (r, a) in acc.iter_mut().enumerate() {
+                let xv = [xs[r][i], xs[r][i + 1], xs[r][i + 2], xs[r][i + 3]];
+                for (j, aj) in a.iter_mut().enumerate() {
+                    for l in 0..4 {
+                        aj[l] += xv[l] * wv[j][l];
+                    }
+                }
+            }
+            i += 4;
+        }
+        for r in 0..R {
+            for j in 0..O {
+                let a = acc[r][j];
+                let mut block = (a[0] + a[1]) + (a[2] + a[3]);
+                for t in full..end {
+                    block += xs[r][t] * ws[j][t];
+                }
+                total[r][j] += block;
+            }
+        }
+        b = end;
+    }
+    *out = total;
+}
+
 /// Per row: `out = x · inv_rms · weight` with `inv_rms = 1 / sqrt(sumsq / n + eps)`.
 pub fn rmsnorm_with(
     x: &[f32],

@@ -137,3 +137,19 @@ fn fast_differs_between_one_row_and_many() {
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
+
+/// The register-blocked GEMM gives every element exactly `dot_blocked`'s bits, whatever the
+/// remainders (rows not a multiple of MR, outputs not a multiple of NR, k not a multiple of 4 or
+/// 64, tiles cut short).
+#[test]
+fn blocked_gemm_is_bitwise_dot_blocked() {
+    use super::reduce::{dot_blocked, par_matmul, par_matmul_blocked};
+    for (rows, k, n) in [(1, 5, 3), (1, 576, 64), (3, 64, 7), (4, 63, 2), (5, 130, 33), (9, 259, 65), (33, 11, 1)] {
+        let (x, w) = (data(rows * k, 3), Matrix::new(n, k, data(n * k, 4)));
+        let (mut want, mut got) = (vec![0.0; rows * n], vec![f32::NAN; rows * n]);
+        par_matmul(&x, rows, &w, &mut want, dot_blocked);
+        par_matmul_blocked(&x, rows, &w, &mut got);
+        let same = want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(same, "rows={rows} k={k} n={n}");
+    }
+}

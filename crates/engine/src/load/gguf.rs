@@ -137,7 +137,7 @@ pub fn load_gguf(path: &Path) -> Result<Loaded, EngineError> {
     // q/k: back from the converter's per-head permutation to Hugging Face's row order.
     let mat_hf = |g: &mut Gguf<'_>, name: &str, rows: usize| {
         let (shape, mut data) = g.tensor(name)?;
-        if shape.len() == 2 && shape[0] == rows && rows % c.head_dim == 0 && c.head_dim % 2 == 0 {
+        if shape.len() == 2 && shape[0] == rows && rows.is_multiple_of(c.head_dim) && c.head_dim.is_multiple_of(2) {
             data = unpermute_heads(&data, c.head_dim, c.hidden);
         }
         matrix(path, name, &shape, data, rows, c.hidden)
