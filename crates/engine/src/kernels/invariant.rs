@@ -1,6 +1,8 @@
 //! Batch-invariant kernels: one reduction order per output element, whatever the shape.
 
-use super::reduce::{par_attention, par_matmul_blocked, rmsnorm_with, sumsq_lanes8, KvHead, Softmax};
+use super::reduce::{
+    dot_blocked, par_attention, par_matmul, par_matmul_blocked, rmsnorm_with, sumsq_lanes8, KvHead, Softmax,
+};
 use super::{AttnShape, Kernels};
 use crate::weights::Matrix;
 
@@ -18,8 +20,13 @@ impl Kernels for Invariant {
     }
 
     fn matmul(&self, x: &[f32], rows: usize, w: &Matrix, out: &mut [f32]) {
-        // The GEMM order for every row count, one row included.
-        par_matmul_blocked(x, rows, w, out)
+        // The GEMM order for every row count, one row included (the blocked kernel computes
+        // exactly `dot_blocked` per element, so both calls give the same bits).
+        if rows == 1 {
+            par_matmul(x, rows, w, out, dot_blocked)
+        } else {
+            par_matmul_blocked(x, rows, w, out)
+        }
     }
 
     fn rmsnorm(&self, x: &[f32], rows: usize, weight: &[f32], eps: f32, out: &mut [f32]) {

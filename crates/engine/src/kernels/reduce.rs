@@ -137,27 +137,16 @@ pub fn par_matmul_blocked(x: &[f32], rows: usize, w: &crate::weights::Matrix, ou
                 let mr = (rows - r).min(MR);
                 let mut o = o0;
                 while o < o1 {
-                    // One row (decode in the invariant profile) is a GEMV: share each chunk of x
-                    // between more outputs instead.
-                    let nr = (o1 - o).min(if mr == 1 { NR1 } else { NR });
-                    let mut acc = [[0.0f32; NR1]; MR];
+                    let nr = (o1 - o).min(NR);
+                    let mut acc = [[0.0f32; NR]; MR];
                     match (mr, nr) {
-                        (MR, NR) => {
-                            let mut blk = [[0.0f32; NR]; MR];
-                            block_dot::<MR, NR>(
-                                std::array::from_fn(|i| xrow(r + i)),
-                                std::array::from_fn(|j| w.row(o + j)),
-                                &mut blk,
-                            );
-                            for (a, b) in acc.iter_mut().zip(blk) {
-                                a[..NR].copy_from_slice(&b);
-                            }
-                        }
-                        (1, NR1) => {
-                            let mut one = [[0.0f32; NR1]; 1];
-                            block_dot::<1, NR1>([xrow(r)], std::array::from_fn(|j| w.row(o + j)), &mut one);
-                            acc[0] = one[0];
-                        }
+                        (MR, NR) => block_dot::<MR, NR>(
+                            std::array::from_fn(|i| xrow(r + i)),
+                            std::array::from_fn(|j| w.row(o + j)),
+                            &mut acc,
+                        ),
+                        // Fewer rows (one row: decode in the invariant profile, a memory-bound
+                        // GEMV) or a tile's last output: element by element.
                         _ => {
                             for (i, a) in acc.iter_mut().enumerate().take(mr) {
                                 for (j, v) in a.iter_mut().enumerate().take(nr) {
@@ -189,8 +178,6 @@ pub fn par_matmul_blocked(x: &[f32], rows: usize, w: &crate::weights::Matrix, ou
 pub const MR: usize = 4;
 /// Output features per block of [`par_matmul_blocked`].
 pub const NR: usize = 2;
-/// Output features per block when there is one input row.
-pub const NR1: usize = 4;
 
 /// [`dot_blocked`] of every pair (`xs[i]`, `ws[j]`) at once, into `out[i][j]`.
 #[inline(always)]
