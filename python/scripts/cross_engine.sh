@@ -13,10 +13,9 @@
 # Environment: DRIFTSCOPE_BIN (default target/debug/driftscope), DRIFTSCOPE_CACHE (the model cache,
 # as scripts/fetch-smollm2.sh), PYTHON (default: the venv of scripts/setup-python.sh), PROFILE.
 #
-# Caveat: GGUF stores W_q and W_k with the rows of each head permuted for llama.cpp's interleaved
-# RoPE. transformers un-permutes them when it loads a GGUF; an engine that keeps GGUF's layout
-# computes q and k (and q_rope, k_rope) with their elements in another order within each head, so
-# those rows cannot match element for element even when the values do (everything else can).
+# GGUF stores W_q and W_k with the rows of each head permuted for llama.cpp's interleaved RoPE;
+# transformers and the Rust engine both put them back into Hugging Face's order when they load a
+# GGUF, so q and k line up element for element and every point can be compared.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "$0")/../.." && pwd)"
