@@ -169,27 +169,16 @@ fn main() {
         Some(path) => load_gguf(std::path::Path::new(path)).expect("the GGUF loads").model,
     };
     println!("loaded in {:.1} s", t.elapsed().as_secs_f64());
-    let params: usize = model
-        .weights
-        .layers
-        .iter()
-        .map(|l| {
-            l.wq.data.len()
-                + l.wk.data.len()
-                + l.wv.data.len()
-                + l.wo.data.len()
-                + l.w_gate.data.len()
-                + l.w_up.data.len()
-                + l.w_down.data.len()
-        })
-        .sum::<usize>()
-        + model.weights.lm_head().data.len();
+    let params: usize = model.weights.matmul_weights().map(|m| m.data.len()).sum();
+    let weight_bytes: usize = model.weights.matmul_weights().map(|m| m.bytes()).sum();
+    let storage = model.weights.layers.first().map_or("f32", |l| l.wq.data.type_name());
     println!(
-        "model: {} ({} layers, hidden {}, {:.1} M matmul weights held in f32; activations {}); threads: {}; {reps} repetitions, medians",
+        "model: {} ({} layers, hidden {}, {:.1} M matmul weights held in {storage}, {:.0} MB; activations {}); threads: {}; {reps} repetitions, medians",
         model.config.name,
         model.config.n_layers,
         model.config.hidden,
         params as f64 / 1e6,
+        weight_bytes as f64 / 1e6,
         dtype.as_str(),
         rayon::current_num_threads()
     );
@@ -221,7 +210,7 @@ fn main() {
     }
     // The machine's limits and the floors they set for this model.
     let (bw, peak) = (bandwidth(), peak_flops());
-    let bytes = (params * 4) as f64;
+    let bytes = weight_bytes as f64;
     println!(
         "limits: memory bandwidth {:.1} GB/s, f32 mul+add {:.1} GFLOP/s (this build, all threads)",
         bw / 1e9,

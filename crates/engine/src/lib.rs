@@ -22,4 +22,4 @@ pub use kernels::{Kernels, Profile};
 pub use load::{load, Loaded};
 pub use model::{KvCache, Model, Run, Seq, Tracer};
 pub use tokenizer::Tokenizer;
-pub use weights::{LayerWeights, Matrix, Weights};
+pub use weights::{LayerWeights, Matrix, Storage, Weights};

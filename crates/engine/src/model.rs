@@ -139,7 +139,7 @@ impl Model {
         // x: [t, hidden], the residual stream.
         let mut x = vec![0.0f32; t * d];
         for (row, &tok) in x.chunks_mut(d).zip(seqs.iter().flat_map(|s| s.tokens.iter())) {
-            row.copy_from_slice(w.embed.row(tok as usize));
+            row.copy_from_slice(&w.embed.row(tok as usize));
         }
         round_to(&mut x, dt);
         trace(run, Point::EmbedOut, 0, &x, d);

@@ -43,7 +43,7 @@ fn write_gguf(path: &Path, model: &Model, arch: &str, dtype: GgmlDType, skip: Op
         ("tokenizer.ggml.merges".into(), Value::Array(vec![])),
     ];
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
-    let mat = |name: String, m: &Matrix, dt: GgmlDType| (name, qt(&m.data, &[m.rows, m.cols], dt));
+    let mat = |name: String, m: &Matrix, dt: GgmlDType| (name, qt(&m.values(), &[m.rows, m.cols], dt));
     tensors.push(mat("token_embd.weight".into(), &w.embed, GgmlDType::F32));
     for (i, l) in w.layers.iter().enumerate() {
         // As llama.cpp's converter writes them: q/k rows permuted for adjacent-pair RoPE.
@@ -59,7 +59,7 @@ fn write_gguf(path: &Path, model: &Model, arch: &str, dtype: GgmlDType, skip: Op
     }
     tensors.push(("output_norm.weight".into(), qt(&w.final_norm, &[c.hidden], GgmlDType::F32)));
     if let Some(head) = &w.lm_head {
-        tensors.push(("output.weight".into(), qt(&head.data, &[head.rows, head.cols], dtype)));
+        tensors.push(("output.weight".into(), qt(&head.values(), &[head.rows, head.cols], dtype)));
     }
     tensors.retain(|(n, _)| Some(n.as_str()) != skip);
     let meta_refs: Vec<(&str, &Value)> = meta.iter().map(|(k, v)| (k.as_str(), v)).collect();
@@ -71,16 +71,16 @@ fn write_gguf(path: &Path, model: &Model, arch: &str, dtype: GgmlDType, skip: Op
 /// llama.cpp's converter permutation of q/k rows: within each head of `d` rows, Hugging Face row
 /// `i` (first half) goes to `2i` and row `i + d/2` to `2i + 1`.
 fn converter_permute(m: &Matrix, d: usize) -> Matrix {
-    let mut out = m.clone();
+    let (v, mut out) = (m.values(), m.values().into_owned());
     for head in 0..m.rows / d {
         for i in 0..d / 2 {
             for (src, dst) in [(i, 2 * i), (i + d / 2, 2 * i + 1)] {
                 let (s, t) = ((head * d + src) * m.cols, (head * d + dst) * m.cols);
-                out.data[t..t + m.cols].copy_from_slice(&m.data[s..s + m.cols]);
+                out[t..t + m.cols].copy_from_slice(&v[s..s + m.cols]);
             }
         }
     }
-    out
+    Matrix::new(m.rows, m.cols, out)
 }
 
 /// The loader undoes the converter's permutation: the weights come back in Hugging Face's order
@@ -112,9 +112,18 @@ fn gguf_f16_bf16_and_q8_0_dequantize_close_to_the_source() {
         let path = dir.path().join("tiny.gguf");
         write_gguf(&path, &model, "llama", dtype, None);
         let loaded = load_gguf(&path).unwrap_or_else(|e| panic!("{dtype:?}: {e}"));
+        // F16 and BF16 stay 16-bit in memory; quantized blocks are dequantized to f32.
+        let kept = match dtype {
+            GgmlDType::F16 => "f16",
+            GgmlDType::BF16 => "bf16",
+            _ => "f32",
+        };
+        assert_eq!(loaded.model.weights.layers[2].w_up.data.type_name(), kept, "{dtype:?}");
+        assert_eq!(loaded.model.weights.layers[2].wq.data.type_name(), kept, "{dtype:?}: q (un-permuted) too");
         let (got, want) = (&loaded.model.weights.layers[2].w_up, &model.weights.layers[2].w_up);
-        let scale = want.data.iter().fold(0.0f32, |m, v| m.max(v.abs()));
-        let err = got.data.iter().zip(&want.data).fold(0.0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
+        let (got, want) = (got.values(), want.values());
+        let scale = want.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        let err = got.iter().zip(want.iter()).fold(0.0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
         assert!(err > 0.0 && err < budget, "{dtype:?}: relative error {err}");
         // And the model runs.
         let mut cache = KvCache::new(&loaded.model.config);
@@ -168,14 +177,15 @@ fn write_hf(dir: &Path, model: &Model, dtype: safetensors::Dtype) {
     let enc = |v: &[f32]| -> Vec<u8> {
         match dtype {
             safetensors::Dtype::BF16 => v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()).collect(),
+            safetensors::Dtype::F16 => v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()).collect(),
             _ => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
         }
     };
     let w = &model.weights;
     let mut named: Vec<(String, Vec<usize>, Vec<u8>)> = vec![
-        ("model.embed_tokens.weight".into(), vec![c.vocab, c.hidden], enc(&w.embed.data)),
+        ("model.embed_tokens.weight".into(), vec![c.vocab, c.hidden], enc(&w.embed.values())),
         ("model.norm.weight".into(), vec![c.hidden], enc(&w.final_norm)),
-        ("lm_head.weight".into(), vec![c.vocab, c.hidden], enc(&w.lm_head().data)),
+        ("lm_head.weight".into(), vec![c.vocab, c.hidden], enc(&w.lm_head().values())),
     ];
     for (i, l) in w.layers.iter().enumerate() {
         let p = |s: &str| format!("model.layers.{i}.{s}.weight");
@@ -188,7 +198,7 @@ fn write_hf(dir: &Path, model: &Model, dtype: safetensors::Dtype) {
             ("mlp.up_proj", &l.w_up),
             ("mlp.down_proj", &l.w_down),
         ] {
-            named.push((p(n), vec![m.rows, m.cols], enc(&m.data)));
+            named.push((p(n), vec![m.rows, m.cols], enc(&m.values())));
         }
         named.push((p("input_layernorm"), vec![c.hidden], enc(&l.attn_norm)));
         named.push((p("post_attention_layernorm"), vec![c.hidden], enc(&l.mlp_norm)));
@@ -217,8 +227,36 @@ fn safetensors_f32_checkpoint_computes_the_same_bits() {
 
     write_hf(dir.path(), &model, safetensors::Dtype::BF16);
     let loaded = load_hf(dir.path()).unwrap();
-    let (a, b) = (&loaded.model.weights.layers[0].wq.data, &model.weights.layers[0].wq.data);
-    assert!(a.iter().zip(b).all(|(x, y)| *x == half::bf16::from_f32(*y).to_f32()));
+    let (a, b) = (loaded.model.weights.layers[0].wq.values(), model.weights.layers[0].wq.values());
+    assert!(a.iter().zip(b.iter()).all(|(x, y)| *x == half::bf16::from_f32(*y).to_f32()));
+}
+
+/// 16-bit weights stay 16-bit in memory (half the bytes) and compute exactly what the same
+/// values held in f32 compute: prefill and decode, both profiles.
+#[test]
+fn sixteen_bit_weights_stay_packed_and_compute_the_same_bits() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = default_model();
+    for (st, name) in [(safetensors::Dtype::BF16, "bf16"), (safetensors::Dtype::F16, "f16")] {
+        write_hf(dir.path(), &model, st);
+        let packed = load_hf(dir.path()).unwrap().model;
+        let wq = &packed.weights.layers[0].wq;
+        assert_eq!(wq.data.type_name(), name);
+        assert_eq!(wq.bytes(), wq.rows * wq.cols * 2);
+        let wide = Model { weights: packed.weights.to_f32(), config: packed.config.clone() };
+        assert_eq!(wide.weights.layers[0].wq.data.type_name(), "f32");
+        for profile in [Profile::Fast, Profile::Invariant] {
+            let bits = |m: &Model| {
+                let mut cache = KvCache::new(&m.config);
+                let mut run = Run { kernels: profile.kernels(), dtype: DType::F32, trace_rows: vec![], tracer: None };
+                let mut out: Vec<u32> =
+                    m.forward(&[10, 20, 30, 40, 50], &mut cache, &mut run).iter().map(|x| x.to_bits()).collect();
+                out.extend(m.forward(&[60], &mut cache, &mut run).iter().map(|x| x.to_bits()));
+                out
+            };
+            assert_eq!(bits(&packed), bits(&wide), "{name}, {}", profile.as_str());
+        }
+    }
 }
 
 #[test]

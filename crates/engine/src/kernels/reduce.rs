@@ -96,11 +96,13 @@ pub fn par_matmul(
         .into_par_iter()
         .map(|t| {
             let (o0, o1) = (t * TILE, ((t + 1) * TILE).min(n));
+            // The tile's weight rows in f32 (borrowed, or widened once for 16-bit storage).
+            let wt = w.rows_f32(o0, o1);
             let mut part = Vec::with_capacity(rows * (o1 - o0));
             for r in 0..rows {
                 let xr = &x[r * k..(r + 1) * k];
-                for o in o0..o1 {
-                    part.push(dot(xr, w.row(o)));
+                for o in 0..o1 - o0 {
+                    part.push(dot(xr, &wt[o * k..(o + 1) * k]));
                 }
             }
             part
@@ -132,6 +134,8 @@ pub fn par_matmul_blocked(x: &[f32], rows: usize, w: &crate::weights::Matrix, ou
             let width = o1 - o0;
             let mut part = vec![0.0f32; rows * width];
             let xrow = |r: usize| &x[r * k..(r + 1) * k];
+            let wt = w.rows_f32(o0, o1);
+            let wrow = |o: usize| &wt[(o - o0) * k..(o - o0 + 1) * k];
             let mut r = 0;
             while r < rows {
                 let mr = (rows - r).min(MR);
@@ -142,7 +146,7 @@ pub fn par_matmul_blocked(x: &[f32], rows: usize, w: &crate::weights::Matrix, ou
                     match (mr, nr) {
                         (MR, NR) => block_dot::<MR, NR>(
                             std::array::from_fn(|i| xrow(r + i)),
-                            std::array::from_fn(|j| w.row(o + j)),
+                            std::array::from_fn(|j| wrow(o + j)),
                             &mut acc,
                         ),
                         // Fewer rows (one row: decode in the invariant profile, a memory-bound
@@ -150,7 +154,7 @@ pub fn par_matmul_blocked(x: &[f32], rows: usize, w: &crate::weights::Matrix, ou
                         _ => {
                             for (i, a) in acc.iter_mut().enumerate().take(mr) {
                                 for (j, v) in a.iter_mut().enumerate().take(nr) {
-                                    *v = dot_blocked(xrow(r + i), w.row(o + j));
+                                    *v = dot_blocked(xrow(r + i), wrow(o + j));
                                 }
                             }
                         }

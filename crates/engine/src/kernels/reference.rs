@@ -18,7 +18,7 @@ pub fn matmul(x: &[f32], rows: usize, w: &Matrix, out: &mut [f32]) {
     for r in 0..rows {
         let xr = &x[r * w.cols..(r + 1) * w.cols];
         for o in 0..w.rows {
-            let s: f64 = xr.iter().zip(w.row(o)).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
+            let s: f64 = xr.iter().zip(w.row(o).iter()).map(|(&a, &b)| f64::from(a) * f64::from(b)).sum();
             out[r * w.rows + o] = s as f32;
         }
     }

@@ -1,5 +1,6 @@
 //! GGUF v2/v3 (`general.architecture = llama`) through candle's reader, which handles the
-//! container and dequantizes every ggml type (F32, F16, BF16, Q4_0, Q4_1, Q5_x, Q8_0, K-quants).
+//! container and dequantizes every ggml type (F32, Q4_0, Q4_1, Q5_x, Q8_0, K-quants) to f32;
+//! F16 and BF16 matrices are kept in 16 bits (the kernels widen them exactly).
 //!
 //! llama.cpp's converter permutes the rows of each head of `attn_q` and `attn_k` so that RoPE
 //! rotates adjacent pairs `(2i, 2i+1)`. The loader puts them back into Hugging Face's order
@@ -12,14 +13,16 @@ use std::io::BufReader;
 use std::path::Path;
 
 use candle_core::quantized::gguf_file::{Content, Value};
+use candle_core::quantized::GgmlDType;
 use candle_core::Device;
+use half::{bf16, f16};
 
 use super::{expect_shape, matrix, validated, Loaded};
 use crate::config::{Config, RopeLayout};
 use crate::error::EngineError;
 use crate::model::Model;
 use crate::tokenizer::Tokenizer;
-use crate::weights::{LayerWeights, Weights};
+use crate::weights::{LayerWeights, Storage, Weights};
 
 struct Gguf<'a> {
     path: &'a Path,
@@ -55,6 +58,37 @@ impl Gguf<'_> {
     fn strings(&self, key: &str) -> Result<Vec<String>, EngineError> {
         let arr = self.key(key)?.to_vec().map_err(|e| self.bad(key, e))?;
         arr.iter().map(|v| v.to_string().cloned().map_err(|e| self.bad(key, e))).collect()
+    }
+
+    /// Reads a matrix: F16 and BF16 data stay in 16 bits, other types are dequantized to f32.
+    fn matrix_data(&mut self, name: &str) -> Result<(Vec<usize>, Storage), EngineError> {
+        let dtype = self.content.tensor_infos.get(name).map(|t| t.ggml_dtype);
+        let keep = match dtype {
+            Some(GgmlDType::F16) => Some(false),
+            Some(GgmlDType::BF16) => Some(true),
+            _ => None,
+        };
+        let Some(is_bf16) = keep else {
+            let (shape, values) = self.tensor(name)?;
+            return Ok((shape, Storage::F32(values)));
+        };
+        let err = |message: String| EngineError::Tensor { path: self.path.to_path_buf(), tensor: name.into(), message };
+        let q = self
+            .content
+            .tensor(&mut self.file, name, &Device::Cpu)
+            .map_err(|e| err(format!("cannot read {dtype:?} data: {e}")))?;
+        let shape = q.shape().dims().to_vec();
+        let bytes = q.data().map_err(|e| err(format!("cannot read {dtype:?} data: {e}")))?;
+        let pairs = bytes.chunks_exact(2).map(|b| [b[0], b[1]]);
+        let data = if is_bf16 {
+            Storage::BF16(pairs.map(bf16::from_le_bytes).collect())
+        } else {
+            Storage::F16(pairs.map(f16::from_le_bytes).collect())
+        };
+        if data.len() != shape.iter().product::<usize>() {
+            return Err(err(format!("{} values for shape {shape:?}", data.len())));
+        }
+        Ok((shape, data))
     }
 
     /// Reads and dequantizes a tensor; returns its shape (`[rows, cols]` row-major) and values.
@@ -131,14 +165,14 @@ pub fn load_gguf(path: &Path) -> Result<Loaded, EngineError> {
 
     let c = &config;
     let mat = |g: &mut Gguf<'_>, name: &str, rows: usize, cols: usize| {
-        let (shape, data) = g.tensor(name)?;
+        let (shape, data) = g.matrix_data(name)?;
         matrix(path, name, &shape, data, rows, cols)
     };
     // q/k: back from the converter's per-head permutation to Hugging Face's row order.
     let mat_hf = |g: &mut Gguf<'_>, name: &str, rows: usize| {
-        let (shape, mut data) = g.tensor(name)?;
+        let (shape, mut data) = g.matrix_data(name)?;
         if shape.len() == 2 && shape[0] == rows && rows.is_multiple_of(c.head_dim) && c.head_dim.is_multiple_of(2) {
-            data = unpermute_heads(&data, c.head_dim, c.hidden);
+            data = data.gather_rows(&unpermuted_order(rows, c.head_dim), c.hidden);
         }
         matrix(path, name, &shape, data, rows, c.hidden)
     };
@@ -174,19 +208,16 @@ pub fn load_gguf(path: &Path) -> Result<Loaded, EngineError> {
     Ok(Loaded { model: Model { weights: Weights { embed, layers, final_norm, lm_head }, config }, tokenizer })
 }
 
-/// Undoes llama.cpp's q/k permutation: within each head of `d` rows (of `cols` values), GGUF row
-/// `2i` is Hugging Face row `i` and GGUF row `2i + 1` is row `i + d/2`.
-pub(crate) fn unpermute_heads(data: &[f32], d: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0.0; data.len()];
-    for head in 0..data.len() / (d * cols) {
-        for i in 0..d / 2 {
-            for (src, dst) in [(2 * i, i), (2 * i + 1, i + d / 2)] {
-                let (s, t) = ((head * d + src) * cols, (head * d + dst) * cols);
-                out[t..t + cols].copy_from_slice(&data[s..s + cols]);
-            }
-        }
-    }
-    out
+/// Undoes llama.cpp's q/k permutation: the GGUF row to take for each Hugging Face row. Within
+/// each head of `d` rows, GGUF row `2i` is Hugging Face row `i` and GGUF row `2i + 1` is row
+/// `i + d/2`.
+pub(crate) fn unpermuted_order(rows: usize, d: usize) -> Vec<usize> {
+    (0..rows)
+        .map(|r| {
+            let (head, i) = (r / d, r % d);
+            head * d + if i < d / 2 { 2 * i } else { 2 * (i - d / 2) + 1 }
+        })
+        .collect()
 }
 
 fn gguf_tokenizer(g: &Gguf<'_>) -> Result<Tokenizer, EngineError> {

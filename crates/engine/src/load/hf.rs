@@ -12,7 +12,7 @@ use crate::config::{Config, RopeLayout};
 use crate::error::EngineError;
 use crate::model::Model;
 use crate::tokenizer::Tokenizer;
-use crate::weights::{LayerWeights, Weights};
+use crate::weights::{LayerWeights, Storage, Weights};
 
 #[derive(Deserialize)]
 struct HfConfig {
@@ -54,7 +54,14 @@ struct Tensors {
 }
 
 impl Tensors {
+    /// A vector, in f32.
     fn get(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>), EngineError> {
+        let (shape, data) = self.get_storage(name)?;
+        Ok((shape, data.range_f32(0, data.len()).into_owned()))
+    }
+
+    /// A tensor in its own type (f32, f16 or bf16).
+    fn get_storage(&self, name: &str) -> Result<(Vec<usize>, Storage), EngineError> {
         let &i = self.index.get(name).ok_or_else(|| EngineError::Tensor {
             path: self.files.first().map(|f| f.0.clone()).unwrap_or_default(),
             tensor: name.into(),
@@ -65,10 +72,14 @@ impl Tensors {
         let st = SafeTensors::deserialize(bytes).map_err(|e| err(e.to_string()))?;
         let view = st.tensor(name).map_err(|e| err(e.to_string()))?;
         let data = view.data();
-        let values: Vec<f32> = match view.dtype() {
-            Dtype::F32 => data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            Dtype::F16 => data.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            Dtype::BF16 => data.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        let values = match view.dtype() {
+            Dtype::F32 => {
+                Storage::F32(data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+            }
+            Dtype::F16 => Storage::F16(data.chunks_exact(2).map(|b| half::f16::from_le_bytes([b[0], b[1]])).collect()),
+            Dtype::BF16 => {
+                Storage::BF16(data.chunks_exact(2).map(|b| half::bf16::from_le_bytes([b[0], b[1]])).collect())
+            }
             other => return Err(err(format!("dtype {other:?} is not supported (f32, f16, bf16)"))),
         };
         Ok((view.shape().to_vec(), values))
@@ -143,7 +154,7 @@ pub fn load_hf(dir: &Path) -> Result<Loaded, EngineError> {
     let t = Tensors { files, index };
     let c = &config;
     let mat = |name: &str, rows: usize, cols: usize| {
-        let (shape, data) = t.get(name)?;
+        let (shape, data) = t.get_storage(name)?;
         matrix(dir, name, &shape, data, rows, cols)
     };
     let vecn = |name: &str| -> Result<Vec<f32>, EngineError> {

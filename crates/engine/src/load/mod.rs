@@ -13,7 +13,7 @@ use crate::config::Config;
 use crate::error::EngineError;
 use crate::model::Model;
 use crate::tokenizer::Tokenizer;
-use crate::weights::Matrix;
+use crate::weights::{Matrix, Storage};
 
 /// A model with its tokenizer.
 #[derive(Debug)]
@@ -78,12 +78,12 @@ pub(crate) fn matrix(
     path: &Path,
     name: &str,
     shape: &[usize],
-    data: Vec<f32>,
+    data: Storage,
     rows: usize,
     cols: usize,
 ) -> Result<Matrix, EngineError> {
     expect_shape(path, name, shape, rows, cols)?;
-    Ok(Matrix::new(rows, cols, data))
+    Ok(Matrix::from_storage(rows, cols, data))
 }
 
 /// The config's consistency, as an error naming the file.
