@@ -7,7 +7,6 @@
 
 use std::borrow::Cow;
 
-use half::slice::HalfFloatSliceExt;
 use half::{bf16, f16};
 
 /// The values of a matrix, in their storage type.
@@ -57,8 +56,16 @@ impl Storage {
     pub fn range_f32(&self, a: usize, b: usize) -> Cow<'_, [f32]> {
         match self {
             Storage::F32(v) => Cow::Borrowed(&v[a..b]),
-            Storage::F16(v) => Cow::Owned(v[a..b].to_f32_vec()),
-            Storage::BF16(v) => Cow::Owned(v[a..b].to_f32_vec()),
+            Storage::F16(v) => {
+                let mut out = vec![0.0; b - a];
+                widen_f16(&v[a..b], &mut out);
+                Cow::Owned(out)
+            }
+            Storage::BF16(v) => {
+                let mut out = vec![0.0; b - a];
+                widen_bf16(&v[a..b], &mut out);
+                Cow::Owned(out)
+            }
         }
     }
 
@@ -72,6 +79,46 @@ impl Storage {
             Storage::F16(v) => Storage::F16(g(v, rows, cols)),
             Storage::BF16(v) => Storage::BF16(g(v, rows, cols)),
         }
+    }
+}
+
+/// Widens f16 values to f32 (exact): eight at a time with the F16C instruction where the CPU
+/// has it (detected at run time), else one at a time.
+pub fn widen_f16(src: &[f16], dst: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("f16c") && std::arch::is_x86_feature_detected!("avx") {
+        // SAFETY: the CPU has the features the function is compiled for (checked just above).
+        unsafe { widen_f16_f16c(src, dst) };
+        return;
+    }
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = s.to_f32();
+    }
+}
+
+/// [`widen_f16`] with F16C: one `vcvtph2ps` per eight values, the tail one at a time.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+unsafe fn widen_f16_f16c(src: &[f16], dst: &mut [f32]) {
+    use std::arch::x86_64::{__m128i, _mm256_cvtph_ps, _mm256_storeu_ps, _mm_loadu_si128};
+    let n = src.len().min(dst.len());
+    let full = n / 8 * 8;
+    for i in (0..full).step_by(8) {
+        // SAFETY: i + 8 <= n, within both slices; unaligned loads and stores.
+        unsafe {
+            let h = _mm_loadu_si128(src.as_ptr().add(i).cast::<__m128i>());
+            _mm256_storeu_ps(dst.as_mut_ptr().add(i), _mm256_cvtph_ps(h));
+        }
+    }
+    for i in full..n {
+        dst[i] = src[i].to_f32();
+    }
+}
+
+/// Widens bf16 values to f32 (exact: the bf16 bits are the high half of the f32).
+pub fn widen_bf16(src: &[bf16], dst: &mut [f32]) {
+    for (d, s) in dst.iter_mut().zip(src) {
+        *d = f32::from_bits(u32::from(s.to_bits()) << 16);
     }
 }
 
@@ -106,6 +153,41 @@ impl Matrix {
     /// Rows `r0..r1`, widened to f32, row-major.
     pub fn rows_f32(&self, r0: usize, r1: usize) -> Cow<'_, [f32]> {
         self.data.range_f32(r0 * self.cols, r1 * self.cols)
+    }
+
+    /// Calls `f` with rows `r0..r1` in f32, row-major: the storage itself when it is f32, else
+    /// the rows widened into a scratch buffer of the calling thread (reused, so the kernels'
+    /// inner loops allocate nothing).
+    pub fn with_rows_f32<R>(&self, r0: usize, r1: usize, f: impl FnOnce(&[f32]) -> R) -> R {
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        let (a, b) = (r0 * self.cols, r1 * self.cols);
+        let widen = |buf: &mut Vec<f32>| {
+            if buf.len() < b - a {
+                buf.resize(b - a, 0.0);
+            }
+            match &self.data {
+                Storage::F32(_) => {}
+                Storage::F16(v) => widen_f16(&v[a..b], &mut buf[..b - a]),
+                Storage::BF16(v) => widen_bf16(&v[a..b], &mut buf[..b - a]),
+            }
+        };
+        match &self.data {
+            Storage::F32(v) => f(&v[a..b]),
+            _ => SCRATCH.with(|cell| match cell.try_borrow_mut() {
+                Ok(mut buf) => {
+                    widen(&mut buf);
+                    f(&buf[..b - a])
+                }
+                // Re-entered on this thread (a kernel inside `f`): use a buffer of its own.
+                Err(_) => {
+                    let mut own = Vec::new();
+                    widen(&mut own);
+                    f(&own[..b - a])
+                }
+            }),
+        }
     }
 
     /// All values, widened to f32.
@@ -197,5 +279,31 @@ impl Weights {
     /// The LM head (the embedding when tied).
     pub fn lm_head(&self) -> &Matrix {
         self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every f16 and bf16 bit pattern widens to the value `half` gives (NaNs stay NaN).
+    #[test]
+    fn widening_is_exact_for_every_bit_pattern() {
+        let halves: Vec<f16> = (0..=u16::MAX).map(f16::from_bits).collect();
+        let mut wide = vec![0.0f32; halves.len()];
+        // Odd offsets and lengths exercise the eight-wide body and the tail.
+        for start in [0usize, 3] {
+            widen_f16(&halves[start..], &mut wide[start..]);
+            for (h, w) in halves[start..].iter().zip(&wide[start..]) {
+                let want = h.to_f32();
+                assert!(want.to_bits() == w.to_bits() || (want.is_nan() && w.is_nan()), "{h:?}: {w} vs {want}");
+            }
+        }
+        let brains: Vec<bf16> = (0..=u16::MAX).map(bf16::from_bits).collect();
+        widen_bf16(&brains, &mut wide);
+        for (b, w) in brains.iter().zip(&wide) {
+            let want = b.to_f32();
+            assert!(want.to_bits() == w.to_bits() || (want.is_nan() && w.is_nan()), "{b:?}");
+        }
     }
 }

@@ -96,16 +96,22 @@ pub fn par_matmul(
         .into_par_iter()
         .map(|t| {
             let (o0, o1) = (t * TILE, ((t + 1) * TILE).min(n));
-            // The tile's weight rows in f32 (borrowed, or widened once for 16-bit storage).
-            let wt = w.rows_f32(o0, o1);
-            let mut part = Vec::with_capacity(rows * (o1 - o0));
-            for r in 0..rows {
-                let xr = &x[r * k..(r + 1) * k];
-                for o in 0..o1 - o0 {
-                    part.push(dot(xr, &wt[o * k..(o + 1) * k]));
-                }
+            // The tile's weight rows in f32 (the storage, or widened once for 16-bit storage).
+            if rows == 1 {
+                // GEMV: one weight row at a time, widened (for 16-bit storage) into a buffer that
+                // stays in L1.
+                return (o0..o1).map(|o| w.with_rows_f32(o, o + 1, |wr| dot(x, wr))).collect();
             }
-            part
+            w.with_rows_f32(o0, o1, |wt| {
+                let mut part = Vec::with_capacity(rows * (o1 - o0));
+                for r in 0..rows {
+                    let xr = &x[r * k..(r + 1) * k];
+                    for o in 0..o1 - o0 {
+                        part.push(dot(xr, &wt[o * k..(o + 1) * k]));
+                    }
+                }
+                part
+            })
         })
         .collect();
     for (t, part) in tiles.iter().enumerate() {
@@ -134,39 +140,40 @@ pub fn par_matmul_blocked(x: &[f32], rows: usize, w: &crate::weights::Matrix, ou
             let width = o1 - o0;
             let mut part = vec![0.0f32; rows * width];
             let xrow = |r: usize| &x[r * k..(r + 1) * k];
-            let wt = w.rows_f32(o0, o1);
-            let wrow = |o: usize| &wt[(o - o0) * k..(o - o0 + 1) * k];
-            let mut r = 0;
-            while r < rows {
-                let mr = (rows - r).min(MR);
-                let mut o = o0;
-                while o < o1 {
-                    let nr = (o1 - o).min(NR);
-                    let mut acc = [[0.0f32; NR]; MR];
-                    match (mr, nr) {
-                        (MR, NR) => block_dot::<MR, NR>(
-                            std::array::from_fn(|i| xrow(r + i)),
-                            std::array::from_fn(|j| wrow(o + j)),
-                            &mut acc,
-                        ),
-                        // Fewer rows (one row: decode in the invariant profile, a memory-bound
-                        // GEMV) or a tile's last output: element by element.
-                        _ => {
-                            for (i, a) in acc.iter_mut().enumerate().take(mr) {
-                                for (j, v) in a.iter_mut().enumerate().take(nr) {
-                                    *v = dot_blocked(xrow(r + i), wrow(o + j));
+            w.with_rows_f32(o0, o1, |wt| {
+                let wrow = |o: usize| &wt[(o - o0) * k..(o - o0 + 1) * k];
+                let mut r = 0;
+                while r < rows {
+                    let mr = (rows - r).min(MR);
+                    let mut o = o0;
+                    while o < o1 {
+                        let nr = (o1 - o).min(NR);
+                        let mut acc = [[0.0f32; NR]; MR];
+                        match (mr, nr) {
+                            (MR, NR) => block_dot::<MR, NR>(
+                                std::array::from_fn(|i| xrow(r + i)),
+                                std::array::from_fn(|j| wrow(o + j)),
+                                &mut acc,
+                            ),
+                            // Fewer rows (one row: decode in the invariant profile, a memory-bound
+                            // GEMV) or a tile's last output: element by element.
+                            _ => {
+                                for (i, a) in acc.iter_mut().enumerate().take(mr) {
+                                    for (j, v) in a.iter_mut().enumerate().take(nr) {
+                                        *v = dot_blocked(xrow(r + i), wrow(o + j));
+                                    }
                                 }
                             }
                         }
+                        for (i, a) in acc.iter().enumerate().take(mr) {
+                            part[(r + i) * width + (o - o0)..][..nr].copy_from_slice(&a[..nr]);
+                        }
+                        o += nr;
                     }
-                    for (i, a) in acc.iter().enumerate().take(mr) {
-                        part[(r + i) * width + (o - o0)..][..nr].copy_from_slice(&a[..nr]);
-                    }
-                    o += nr;
+                    r += mr;
                 }
-                r += mr;
-            }
-            part
+                part
+            })
         })
         .collect();
     for (t, part) in tiles.iter().enumerate() {
