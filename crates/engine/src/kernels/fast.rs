@@ -1,7 +1,7 @@
 //! Shape-dependent kernels, as production engines choose them (see the module docs).
 
 use super::reduce::{
-    dot_lanes8, par_attention, par_matmul, par_matmul_blocked, rmsnorm_with, sumsq_blocked128, sumsq_lanes8, KvHead,
+    par_attention, par_matmul, par_matmul_blocked, rmsnorm_with, sumsq_blocked128, sumsq_lanes8, DotOrder, KvHead,
     Softmax,
 };
 use super::{AttnShape, Kernels};
@@ -28,7 +28,7 @@ impl Kernels for Fast {
 
     fn matmul(&self, x: &[f32], rows: usize, w: &Matrix, out: &mut [f32]) {
         if rows == 1 {
-            par_matmul(x, rows, w, out, dot_lanes8) // GEMV
+            par_matmul(x, rows, w, out, DotOrder::Lanes8) // GEMV
         } else {
             par_matmul_blocked(x, rows, w, out) // GEMM: dot_blocked's order
         }

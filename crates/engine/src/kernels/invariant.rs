@@ -1,7 +1,7 @@
 //! Batch-invariant kernels: one reduction order per output element, whatever the shape.
 
 use super::reduce::{
-    dot_blocked, par_attention, par_matmul, par_matmul_blocked, rmsnorm_with, sumsq_lanes8, KvHead, Softmax,
+    par_attention, par_matmul, par_matmul_blocked, rmsnorm_with, sumsq_lanes8, DotOrder, KvHead, Softmax,
 };
 use super::{AttnShape, Kernels};
 use crate::weights::Matrix;
@@ -23,7 +23,7 @@ impl Kernels for Invariant {
         // The GEMM order for every row count, one row included (the blocked kernel computes
         // exactly `dot_blocked` per element, so both calls give the same bits).
         if rows == 1 {
-            par_matmul(x, rows, w, out, dot_blocked)
+            par_matmul(x, rows, w, out, DotOrder::Blocked)
         } else {
             par_matmul_blocked(x, rows, w, out)
         }

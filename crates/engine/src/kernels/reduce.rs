@@ -78,36 +78,138 @@ pub fn sumsq_blocked128(x: &[f32]) -> f32 {
     total
 }
 
-/// Runs `dot(x_row, w_row)` for every row of `x` and of `w`, in parallel over tiles of output
-/// features; the reduction order is the one `dot` fixes, whatever the tiling.
-pub fn par_matmul(
-    x: &[f32],
-    rows: usize,
-    w: &crate::weights::Matrix,
-    out: &mut [f32],
-    dot: impl Fn(&[f32], &[f32]) -> f32 + Sync,
-) {
+/// A dot product's order of operations: [`dot_lanes8`] (the GEMV order) or [`dot_blocked`] (the
+/// GEMM order). Each also reads f16 weights in place, in the same order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DotOrder {
+    /// [`dot_lanes8`].
+    Lanes8,
+    /// [`dot_blocked`].
+    Blocked,
+}
+
+impl DotOrder {
+    /// The dot product of f32 rows.
+    pub fn f32(self, a: &[f32], b: &[f32]) -> f32 {
+        match self {
+            DotOrder::Lanes8 => dot_lanes8(a, b),
+            DotOrder::Blocked => dot_blocked(a, b),
+        }
+    }
+
+    /// The same dot product, bit for bit, with f16 weights widened as they are read (F16C where
+    /// the CPU has it, detected at run time).
+    pub fn f16(self, a: &[f32], w: &[half::f16]) -> f32 {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("f16c") && std::arch::is_x86_feature_detected!("avx") {
+            // SAFETY: the CPU has the features these functions are compiled for (checked above).
+            return unsafe {
+                match self {
+                    DotOrder::Lanes8 => f16c::dot_lanes8(a, w),
+                    DotOrder::Blocked => f16c::dot_blocked(a, w),
+                }
+            };
+        }
+        let mut wide = vec![0.0; w.len()];
+        crate::weights::widen_f16(w, &mut wide);
+        self.f32(a, &wide)
+    }
+}
+
+/// The f16 dot products with F16C: the scalar functions' lanes become one vector register, with
+/// the same multiplications and additions in the same order (no fused multiply-add).
+#[cfg(target_arch = "x86_64")]
+mod f16c {
+    use half::f16;
+    use std::arch::x86_64::*;
+
+    /// [`super::dot_lanes8`] with f16 weights.
+    #[target_feature(enable = "avx,f16c")]
+    pub(super) unsafe fn dot_lanes8(a: &[f32], w: &[f16]) -> f32 {
+        let n = a.len().min(w.len());
+        let full = n / 8 * 8;
+        let mut acc = _mm256_setzero_ps();
+        let mut i = 0;
+        while i < full {
+            // SAFETY: i + 8 <= n, within both slices; unaligned loads.
+            let (av, wv) = unsafe {
+                (_mm256_loadu_ps(a.as_ptr().add(i)), _mm256_cvtph_ps(_mm_loadu_si128(w.as_ptr().add(i).cast())))
+            };
+            acc = _mm256_add_ps(acc, _mm256_mul_ps(av, wv));
+            i += 8;
+        }
+        let mut l = [0.0f32; 8];
+        // SAFETY: `l` holds eight f32.
+        unsafe { _mm256_storeu_ps(l.as_mut_ptr(), acc) };
+        let mut s = ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+        for j in full..n {
+            s += a[j] * w[j].to_f32();
+        }
+        s
+    }
+
+    /// [`super::dot_blocked`] with f16 weights.
+    #[target_feature(enable = "avx,f16c")]
+    pub(super) unsafe fn dot_blocked(a: &[f32], w: &[f16]) -> f32 {
+        let n = a.len().min(w.len());
+        let mut total = 0.0f32;
+        let mut b = 0;
+        while b < n {
+            let end = (b + 64).min(n);
+            let full = b + (end - b) / 4 * 4;
+            let mut acc = _mm_setzero_ps();
+            let mut i = b;
+            while i < full {
+                // SAFETY: i + 4 <= n, within both slices; the f16 load reads 8 bytes.
+                let (av, wv) = unsafe {
+                    (_mm_loadu_ps(a.as_ptr().add(i)), _mm_cvtph_ps(_mm_loadl_epi64(w.as_ptr().add(i).cast())))
+                };
+                acc = _mm_add_ps(acc, _mm_mul_ps(av, wv));
+                i += 4;
+            }
+            let mut l = [0.0f32; 4];
+            // SAFETY: `l` holds four f32.
+            unsafe { _mm_storeu_ps(l.as_mut_ptr(), acc) };
+            let mut block = (l[0] + l[1]) + (l[2] + l[3]);
+            for j in full..end {
+                block += a[j] * w[j].to_f32();
+            }
+            total += block;
+            b = end;
+        }
+        total
+    }
+}
+
+/// Runs `order`'s dot product for every row of `x` and of `w`, in parallel over tiles of output
+/// features; the reduction order is the one `order` fixes, whatever the tiling and the storage.
+pub fn par_matmul(x: &[f32], rows: usize, w: &crate::weights::Matrix, out: &mut [f32], order: DotOrder) {
     use rayon::prelude::*;
-    const TILE: usize = 32;
+    // Tiles of output features: small for GEMM (the tile's rows stay in cache while every input
+    // row passes), larger for GEMV, where a task would otherwise be a few microseconds of work.
+    let tile_len = if rows == 1 { 256 } else { 32 };
     let (k, n) = (w.cols, w.rows);
     assert_eq!(x.len(), rows * k, "matmul input is not [rows, in]");
     assert_eq!(out.len(), rows * n, "matmul output is not [rows, out]");
-    let tiles: Vec<Vec<f32>> = (0..n.div_ceil(TILE))
+    let tiles: Vec<Vec<f32>> = (0..n.div_ceil(tile_len))
         .into_par_iter()
         .map(|t| {
-            let (o0, o1) = (t * TILE, ((t + 1) * TILE).min(n));
+            let (o0, o1) = (t * tile_len, ((t + 1) * tile_len).min(n));
             // The tile's weight rows in f32 (the storage, or widened once for 16-bit storage).
             if rows == 1 {
-                // GEMV: one weight row at a time, widened (for 16-bit storage) into a buffer that
-                // stays in L1.
-                return (o0..o1).map(|o| w.with_rows_f32(o, o + 1, |wr| dot(x, wr))).collect();
+                // GEMV: f16 rows are read in place; other rows one at a time (bf16 widened into a
+                // buffer that stays in L1).
+                if let crate::weights::Storage::F16(v) = &w.data {
+                    return (o0..o1).map(|o| order.f16(x, &v[o * k..(o + 1) * k])).collect();
+                }
+                return (o0..o1).map(|o| w.with_rows_f32(o, o + 1, |wr| order.f32(x, wr))).collect();
             }
             w.with_rows_f32(o0, o1, |wt| {
                 let mut part = Vec::with_capacity(rows * (o1 - o0));
                 for r in 0..rows {
                     let xr = &x[r * k..(r + 1) * k];
                     for o in 0..o1 - o0 {
-                        part.push(dot(xr, &wt[o * k..(o + 1) * k]));
+                        part.push(order.f32(xr, &wt[o * k..(o + 1) * k]));
                     }
                 }
                 part
@@ -115,7 +217,7 @@ pub fn par_matmul(
         })
         .collect();
     for (t, part) in tiles.iter().enumerate() {
-        let (o0, o1) = (t * TILE, ((t + 1) * TILE).min(n));
+        let (o0, o1) = (t * tile_len, ((t + 1) * tile_len).min(n));
         let width = o1 - o0;
         for r in 0..rows {
             out[r * n + o0..r * n + o1].copy_from_slice(&part[r * width..(r + 1) * width]);
@@ -123,7 +225,7 @@ pub fn par_matmul(
     }
 }
 
-/// `par_matmul(x, rows, w, out, dot_blocked)`, bit for bit, computed a block of [`MR`] input rows
+/// `par_matmul(x, rows, w, out, DotOrder::Blocked)`, bit for bit, computed a block of [`MR`] input rows
 /// × [`NR`] output features at a time: each loaded chunk of `x` and of `w` serves several
 /// outputs, and every output element still runs exactly [`dot_blocked`]'s sequence of
 /// operations (its own four lane accumulators per 64-block, summed the same way, tails in order).

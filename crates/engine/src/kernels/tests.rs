@@ -143,13 +143,29 @@ fn bits(v: &[f32]) -> Vec<u32> {
 /// 64, tiles cut short).
 #[test]
 fn blocked_gemm_is_bitwise_dot_blocked() {
-    use super::reduce::{dot_blocked, par_matmul, par_matmul_blocked};
+    use super::reduce::{par_matmul, par_matmul_blocked, DotOrder};
     for (rows, k, n) in [(1, 5, 3), (1, 576, 64), (3, 64, 7), (4, 63, 2), (5, 130, 33), (9, 259, 65), (33, 11, 1)] {
         let (x, w) = (data(rows * k, 3), Matrix::new(n, k, data(n * k, 4)));
         let (mut want, mut got) = (vec![0.0; rows * n], vec![f32::NAN; rows * n]);
-        par_matmul(&x, rows, &w, &mut want, dot_blocked);
+        par_matmul(&x, rows, &w, &mut want, DotOrder::Blocked);
         par_matmul_blocked(&x, rows, &w, &mut got);
         let same = want.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits());
         assert!(same, "rows={rows} k={k} n={n}");
+    }
+}
+
+/// Dot products that read f16 weights in place give the bits of the f32 functions on the same
+/// (widened) values, for both orders and lengths around the lane and block sizes.
+#[test]
+fn f16_dot_products_are_bitwise_the_f32_ones() {
+    use super::reduce::DotOrder;
+    use half::f16;
+    for n in [0, 1, 3, 4, 7, 8, 9, 63, 64, 65, 130, 576, 1537] {
+        let a = data(n, 5);
+        let w: Vec<f16> = data(n, 6).iter().map(|&v| f16::from_f32(v)).collect();
+        let wide: Vec<f32> = w.iter().map(|v| v.to_f32()).collect();
+        for order in [DotOrder::Lanes8, DotOrder::Blocked] {
+            assert_eq!(order.f16(&a, &w).to_bits(), order.f32(&a, &wide).to_bits(), "{order:?}, n={n}");
+        }
     }
 }
