@@ -216,13 +216,7 @@ pub fn par_matmul(x: &[f32], rows: usize, w: &crate::weights::Matrix, out: &mut 
             })
         })
         .collect();
-    for (t, part) in tiles.iter().enumerate() {
-        let (o0, o1) = (t * tile_len, ((t + 1) * tile_len).min(n));
-        let width = o1 - o0;
-        for r in 0..rows {
-            out[r * n + o0..r * n + o1].copy_from_slice(&part[r * width..(r + 1) * width]);
-        }
-    }
+    scatter_tiles(&tiles, tile_len, rows, n, out);
 }
 
 /// `par_matmul(x, rows, w, out, DotOrder::Blocked)`, bit for bit, computed a block of [`MR`] input rows
@@ -278,8 +272,14 @@ pub fn par_matmul_blocked(x: &[f32], rows: usize, w: &crate::weights::Matrix, ou
             })
         })
         .collect();
+    scatter_tiles(&tiles, TILE, rows, n, out);
+}
+
+/// Copies per-tile results (`[rows, tile width]` each, tiles of `tile_len` output features) into
+/// `out` (`[rows, n]`).
+fn scatter_tiles(tiles: &[Vec<f32>], tile_len: usize, rows: usize, n: usize, out: &mut [f32]) {
     for (t, part) in tiles.iter().enumerate() {
-        let (o0, o1) = (t * TILE, ((t + 1) * TILE).min(n));
+        let (o0, o1) = (t * tile_len, ((t + 1) * tile_len).min(n));
         let width = o1 - o0;
         for r in 0..rows {
             out[r * n + o0..r * n + o1].copy_from_slice(&part[r * width..(r + 1) * width]);
