@@ -195,7 +195,6 @@ pub fn par_matmul(x: &[f32], rows: usize, w: &crate::weights::Matrix, out: &mut 
         .into_par_iter()
         .map(|t| {
             let (o0, o1) = (t * tile_len, ((t + 1) * tile_len).min(n));
-            // The tile's weight rows in f32 (the storage, or widened once for 16-bit storage).
             if rows == 1 {
                 // GEMV: f16 rows are read in place; other rows one at a time (bf16 widened into a
                 // buffer that stays in L1).
@@ -204,6 +203,7 @@ pub fn par_matmul(x: &[f32], rows: usize, w: &crate::weights::Matrix, out: &mut 
                 }
                 return (o0..o1).map(|o| w.with_rows_f32(o, o + 1, |wr| order.f32(x, wr))).collect();
             }
+            // GEMM: the tile's weight rows in f32 (the storage, or widened once for 16-bit storage).
             w.with_rows_f32(o0, o1, |wt| {
                 let mut part = Vec::with_capacity(rows * (o1 - o0));
                 for r in 0..rows {
