@@ -10,6 +10,21 @@ pub fn dot_seq(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
+/// [`dot_seq`] of `a` with four rows at once: four independent chains, each in `dot_seq`'s order
+/// (the same bits), so the additions of one row need not wait for each other's.
+pub fn dot_seq_x4(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
+    let n = b.iter().fold(a.len(), |m, r| m.min(r.len()));
+    let (b0, b1, b2, b3) = (&b[0][..n], &b[1][..n], &b[2][..n], &b[3][..n]);
+    let mut s = [0.0f32; 4];
+    for (i, &x) in a[..n].iter().enumerate() {
+        s[0] += x * b0[i];
+        s[1] += x * b1[i];
+        s[2] += x * b2[i];
+        s[3] += x * b3[i];
+    }
+    s
+}
+
 /// Dot product with 8 interleaved accumulators (lane `i % 8`), summed as a balanced tree, then
 /// the tail in order: the GEMV order.
 pub fn dot_lanes8(a: &[f32], b: &[f32]) -> f32 {
@@ -406,8 +421,14 @@ impl Softmax {
     /// in order, rescaling what was accumulated before when the max grows.
     pub fn absorb(&mut self, q: &[f32], kv: &KvHead<'_>, j0: usize, j1: usize, scale: f32) {
         let (d, stride, off, vals) = (q.len(), kv.stride, kv.off, kv.v);
-        let scores: Vec<f32> =
-            (j0..j1).map(|j| dot_seq(q, &kv.k[j * stride + off..j * stride + off + d]) * scale).collect();
+        let key = |j: usize| &kv.k[j * stride + off..j * stride + off + d];
+        let mut scores: Vec<f32> = Vec::with_capacity(j1 - j0);
+        let mut j = j0;
+        while j + 4 <= j1 {
+            scores.extend(dot_seq_x4(q, [key(j), key(j + 1), key(j + 2), key(j + 3)]).map(|s| s * scale));
+            j += 4;
+        }
+        scores.extend((j..j1).map(|j| dot_seq(q, key(j)) * scale));
         let m_new = scores.iter().fold(self.m, |m, &s| m.max(s));
         if m_new == f32::NEG_INFINITY {
             return;
