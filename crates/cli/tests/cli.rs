@@ -471,3 +471,19 @@ fn documented_example_analyzes_as_documented() {
     let d = &v["first_failure"]["stat_delta"];
     assert!((d["max_abs_lower_bound"].as_f64().unwrap() - 3.0517578125e-5).abs() < 1e-12, "{d}");
 }
+
+/// Many failing prompts: identical propagation trees are shown once for all of them, and the
+/// Drift Growth table keeps the first 20 prompts and says how many more fail.
+#[test]
+fn many_prompts_share_one_tree_and_a_capped_growth_table() {
+    let names: Vec<String> = (0..25).map(|i| format!("q{i:02}")).collect();
+    let prompts: Vec<(&str, u64)> = names.iter().map(|n| (n.as_str(), 9)).collect();
+    let evs = trace(&prompts, &seed_rows(), |_, pt, l| !(pt == "embed_out" || (pt == "x_in" && l == 0)), 0.001);
+    let (code, v, md, err) = analyze_text(join(&evs).as_bytes(), &[]);
+    assert_eq!(code, 1, "{err}");
+    assert_eq!(v["prompts"].as_array().map(Vec::len), Some(25));
+    assert_eq!(md.matches("embed_out: ✓ MATCH").count(), 1, "one tree for all: {md}");
+    assert!(md.contains("`q23`, `q24`:\n```\nembed_out: ✓ MATCH"), "{md}");
+    assert!(md.contains("| `q19` | 1 |") && !md.contains("| `q20` | 1 |"), "{md}");
+    assert!(md.contains("The first 20 failing prompts are shown; 5 more fail"), "{md}");
+}

@@ -2,8 +2,9 @@
 //! breakdown, first failure, sample evidence, propagation tree, root cause, recommendations.
 
 use rayon::prelude::*;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
+use std::hash::{Hash, Hasher};
 
 use driftscope_trace::Point;
 
@@ -190,9 +191,14 @@ fn token_impact(a: &Analysis, md: &mut String) {
 }
 
 /// How the drift grows through the layers: the residual stream entering each traced layer.
+/// Prompts shown in the Drift Growth table; the JSON verdict has every pair of every prompt.
+const GROWTH_PROMPTS: usize = 20;
+
 fn growth(a: &Analysis, md: &mut String) {
     let mut rows = String::new();
-    for g in &a.groups {
+    let failing = a.groups.iter().filter(|g| g.failed > 0);
+    let (shown, more) = (failing.clone().take(GROWTH_PROMPTS), failing.count().saturating_sub(GROWTH_PROMPTS));
+    for g in shown {
         let mut prev: Option<f64> = None;
         for &i in &g.pairs {
             let p = &a.pairs[i];
@@ -220,6 +226,12 @@ fn growth(a: &Analysis, md: &mut String) {
         md,
         "## Drift Growth\n\nThe residual stream entering each traced layer (`x_in`), from the first layer where it drifts.\n\n| Prompt | Layer | max \\|Δ\\| | max ULP | {measure} | vs previous |\n|---|---|---|---|---|---|\n{rows}"
     );
+    if more > 0 {
+        let _ = writeln!(
+            md,
+            "The first {GROWTH_PROMPTS} failing prompts are shown; {more} more fail (their pairs are in the JSON verdict).\n"
+        );
+    }
 }
 
 fn summary(a: &Analysis, md: &mut String) {
@@ -522,19 +534,19 @@ fn node_status(a: &Analysis, g: &Group, i: usize) -> String {
 
 /// Names nodes relative to a layer, so that identical layers render identically.
 fn relative(nodes: &[Node], layer: u32) -> String {
-    let mut same: Vec<String> = vec![];
+    // Names are &'static: one allocation for the result, none per node.
+    let mut same: Vec<&'static str> = vec![];
     let mut earlier = false;
-    let mut global: Vec<String> = vec![];
+    let mut parts: Vec<&'static str> = vec![];
     for n in nodes {
         match n {
-            Node::Layer(l, p) if *l == layer => same.push(p.as_str().to_string()),
+            Node::Layer(l, p) if *l == layer => same.push(p.as_str()),
             Node::Layer(..) | Node::LayersAfter(_) => earlier = true,
-            Node::Global(p) => global.push(p.as_str().to_string()),
+            Node::Global(p) => parts.push(p.as_str()),
         }
     }
-    let mut parts = global;
     if earlier {
-        parts.push("the previous traced layer".into());
+        parts.push("the previous traced layer");
     }
     parts.extend(same);
     if parts.is_empty() {
@@ -560,11 +572,22 @@ fn propagation(a: &Analysis, md: &mut String) {
             (name, tree(a, g))
         })
         .collect();
+    // Group identical trees (in order of first appearance), comparing hashes before lines.
     let mut shown: Vec<(Vec<String>, Vec<String>)> = vec![];
+    let mut by_hash: HashMap<u64, Vec<usize>> = HashMap::new();
     for (name, t) in trees {
-        match shown.iter_mut().find(|(_, st)| *st == t) {
-            Some((names, _)) => names.push(name),
-            None => shown.push((vec![name], t)),
+        let h = {
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            t.hash(&mut hasher);
+            hasher.finish()
+        };
+        let same = by_hash.get(&h).and_then(|ix| ix.iter().copied().find(|&i| shown[i].1 == t));
+        match same {
+            Some(i) => shown[i].0.push(name),
+            None => {
+                by_hash.entry(h).or_default().push(shown.len());
+                shown.push((vec![name], t));
+            }
         }
     }
     for (names, t) in &shown {
@@ -574,13 +597,13 @@ fn propagation(a: &Analysis, md: &mut String) {
         }
         md.push_str("```\n\n");
     }
-    let traced: std::collections::BTreeSet<u32> = a
-        .pairs
-        .iter()
-        .filter(|p| matches!(p.key.point, PointId::Known(pt) if pt.is_per_layer()))
-        .map(|p| p.key.layer)
-        .collect();
-    let untraced: Vec<u32> = (0..a.graph.n_layers).filter(|l| !traced.contains(l)).collect();
+    let mut traced = vec![false; a.graph.n_layers as usize];
+    for p in &a.pairs {
+        if let (PointId::Known(pt), Some(t)) = (p.key.point, traced.get_mut(p.key.layer as usize)) {
+            *t |= pt.is_per_layer();
+        }
+    }
+    let untraced: Vec<u32> = (0..a.graph.n_layers).filter(|&l| !traced[l as usize]).collect();
     if !untraced.is_empty() {
         let _ = writeln!(
             md,
