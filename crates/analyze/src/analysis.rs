@@ -9,7 +9,8 @@ use driftscope_trace::{DType, Point, RunMeta};
 
 use crate::collect::{Collected, Key, PointId, Side, Slot};
 use crate::dataflow::{cause_of_region, op_of, Graph, Node};
-use crate::dump::{dump_path, DumpError, DumpFile};
+use crate::dump::{dump_path, DumpFile};
+use crate::file_error::FileError;
 use crate::magnitude::{compare_rows, token_impact, Magnitude, TokenImpact};
 use crate::tolerance::{Policy, TolClass, Tolerances};
 
@@ -58,7 +59,7 @@ pub enum AnalyzeError {
     },
     /// A dump file next to a trace is unreadable.
     #[error(transparent)]
-    Dump(#[from] DumpError),
+    Dump(#[from] FileError),
     /// Two events for the same key and phase.
     #[error("{}\n(use --lenient to keep the first event of each key and go on)", .list.join("\n"))]
     Duplicates {

@@ -8,6 +8,8 @@ use driftscope_trace::DType;
 use safetensors::tensor::Metadata;
 use safetensors::{Dtype, SafeTensors};
 
+use crate::file_error::FileError;
+
 /// A dump file, memory-mapped, with its header parsed once.
 pub struct DumpFile {
     path: PathBuf,
@@ -22,27 +24,6 @@ impl std::fmt::Debug for DumpFile {
     }
 }
 
-/// Why a dump cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum DumpError {
-    /// The file could not be opened or mapped.
-    #[error("{}: {source}", path.display())]
-    Io {
-        /// The dump file.
-        path: PathBuf,
-        /// The underlying error.
-        source: std::io::Error,
-    },
-    /// The file is not a readable safetensors file, or a tensor is unusable.
-    #[error("{}: {message}", path.display())]
-    Bad {
-        /// The dump file.
-        path: PathBuf,
-        /// What is wrong.
-        message: String,
-    },
-}
-
 /// The dump that belongs to a trace: same name, `.safetensors`.
 pub fn dump_path(trace: &Path) -> PathBuf {
     trace.with_extension("safetensors")
@@ -50,8 +31,8 @@ pub fn dump_path(trace: &Path) -> PathBuf {
 
 impl DumpFile {
     /// Opens a dump; `Ok(None)` when the file does not exist.
-    pub fn open(path: &Path) -> Result<Option<DumpFile>, DumpError> {
-        let io = |source| DumpError::Io { path: path.to_path_buf(), source };
+    pub fn open(path: &Path) -> Result<Option<DumpFile>, FileError> {
+        let io = |source| FileError::Io { path: path.to_path_buf(), source };
         let file = match File::open(path) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -60,7 +41,7 @@ impl DumpFile {
         // SAFETY: read-only map of a file written before the analysis; a concurrent truncation
         // would raise SIGBUS, as for the trace itself.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
-        let (header, meta) = SafeTensors::read_metadata(&map).map_err(|e| DumpError::Bad {
+        let (header, meta) = SafeTensors::read_metadata(&map).map_err(|e| FileError::Bad {
             path: path.to_path_buf(),
             message: format!("not a safetensors file: {e}"),
         })?;
@@ -68,9 +49,9 @@ impl DumpFile {
     }
 
     /// The row stored under `name`, as f32 values and its dtype; `Ok(None)` when absent.
-    pub fn row(&self, name: &str) -> Result<Option<(Vec<f32>, DType)>, DumpError> {
+    pub fn row(&self, name: &str) -> Result<Option<(Vec<f32>, DType)>, FileError> {
         let Some(info) = self.meta.info(name) else { return Ok(None) };
-        let bad = |message: String| DumpError::Bad {
+        let bad = |message: String| FileError::Bad {
             path: self.path.clone(),
             message: format!("tensor `{name}`: {message}"),
         };

@@ -9,6 +9,7 @@ pub mod analysis;
 pub mod collect;
 pub mod dataflow;
 pub mod dump;
+pub mod file_error;
 pub mod magnitude;
 pub mod report;
 pub mod tolerance;

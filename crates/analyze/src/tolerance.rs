@@ -23,6 +23,8 @@ use std::path::{Path, PathBuf};
 use driftscope_trace::{DType, Point};
 use serde::Deserialize;
 
+use crate::file_error::FileError;
+
 /// One tolerance: `max |Δ| <= abs + rel * scale`.
 #[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
 pub struct Tolerance {
@@ -63,27 +65,6 @@ impl Default for Tolerances {
     }
 }
 
-/// Why a tolerance file cannot be used.
-#[derive(Debug, thiserror::Error)]
-pub enum ToleranceError {
-    /// The file could not be read.
-    #[error("{}: {source}", path.display())]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The underlying error.
-        source: std::io::Error,
-    },
-    /// The file is not valid TOML of the expected shape, or a value is out of range.
-    #[error("{}: {message}", path.display())]
-    Bad {
-        /// The file.
-        path: PathBuf,
-        /// What is wrong, naming the key.
-        message: String,
-    },
-}
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Spec {
@@ -104,16 +85,16 @@ struct FileSpec {
 
 impl Tolerances {
     /// Reads a TOML tolerance file; its entries override the built-in defaults.
-    pub fn from_file(path: &Path) -> Result<Tolerances, ToleranceError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ToleranceError::Io { path: path.into(), source })?;
+    pub fn from_file(path: &Path) -> Result<Tolerances, FileError> {
+        let text = std::fs::read_to_string(path).map_err(|source| FileError::Io { path: path.into(), source })?;
         Self::from_toml(&text, path)
     }
 
     /// Parses tolerance TOML (`path` only names the source in errors).
-    pub fn from_toml(text: &str, path: &Path) -> Result<Tolerances, ToleranceError> {
-        let bad = |message: String| ToleranceError::Bad { path: path.into(), message };
+    pub fn from_toml(text: &str, path: &Path) -> Result<Tolerances, FileError> {
+        let bad = |message: String| FileError::Bad { path: path.into(), message };
         let spec: FileSpec = toml::from_str(text).map_err(|e| bad(e.to_string().trim_end().replace('\n', " ")))?;
-        let dtype = |key: &str, at: &str| -> Result<Option<DType>, ToleranceError> {
+        let dtype = |key: &str, at: &str| -> Result<Option<DType>, FileError> {
             match key {
                 "any" => Ok(None),
                 k => DType::parse(k)
@@ -121,7 +102,7 @@ impl Tolerances {
                     .ok_or_else(|| bad(format!("`{at}.{k}`: unknown dtype (use f32, bf16, f16 or any)"))),
             }
         };
-        let tol = |s: &Spec, at: String| -> Result<Tolerance, ToleranceError> {
+        let tol = |s: &Spec, at: String| -> Result<Tolerance, FileError> {
             for (name, v) in [("rel", s.rel), ("abs", s.abs)] {
                 if !v.is_finite() || v < 0.0 {
                     return Err(bad(format!("`{at}.{name}` = {v}: must be a finite number >= 0")));
