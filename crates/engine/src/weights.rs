@@ -56,16 +56,20 @@ impl Storage {
     pub fn range_f32(&self, a: usize, b: usize) -> Cow<'_, [f32]> {
         match self {
             Storage::F32(v) => Cow::Borrowed(&v[a..b]),
-            Storage::F16(v) => {
+            _ => {
                 let mut out = vec![0.0; b - a];
-                widen_f16(&v[a..b], &mut out);
+                self.widen_into(a, b, &mut out);
                 Cow::Owned(out)
             }
-            Storage::BF16(v) => {
-                let mut out = vec![0.0; b - a];
-                widen_bf16(&v[a..b], &mut out);
-                Cow::Owned(out)
-            }
+        }
+    }
+
+    /// Writes values `a..b`, widened to f32 (exact), into `dst` (of length `b - a`).
+    pub fn widen_into(&self, a: usize, b: usize, dst: &mut [f32]) {
+        match self {
+            Storage::F32(v) => dst.copy_from_slice(&v[a..b]),
+            Storage::F16(v) => widen_f16(&v[a..b], dst),
+            Storage::BF16(v) => widen_bf16(&v[a..b], dst),
         }
     }
 
@@ -167,11 +171,7 @@ impl Matrix {
             if buf.len() < b - a {
                 buf.resize(b - a, 0.0);
             }
-            match &self.data {
-                Storage::F32(_) => {}
-                Storage::F16(v) => widen_f16(&v[a..b], &mut buf[..b - a]),
-                Storage::BF16(v) => widen_bf16(&v[a..b], &mut buf[..b - a]),
-            }
+            self.data.widen_into(a, b, &mut buf[..b - a]);
         };
         match &self.data {
             Storage::F32(v) => f(&v[a..b]),
