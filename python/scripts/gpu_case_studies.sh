@@ -12,8 +12,8 @@
 # Environment: DEVICE (default cuda), PYTHON (default python3), CONFIGS (e.g. "sdpa fp32;eager bf16"),
 # NO_DUMP=1 (no value dumps: smaller outputs, magnitudes only bounded from the statistics).
 # Writes OUT_DIR/<config>/{trace.jsonl,decode0.md,decode0.json,batch4.md,batch4.json} and
-# OUT_DIR/summary.tsv (one line per configuration and comparison: verdict, root cause, counts) and
-# OUT_DIR/summary.md (per configuration and prompt: origin, magnitude, next-token impact).
+# OUT_DIR/summary.md (per configuration, comparison and prompt: failing pairs, origin, root cause,
+# magnitude, next-token impact; a configuration whose trace failed shows as ERROR).
 set -uo pipefail
 
 model="${1:?usage: gpu_case_studies.sh MODEL.gguf OUT_DIR [DRIFTSCOPE_BIN] [PROMPTS.jsonl]}"
@@ -38,7 +38,6 @@ if [[ -n "${CONFIGS:-}" ]]; then
     IFS=';' read -r -a configs <<< "$CONFIGS"
 fi
 
-printf 'config\tcomparison\tverdict\troot_cause\tpairs\tfailed\tfirst_failure\n' > "$out/summary.tsv"
 for c in "${configs[@]}"; do
     set -- $c
     attn=$1 dtype=$2 det=${3:-}
@@ -52,24 +51,11 @@ for c in "${configs[@]}"; do
     rc=$?
     if [[ $rc -ne 0 ]]; then
         echo "trace failed ($rc): $(tail -n 3 "$dir/trace.log")" >&2
-        printf '%s\t-\tERROR\t-\t-\t-\t-\n' "$name" >> "$out/summary.tsv"
         continue
     fi
     for cand in decode0 batch4; do
         "$bin" analyze "$dir/trace.jsonl" --candidate "$cand" --report "$dir/$cand.md" --json "$dir/$cand.json" \
             > "$dir/$cand.line" 2>&1
-        "$python" - "$name" "$cand" "$dir/$cand.json" >> "$out/summary.tsv" <<'EOF'
-import json, sys
-name, cand, path = sys.argv[1:4]
-try:
-    v = json.load(open(path))
-except (OSError, ValueError) as e:
-    print(f"{name}\t{cand}\tERROR\t{e}\t-\t-\t-")
-    sys.exit(0)
-ff = v.get("first_failure") or {}
-first = f"{ff.get('point')} layer {ff.get('layer')} of {ff.get('prompt_id')}" if ff else "-"
-print(f"{name}\t{cand}\t{v['verdict']}\t{v.get('root_cause') or '-'}\t{v['total_pairs']}\t{v['failed']}\t{first}")
-EOF
     done
 done
 "$python" "$here/summarize_case_studies.py" "$out" > "$out/summary.md"
