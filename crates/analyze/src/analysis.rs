@@ -104,7 +104,7 @@ impl PairStatus {
 }
 
 /// Where a drifting pair's drift comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum Classification {
     /// Its nearest traced upstream points all match: the drift starts in the ops in between.
@@ -775,7 +775,9 @@ fn classify_group(g: &mut Group, pairs: &mut [PairResult], graph: &Graph) {
             _ => State::Unknown,
         },
     };
-    let mut seen: Vec<Node> = Vec::new();
+    // Scratch lists of the upstream walk, reused for every pair.
+    let (mut seen, mut stack, mut region): (Vec<Node>, Vec<Node>, Vec<Node>) = (vec![], vec![], vec![]);
+    let (mut matched, mut drifting, mut unknown): (Vec<Node>, Vec<Node>, Vec<Node>) = (vec![], vec![], vec![]);
     for j in 0..pairs.len() {
         let i = base + j;
         let status = pairs[j].status;
@@ -795,9 +797,11 @@ fn classify_group(g: &mut Group, pairs: &mut [PairResult], graph: &Graph) {
             continue;
         };
         // Walk upstream through untraced nodes to the nearest traced ones.
-        let (mut region, mut matched, mut drifting, mut unknown) = (vec![node], vec![], vec![], vec![]);
-        seen.clear();
-        let mut stack = graph.inputs(node);
+        for list in [&mut seen, &mut stack, &mut region, &mut matched, &mut drifting, &mut unknown] {
+            list.clear();
+        }
+        region.push(node);
+        stack.extend_from_slice(&graph.inputs(node));
         while let Some(n) = stack.pop() {
             if seen.contains(&n) {
                 continue;
@@ -806,7 +810,7 @@ fn classify_group(g: &mut Group, pairs: &mut [PairResult], graph: &Graph) {
             match state(n, pairs) {
                 State::Untraced => {
                     region.push(n);
-                    stack.extend(graph.inputs(n));
+                    stack.extend_from_slice(&graph.inputs(n));
                 }
                 State::Match => matched.push(n),
                 State::Drift => drifting.push(n),
@@ -817,7 +821,7 @@ fn classify_group(g: &mut Group, pairs: &mut [PairResult], graph: &Graph) {
         if !drifting.is_empty() {
             drifting.sort_by_key(|n| n.order());
             p.classification = Some(Classification::Inherited);
-            p.relations = Some(Box::new(Relations { inherited_from: drifting, ..Relations::default() }));
+            p.relations = Some(Box::new(Relations { inherited_from: drifting.clone(), ..Relations::default() }));
             continue;
         }
         region.sort_by_key(|n| n.order());
@@ -825,7 +829,7 @@ fn classify_group(g: &mut Group, pairs: &mut [PairResult], graph: &Graph) {
         if !unknown.is_empty() {
             unknown.sort_by_key(|n| n.order());
             p.classification = Some(Classification::Undetermined);
-            rel.unknown_upstream = unknown;
+            rel.unknown_upstream = unknown.clone();
             p.relations = Some(Box::new(rel));
         } else {
             if !rel.untraced_between.is_empty() {
@@ -838,7 +842,7 @@ fn classify_group(g: &mut Group, pairs: &mut [PairResult], graph: &Graph) {
                 .filter_map(|n| n.producing_layer())
                 .fold(None, |acc: Option<(u32, u32)>, l| Some(acc.map_or((l, l), |(a, b)| (a.min(l), b.max(l)))));
             let cause = if status == PairStatus::NumericFault { "NUMERIC_FAULT" } else { cause_of_region(&region) };
-            g.origins.push(Origin { pair: i, node, region, upstream: matched, cause, layers });
+            g.origins.push(Origin { pair: i, node, region: region.clone(), upstream: matched.clone(), cause, layers });
         }
     }
     g.cause = match g.first_failure.map(|i| (&pairs[i - base], i)) {

@@ -99,37 +99,60 @@ pub enum Block {
 
 impl Graph {
     /// The nodes a node is computed from.
-    pub fn inputs(&self, node: Node) -> Vec<Node> {
+    pub fn inputs(&self, node: Node) -> Inputs {
         use Point::*;
         let last = self.n_layers.saturating_sub(1);
         match node {
-            Node::Global(EmbedOut) => vec![],
+            Node::Global(EmbedOut) => Inputs::of(&[]),
             Node::Global(FinalNorm) if self.exact || self.n_layers == 0 => {
-                vec![Node::Layer(last, XMid), Node::Layer(last, MlpOut)]
+                Inputs::of(&[Node::Layer(last, XMid), Node::Layer(last, MlpOut)])
             }
-            Node::Global(FinalNorm) => vec![Node::LayersAfter(last)],
-            Node::LayersAfter(l) => vec![Node::Layer(l, XMid), Node::Layer(l, MlpOut)],
-            Node::Global(_) => vec![Node::Global(FinalNorm)],
-            Node::Layer(0, XIn) => vec![Node::Global(EmbedOut)],
-            Node::Layer(l, XIn) => vec![Node::Layer(l - 1, XMid), Node::Layer(l - 1, MlpOut)],
+            Node::Global(FinalNorm) => Inputs::of(&[Node::LayersAfter(last)]),
+            Node::LayersAfter(l) => Inputs::of(&[Node::Layer(l, XMid), Node::Layer(l, MlpOut)]),
+            Node::Global(_) => Inputs::of(&[Node::Global(FinalNorm)]),
+            Node::Layer(0, XIn) => Inputs::of(&[Node::Global(EmbedOut)]),
+            Node::Layer(l, XIn) => Inputs::of(&[Node::Layer(l - 1, XMid), Node::Layer(l - 1, MlpOut)]),
             Node::Layer(l, p) => {
                 let at = |p| Node::Layer(l, p);
                 match p {
-                    AttnNorm => vec![at(XIn)],
-                    Q | K | V => vec![at(AttnNorm)],
-                    QRope => vec![at(Q)],
-                    KRope => vec![at(K)],
-                    AttnCtx => vec![at(QRope), at(KRope), at(V)],
-                    AttnOut => vec![at(AttnCtx)],
-                    XMid => vec![at(XIn), at(AttnOut)],
-                    MlpNorm => vec![at(XMid)],
-                    Gate | Up => vec![at(MlpNorm)],
-                    Act => vec![at(Gate), at(Up)],
-                    MlpOut => vec![at(Act)],
-                    EmbedOut | XIn | FinalNorm | Logits => vec![],
+                    AttnNorm => Inputs::of(&[at(XIn)]),
+                    Q | K | V => Inputs::of(&[at(AttnNorm)]),
+                    QRope => Inputs::of(&[at(Q)]),
+                    KRope => Inputs::of(&[at(K)]),
+                    AttnCtx => Inputs::of(&[at(QRope), at(KRope), at(V)]),
+                    AttnOut => Inputs::of(&[at(AttnCtx)]),
+                    XMid => Inputs::of(&[at(XIn), at(AttnOut)]),
+                    MlpNorm => Inputs::of(&[at(XMid)]),
+                    Gate | Up => Inputs::of(&[at(MlpNorm)]),
+                    Act => Inputs::of(&[at(Gate), at(Up)]),
+                    MlpOut => Inputs::of(&[at(Act)]),
+                    EmbedOut | XIn | FinalNorm | Logits => Inputs::of(&[]),
                 }
             }
         }
+    }
+}
+
+/// The inputs of a node: at most three, held inline (the origin walk asks for them for every
+/// drifting pair).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Inputs {
+    nodes: [Node; 3],
+    len: usize,
+}
+
+impl Inputs {
+    fn of(list: &[Node]) -> Inputs {
+        let mut nodes = [Node::Global(Point::EmbedOut); 3];
+        nodes[..list.len()].copy_from_slice(list);
+        Inputs { nodes, len: list.len() }
+    }
+}
+
+impl std::ops::Deref for Inputs {
+    type Target = [Node];
+    fn deref(&self) -> &[Node] {
+        &self.nodes[..self.len]
     }
 }
 
@@ -204,7 +227,7 @@ mod tests {
                 nodes.extend(Point::PER_LAYER.iter().map(|&p| Node::Layer(l, p)));
             }
             for n in nodes {
-                for i in g.inputs(n) {
+                for &i in g.inputs(n).iter() {
                     assert!(i.order() < n.order(), "{i} should precede {n}");
                 }
             }
@@ -213,10 +236,10 @@ mod tests {
 
     #[test]
     fn final_norm_sees_unknown_layers_unless_count_is_exact() {
-        assert_eq!(Graph { n_layers: 9, exact: false }.inputs(Node::Global(FinalNorm)), vec![Node::LayersAfter(8)]);
+        assert_eq!(Graph { n_layers: 9, exact: false }.inputs(Node::Global(FinalNorm))[..], [Node::LayersAfter(8)]);
         assert_eq!(
-            Graph { n_layers: 9, exact: true }.inputs(Node::Global(FinalNorm)),
-            vec![Node::Layer(8, XMid), Node::Layer(8, MlpOut)]
+            Graph { n_layers: 9, exact: true }.inputs(Node::Global(FinalNorm))[..],
+            [Node::Layer(8, XMid), Node::Layer(8, MlpOut)]
         );
     }
 

@@ -462,26 +462,43 @@ fn evidence(a: &Analysis, ev: Option<&Evidence>, md: &mut String) {
 }
 
 /// The propagation tree of one group, as lines.
+///
+/// Layers are grouped by the keys of their lines first (no formatting), and only one layer of
+/// each group is formatted: a 30-layer trace of thousands of prompts formats a few layers per
+/// prompt instead of every pair.
 fn tree(a: &Analysis, g: &Group) -> Vec<String> {
+    let line = |i: usize| format!("{}: {}", a.collected.point_name(a.pairs[i].key.point), node_status(a, g, i));
     let mut globals_before: Vec<String> = vec![];
     let mut globals_after: Vec<String> = vec![];
-    let mut layers: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    let mut layers: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
     for &i in &g.pairs {
         let p = &a.pairs[i];
-        let name = a.collected.point_name(p.key.point);
-        let line = format!("{name}: {}", node_status(a, g, i));
         match p.key.point {
-            PointId::Known(Point::EmbedOut) => globals_before.push(line),
-            PointId::Known(pt) if !pt.is_per_layer() => globals_after.push(line),
-            _ => layers.entry(p.key.layer).or_default().push(line),
+            PointId::Known(Point::EmbedOut) => globals_before.push(line(i)),
+            PointId::Known(pt) if !pt.is_per_layer() => globals_after.push(line(i)),
+            _ => layers.entry(p.key.layer).or_default().push(i),
         }
     }
-    // Group layers whose lines are identical, as the seed report does.
+    // Layers with equal keys render equal lines.
+    let mut by_keys: Vec<(Vec<u32>, Vec<LineKey>, Vec<usize>)> = vec![];
+    for (l, pairs) in layers {
+        let keys: Vec<LineKey> = pairs.iter().map(|&i| LineKey::of(a, g, i)).collect();
+        match by_keys.iter_mut().find(|(_, k, _)| *k == keys) {
+            Some((ids, _, _)) => ids.push(l),
+            None => by_keys.push((vec![l], keys, pairs)),
+        }
+    }
+    // Group layers whose lines are identical, as the seed report does (different keys may still
+    // read the same).
     let mut grouped: Vec<(Vec<u32>, Vec<String>)> = vec![];
-    for (l, lines) in layers {
+    for (ids, _, pairs) in by_keys {
+        let lines: Vec<String> = pairs.into_iter().map(line).collect();
         match grouped.iter_mut().find(|(_, ls)| *ls == lines) {
-            Some((ids, _)) => ids.push(l),
-            None => grouped.push((vec![l], lines)),
+            Some((first, _)) => {
+                first.extend(ids);
+                first.sort_unstable();
+            }
+            None => grouped.push((ids, lines)),
         }
     }
     let mut out = globals_before;
@@ -495,6 +512,74 @@ fn tree(a: &Analysis, g: &Group) -> Vec<String> {
     }
     out.extend(globals_after);
     out
+}
+
+/// Everything a tree line of a per-layer pair depends on ([`node_status`] and the point's name),
+/// without the layer number: pairs of two layers with equal keys render the same line.
+#[derive(PartialEq, Eq, Hash)]
+struct LineKey {
+    point: PointId,
+    status: PairStatus,
+    class: Option<Classification>,
+    /// For an originated pair: whether it originates by itself, and the untraced layer span.
+    origin: Option<(bool, Option<(u32, u32)>)>,
+    /// The related nodes as [`relative`] names them.
+    related: Relative,
+}
+
+/// The nodes of a relation as [`relative`] sees them: same-layer points and global points (as
+/// bit sets of point indices: the lists are in dataflow order) and whether an earlier layer is
+/// among them.
+#[derive(PartialEq, Eq, Hash, Default)]
+struct Relative {
+    same: u32,
+    global: u32,
+    earlier: bool,
+}
+
+impl Relative {
+    fn of(nodes: &[Node], layer: u32) -> Relative {
+        let mut r = Relative::default();
+        for n in nodes {
+            match *n {
+                Node::Layer(l, p) if l == layer => r.same |= 1 << p.index(),
+                Node::Layer(..) | Node::LayersAfter(_) => r.earlier = true,
+                Node::Global(p) => r.global |= 1 << p.index(),
+            }
+        }
+        r
+    }
+}
+
+impl LineKey {
+    fn of(a: &Analysis, g: &Group, i: usize) -> LineKey {
+        let p = &a.pairs[i];
+        let layer = p.key.layer;
+        let mut key =
+            LineKey { point: p.key.point, status: p.status, class: None, origin: None, related: Relative::default() };
+        if !matches!(p.status, PairStatus::Drift | PairStatus::NumericFault) {
+            return key;
+        }
+        key.class = p.classification;
+        key.related = match p.classification {
+            Some(Classification::Originated) => match g.origins.iter().find(|o| o.pair == i) {
+                Some(o) => {
+                    let span = o.layers.filter(|(x, y)| x != y);
+                    key.origin = Some((o.region.len() == 1, span));
+                    if o.region.len() == 1 {
+                        Relative::default()
+                    } else {
+                        Relative::of(&o.upstream, layer)
+                    }
+                }
+                None => Relative::default(),
+            },
+            Some(Classification::Inherited) => Relative::of(p.inherited_from(), layer),
+            Some(Classification::Undetermined) => Relative::of(p.unknown_upstream(), layer),
+            _ => Relative::default(),
+        };
+        key
+    }
 }
 
 /// `✓ MATCH`, `✗ DRIFT (…)`, with the relation to upstream in layer-relative words.
