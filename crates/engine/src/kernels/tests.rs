@@ -170,6 +170,27 @@ fn f16_dot_products_are_bitwise_the_f32_ones() {
     }
 }
 
+/// The four-row GEMV kernels give each row the bits of the one-row dot product, f32 and f16
+/// rows, both orders, lengths around the lane size.
+#[test]
+fn four_row_dot_products_are_bitwise_one_row() {
+    use super::reduce::DotOrder;
+    use half::f16;
+    for n in [0, 1, 7, 8, 9, 64, 130, 576, 1537] {
+        let a = data(n, 13);
+        let rows: Vec<Vec<f32>> = (0..4).map(|r| data(n, 14 + r)).collect();
+        let half_rows: Vec<Vec<f16>> = rows.iter().map(|r| r.iter().map(|&v| f16::from_f32(v)).collect()).collect();
+        for order in [DotOrder::Lanes8, DotOrder::Blocked] {
+            let got = order.f32_x4(&a, std::array::from_fn(|j| rows[j].as_slice()));
+            let got16 = order.f16_x4(&a, std::array::from_fn(|j| half_rows[j].as_slice()));
+            for j in 0..4 {
+                assert_eq!(got[j].to_bits(), order.f32(&a, &rows[j]).to_bits(), "{order:?} f32 n={n} row {j}");
+                assert_eq!(got16[j].to_bits(), order.f16(&a, &half_rows[j]).to_bits(), "{order:?} f16 n={n} row {j}");
+            }
+        }
+    }
+}
+
 /// Four score dot products at once give `dot_seq`'s bits for each.
 #[test]
 fn dot_seq_x4_is_bitwise_dot_seq() {
