@@ -176,6 +176,55 @@ fn lanes8_sum(l: [f32; 8]) -> f32 {
 mod avx {
     use std::arch::x86_64::*;
 
+    /// [`super::dot_blocked`] of four input rows with four weight rows (a 4 × 4 block of the
+    /// GEMM): one register holds the four lanes of two outputs (the low half one weight row's,
+    /// the high half the next one's), so one multiplication and one addition advance two dot
+    /// products, each exactly as the scalar code does. `xs` and `ws` point at rows of at least
+    /// `k` values.
+    #[target_feature(enable = "avx")]
+    pub(super) unsafe fn block_dot(xs: [*const f32; 4], ws: [*const f32; 4], k: usize, out: &mut [[f32; 4]; 4]) {
+        let mut total = [[0.0f32; 4]; 4];
+        let mut b = 0;
+        while b < k {
+            let end = (b + 64).min(k);
+            let full = b + (end - b) / 4 * 4;
+            let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+            let mut i = b;
+            while i < full {
+                // SAFETY: i + 4 <= k, within every row; unaligned loads.
+                unsafe {
+                    let w01 = _mm256_loadu2_m128(ws[1].add(i), ws[0].add(i));
+                    let w23 = _mm256_loadu2_m128(ws[3].add(i), ws[2].add(i));
+                    for (a, x) in acc.iter_mut().zip(xs) {
+                        let xv = _mm256_broadcast_ps(&_mm_loadu_ps(x.add(i)));
+                        a[0] = _mm256_add_ps(a[0], _mm256_mul_ps(xv, w01));
+                        a[1] = _mm256_add_ps(a[1], _mm256_mul_ps(xv, w23));
+                    }
+                }
+                i += 4;
+            }
+            for r in 0..4 {
+                let mut l = [0.0f32; 16];
+                // SAFETY: `l` holds sixteen f32.
+                unsafe {
+                    _mm256_storeu_ps(l.as_mut_ptr(), acc[r][0]);
+                    _mm256_storeu_ps(l.as_mut_ptr().add(8), acc[r][1]);
+                }
+                for j in 0..4 {
+                    let q = &l[4 * j..4 * j + 4];
+                    let mut block = (q[0] + q[1]) + (q[2] + q[3]);
+                    for t in full..end {
+                        // SAFETY: t < k, within both rows.
+                        block += unsafe { *xs[r].add(t) * *ws[j].add(t) };
+                    }
+                    total[r][j] += block;
+                }
+            }
+            b = end;
+        }
+        *out = total;
+    }
+
     /// `w` points at four rows of at least `n` values; `a` holds at least `n`.
     #[target_feature(enable = "avx")]
     pub(super) unsafe fn dot_lanes8_x4(a: &[f32], w: [*const f32; 4], n: usize) -> [f32; 4] {
@@ -474,7 +523,7 @@ pub fn par_matmul_blocked(x: &[f32], rows: usize, w: &crate::weights::Matrix, ou
                         let nr = (o1 - o).min(NR);
                         let mut acc = [[0.0f32; NR]; MR];
                         match (mr, nr) {
-                            (MR, NR) => block_dot::<MR, NR>(
+                            (MR, NR) => block_dot(
                                 std::array::from_fn(|i| xrow(r + i)),
                                 std::array::from_fn(|j| wrow(o + j)),
                                 &mut acc,
@@ -518,11 +567,24 @@ fn scatter_tiles(tiles: &[Vec<f32>], tile_len: usize, rows: usize, n: usize, out
 /// Input rows per block of [`par_matmul_blocked`].
 pub const MR: usize = 4;
 /// Output features per block of [`par_matmul_blocked`].
-pub const NR: usize = 2;
+pub const NR: usize = 4;
 
-/// [`dot_blocked`] of every pair (`xs[i]`, `ws[j]`) at once, into `out[i][j]`.
+/// [`dot_blocked`] of every pair (`xs[i]`, `ws[j]`) at once, into `out[i][j]`: with AVX where the
+/// CPU has it, else in portable code; the same bits either way.
+fn block_dot(xs: [&[f32]; MR], ws: [&[f32]; NR], out: &mut [[f32; NR]; MR]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx") {
+        let k = xs.iter().chain(ws.iter()).map(|s| s.len()).min().unwrap_or(0);
+        // SAFETY: the CPU has AVX (checked above); every row holds at least `k` values.
+        unsafe { avx::block_dot(xs.map(|r| r.as_ptr()), ws.map(|r| r.as_ptr()), k, out) };
+        return;
+    }
+    block_dot_portable(xs, ws, out)
+}
+
+/// [`block_dot`] in portable code (any R × O).
 #[inline(always)]
-fn block_dot<const R: usize, const O: usize>(xs: [&[f32]; R], ws: [&[f32]; O], out: &mut [[f32; O]; R]) {
+fn block_dot_portable<const R: usize, const O: usize>(xs: [&[f32]; R], ws: [&[f32]; O], out: &mut [[f32; O]; R]) {
     let k = xs.iter().chain(ws.iter()).map(|s| s.len()).min().unwrap_or(0);
     let mut total = [[0.0f32; O]; R];
     let mut b = 0;

@@ -144,7 +144,17 @@ fn bits(v: &[f32]) -> Vec<u32> {
 #[test]
 fn blocked_gemm_is_bitwise_dot_blocked() {
     use super::reduce::{par_matmul, par_matmul_blocked, DotOrder};
-    for (rows, k, n) in [(1, 5, 3), (1, 576, 64), (3, 64, 7), (4, 63, 2), (5, 130, 33), (9, 259, 65), (33, 11, 1)] {
+    for (rows, k, n) in [
+        (1, 5, 3),
+        (1, 576, 64),
+        (3, 64, 7),
+        (4, 63, 2),
+        (5, 130, 33),
+        (9, 259, 65),
+        (33, 11, 1),
+        (8, 576, 40),
+        (4, 67, 4),
+    ] {
         let (x, w) = (data(rows * k, 3), Matrix::new(n, k, data(n * k, 4)));
         let (mut want, mut got) = (vec![0.0; rows * n], vec![f32::NAN; rows * n]);
         par_matmul(&x, rows, &w, &mut want, DotOrder::Blocked);
