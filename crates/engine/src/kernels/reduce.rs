@@ -183,6 +183,9 @@ mod avx {
     /// `k` values.
     #[target_feature(enable = "avx")]
     pub(super) unsafe fn block_dot(xs: [*const f32; 4], ws: [*const f32; 4], k: usize, out: &mut [[f32; 4]; 4]) {
+        // Block sums are added to the totals in registers while blocks are whole multiples of
+        // four; the one block with a tail (the last) is finished in scalar code.
+        let mut tv = [_mm256_setzero_ps(); 2];
         let mut total = [[0.0f32; 4]; 4];
         let mut b = 0;
         while b < k {
@@ -203,26 +206,54 @@ mod avx {
                 }
                 i += 4;
             }
-            for r in 0..4 {
-                let mut l = [0.0f32; 16];
-                // SAFETY: `l` holds sixteen f32.
-                unsafe {
-                    _mm256_storeu_ps(l.as_mut_ptr(), acc[r][0]);
-                    _mm256_storeu_ps(l.as_mut_ptr().add(8), acc[r][1]);
-                }
-                for j in 0..4 {
-                    let q = &l[4 * j..4 * j + 4];
-                    let mut block = (q[0] + q[1]) + (q[2] + q[3]);
-                    for t in full..end {
-                        // SAFETY: t < k, within both rows.
-                        block += unsafe { *xs[r].add(t) * *ws[j].add(t) };
+            if full == end {
+                // Two levels of pairwise additions give every block sum `(l0 + l1) + (l2 + l3)`:
+                // `tv[h]` holds rows 2h and 2h + 1 in the order of `TOTAL_LANES`.
+                let h = acc.map(|a| _mm256_hadd_ps(a[0], a[1]));
+                tv[0] = _mm256_add_ps(tv[0], _mm256_hadd_ps(h[0], h[1]));
+                tv[1] = _mm256_add_ps(tv[1], _mm256_hadd_ps(h[2], h[3]));
+            } else {
+                add_lanes(&mut total, &mut tv);
+                for r in 0..4 {
+                    let mut l = [0.0f32; 16];
+                    // SAFETY: `l` holds sixteen f32.
+                    unsafe {
+                        _mm256_storeu_ps(l.as_mut_ptr(), acc[r][0]);
+                        _mm256_storeu_ps(l.as_mut_ptr().add(8), acc[r][1]);
                     }
-                    total[r][j] += block;
+                    for j in 0..4 {
+                        // The register holds outputs 0 and 1 (low, high half), then 2 and 3.
+                        let q = &l[4 * j..4 * j + 4];
+                        let mut block = (q[0] + q[1]) + (q[2] + q[3]);
+                        for t in full..end {
+                            // SAFETY: t < k, within both rows.
+                            block += unsafe { *xs[r].add(t) * *ws[j].add(t) };
+                        }
+                        total[r][j] += block;
+                    }
                 }
             }
             b = end;
         }
+        add_lanes(&mut total, &mut tv);
         *out = total;
+    }
+
+    /// (row within the pair, output) of each lane of a totals register.
+    const TOTAL_LANES: [(usize, usize); 8] = [(0, 0), (0, 2), (1, 0), (1, 2), (0, 1), (0, 3), (1, 1), (1, 3)];
+
+    /// Adds the register totals into `total` (still zero where they are non-zero) and clears them.
+    #[target_feature(enable = "avx")]
+    fn add_lanes(total: &mut [[f32; 4]; 4], tv: &mut [__m256; 2]) {
+        for (h, v) in tv.iter_mut().enumerate() {
+            let mut l = [0.0f32; 8];
+            // SAFETY: `l` holds eight f32.
+            unsafe { _mm256_storeu_ps(l.as_mut_ptr(), *v) };
+            for (&(r, j), x) in TOTAL_LANES.iter().zip(l) {
+                total[2 * h + r][j] += x;
+            }
+            *v = _mm256_setzero_ps();
+        }
     }
 
     /// `w` points at four rows of at least `n` values; `a` holds at least `n`.
