@@ -353,42 +353,79 @@ mod f16c {
         out
     }
 
-    /// [`super::dot_blocked`] of four f16 rows at once: each row's 64-blocks in order, each
-    /// block with its own four lanes (one register per row), the four rows' chains interleaved.
-    /// `w` points at four rows of at least `n` values, `a` holds at least `n`.
+    /// [`super::dot_blocked`] of four f16 rows at once: one register holds the four lanes of two
+    /// rows (low half, high half), so each multiplication and addition advances two rows, each
+    /// exactly as the scalar code does; block sums are added up in registers while blocks are
+    /// whole multiples of four. `w` points at four rows of at least `n` values, `a` holds at
+    /// least `n`.
     #[target_feature(enable = "avx,f16c")]
     pub(super) unsafe fn dot_blocked_x4(a: &[f32], w: [*const f16; 4], n: usize) -> [f32; 4] {
+        // Eight f16 of two rows (four each) widened into one register.
+        let pair = |p: *const f16, q: *const f16| {
+            // SAFETY: the caller passes pointers with four readable f16 each.
+            unsafe {
+                let lo = _mm_loadl_epi64(p.cast());
+                let both = _mm_castpd_si128(_mm_loadh_pd(_mm_castsi128_pd(lo), q.cast()));
+                _mm256_cvtph_ps(both)
+            }
+        };
+        let mut tv = _mm256_setzero_ps();
         let mut total = [0.0f32; 4];
         let mut b = 0;
         while b < n {
             let end = (b + 64).min(n);
             let full = b + (end - b) / 4 * 4;
-            let mut acc = [_mm_setzero_ps(); 4];
+            let (mut acc01, mut acc23) = (_mm256_setzero_ps(), _mm256_setzero_ps());
             let mut i = b;
             while i < full {
-                // SAFETY: i + 4 <= n, within `a` and each row; the f16 loads read 8 bytes.
+                // SAFETY: i + 4 <= n, within `a` and each row.
                 unsafe {
-                    let av = _mm_loadu_ps(a.as_ptr().add(i));
-                    for (c, p) in acc.iter_mut().zip(w) {
-                        *c = _mm_add_ps(*c, _mm_mul_ps(av, _mm_cvtph_ps(_mm_loadl_epi64(p.add(i).cast()))));
-                    }
+                    let av = _mm256_broadcast_ps(&_mm_loadu_ps(a.as_ptr().add(i)));
+                    acc01 = _mm256_add_ps(acc01, _mm256_mul_ps(av, pair(w[0].add(i), w[1].add(i))));
+                    acc23 = _mm256_add_ps(acc23, _mm256_mul_ps(av, pair(w[2].add(i), w[3].add(i))));
                 }
                 i += 4;
             }
-            for ((t, c), p) in total.iter_mut().zip(acc).zip(w) {
-                let mut l = [0.0f32; 4];
-                // SAFETY: `l` holds four f32.
-                unsafe { _mm_storeu_ps(l.as_mut_ptr(), c) };
-                let mut block = (l[0] + l[1]) + (l[2] + l[3]);
-                for (j, &x) in a.iter().enumerate().take(end).skip(full) {
-                    // SAFETY: j < end <= n, within the row.
-                    block += x * unsafe { *p.add(j) }.to_f32();
+            if full == end {
+                // Lanes of `hadd(h, h)`: row 0, row 2, row 0, row 2, row 1, row 3, row 1, row 3,
+                // each `(l0 + l1) + (l2 + l3)`.
+                let h = _mm256_hadd_ps(acc01, acc23);
+                tv = _mm256_add_ps(tv, _mm256_hadd_ps(h, h));
+            } else {
+                add_rows(&mut total, &mut tv);
+                let mut l = [0.0f32; 16];
+                // SAFETY: `l` holds sixteen f32.
+                unsafe {
+                    _mm256_storeu_ps(l.as_mut_ptr(), acc01);
+                    _mm256_storeu_ps(l.as_mut_ptr().add(8), acc23);
                 }
-                *t += block;
+                for (r, t) in total.iter_mut().enumerate() {
+                    let q = &l[4 * r..4 * r + 4];
+                    let mut block = (q[0] + q[1]) + (q[2] + q[3]);
+                    for (j, &x) in a.iter().enumerate().take(end).skip(full) {
+                        // SAFETY: j < end <= n, within the row.
+                        block += x * unsafe { *w[r].add(j) }.to_f32();
+                    }
+                    *t += block;
+                }
             }
             b = end;
         }
+        add_rows(&mut total, &mut tv);
         total
+    }
+
+    /// Adds the register totals of [`dot_blocked_x4`] into `total` (zero where they are
+    /// non-zero) and clears them.
+    #[target_feature(enable = "avx")]
+    fn add_rows(total: &mut [f32; 4], tv: &mut __m256) {
+        let mut l = [0.0f32; 8];
+        // SAFETY: `l` holds eight f32.
+        unsafe { _mm256_storeu_ps(l.as_mut_ptr(), *tv) };
+        for (t, lane) in total.iter_mut().zip([0, 4, 1, 5]) {
+            *t += l[lane];
+        }
+        *tv = _mm256_setzero_ps();
     }
 
     /// [`super::dot_blocked`] with f16 weights. Blocks are independent until their sums are
