@@ -1,30 +1,6 @@
 //! Reduction orders shared by the kernels. Each function fixes its order of additions exactly;
 //! the kernels differ only in which of these they pick for which shape.
 
-/// Sequential dot product.
-pub fn dot_seq(a: &[f32], b: &[f32]) -> f32 {
-    let mut s = 0.0f32;
-    for (x, y) in a.iter().zip(b) {
-        s += x * y;
-    }
-    s
-}
-
-/// [`dot_seq`] of `a` with four rows at once: four independent chains, each in `dot_seq`'s order
-/// (the same bits), so the additions of one row need not wait for each other's.
-pub fn dot_seq_x4(a: &[f32], b: [&[f32]; 4]) -> [f32; 4] {
-    let n = b.iter().fold(a.len(), |m, r| m.min(r.len()));
-    let (b0, b1, b2, b3) = (&b[0][..n], &b[1][..n], &b[2][..n], &b[3][..n]);
-    let mut s = [0.0f32; 4];
-    for (i, &x) in a[..n].iter().enumerate() {
-        s[0] += x * b0[i];
-        s[1] += x * b1[i];
-        s[2] += x * b2[i];
-        s[3] += x * b3[i];
-    }
-    s
-}
-
 /// Dot product with 8 interleaved accumulators (lane `i % 8`), summed as a balanced tree, then
 /// the tail in order: the GEMV order.
 pub fn dot_lanes8(a: &[f32], b: &[f32]) -> f32 {
@@ -734,12 +710,14 @@ impl Softmax {
         let (d, stride, off, vals) = (q.len(), kv.stride, kv.off, kv.v);
         let key = |j: usize| &kv.k[j * stride + off..j * stride + off + d];
         let mut scores: Vec<f32> = Vec::with_capacity(j1 - j0);
+        // Scores in the GEMV order (eight lanes), four keys at a time; the same function for
+        // every query length, so it never tells prefill from decode.
         let mut j = j0;
         while j + 4 <= j1 {
-            scores.extend(dot_seq_x4(q, [key(j), key(j + 1), key(j + 2), key(j + 3)]).map(|s| s * scale));
+            scores.extend(DotOrder::Lanes8.f32_x4(q, [key(j), key(j + 1), key(j + 2), key(j + 3)]).map(|s| s * scale));
             j += 4;
         }
-        scores.extend((j..j1).map(|j| dot_seq(q, key(j)) * scale));
+        scores.extend((j..j1).map(|j| dot_lanes8(q, key(j)) * scale));
         let m_new = scores.iter().fold(self.m, |m, &s| m.max(s));
         if m_new == f32::NEG_INFINITY {
             return;

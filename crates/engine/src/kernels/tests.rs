@@ -200,17 +200,3 @@ fn four_row_dot_products_are_bitwise_one_row() {
         }
     }
 }
-
-/// Four score dot products at once give `dot_seq`'s bits for each.
-#[test]
-fn dot_seq_x4_is_bitwise_dot_seq() {
-    use super::reduce::{dot_seq, dot_seq_x4};
-    for n in [0, 1, 5, 64, 65] {
-        let a = data(n, 8);
-        let rows: Vec<Vec<f32>> = (0..4).map(|r| data(n, 9 + r)).collect();
-        let got = dot_seq_x4(&a, [&rows[0], &rows[1], &rows[2], &rows[3]]);
-        for (g, row) in got.iter().zip(&rows) {
-            assert_eq!(g.to_bits(), dot_seq(&a, row).to_bits(), "n={n}");
-        }
-    }
-}
