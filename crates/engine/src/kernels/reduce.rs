@@ -232,6 +232,40 @@ mod avx {
         }
     }
 
+    /// [`super::accumulate_values`]: `rows[j]` points at `acc.len()` values.
+    #[target_feature(enable = "avx")]
+    pub(super) unsafe fn accumulate_values(acc: &mut [f32], ps: &[f32], rows: &[*const f32]) {
+        let d = acc.len();
+        let full = d / 8 * 8;
+        let mut c = 0;
+        while c < full {
+            let width = ((full - c) / 8).min(8);
+            let mut regs = [_mm256_setzero_ps(); 8];
+            for (k, r) in regs.iter_mut().enumerate().take(width) {
+                // SAFETY: c + 8k + 8 <= full <= d.
+                *r = unsafe { _mm256_loadu_ps(acc.as_ptr().add(c + 8 * k)) };
+            }
+            for (&p, &row) in ps.iter().zip(rows) {
+                let pv = _mm256_set1_ps(p);
+                for (k, r) in regs.iter_mut().enumerate().take(width) {
+                    // SAFETY: c + 8k + 8 <= d, within the row.
+                    *r = _mm256_add_ps(*r, _mm256_mul_ps(pv, unsafe { _mm256_loadu_ps(row.add(c + 8 * k)) }));
+                }
+            }
+            for (k, r) in regs.iter().enumerate().take(width) {
+                // SAFETY: as for the loads.
+                unsafe { _mm256_storeu_ps(acc.as_mut_ptr().add(c + 8 * k), *r) };
+            }
+            c += 8 * width;
+        }
+        for (e, a) in acc.iter_mut().enumerate().skip(full) {
+            for (&p, &row) in ps.iter().zip(rows) {
+                // SAFETY: e < d, within the row.
+                *a += p * unsafe { *row.add(e) };
+            }
+        }
+    }
+
     /// `w` points at four rows of at least `n` values; `a` holds at least `n`.
     #[target_feature(enable = "avx")]
     pub(super) unsafe fn dot_lanes8_x4(a: &[f32], w: [*const f32; 4], n: usize) -> [f32; 4] {
@@ -727,14 +761,16 @@ impl Softmax {
         for a in &mut self.acc {
             *a *= c;
         }
-        for (j, s) in (j0..j1).zip(scores) {
-            let p = (s - m_new).exp();
-            self.l += p;
-            let vj = &vals[j * stride + off..j * stride + off + d];
-            for (a, &vv) in self.acc.iter_mut().zip(vj) {
-                *a += p * vv;
-            }
-        }
+        let ps: Vec<f32> = scores
+            .iter()
+            .map(|&s| {
+                let p = (s - m_new).exp();
+                self.l += p;
+                p
+            })
+            .collect();
+        let value = |jj: usize| &vals[(j0 + jj) * stride + off..(j0 + jj) * stride + off + d];
+        accumulate_values(&mut self.acc, &ps, value);
         self.m = m_new;
     }
 
@@ -756,6 +792,25 @@ impl Softmax {
     pub fn finish(&self, out: &mut [f32]) {
         for (o, &a) in out.iter_mut().zip(&self.acc) {
             *o = a / self.l;
+        }
+    }
+}
+
+/// `acc += ps[j] * value(j)` for every key `j` in order, each element of `acc` its own chain
+/// (AVX where the CPU has it: eight elements per register, up to 64 held in registers while
+/// the keys pass; the same bits as the plain loop).
+pub fn accumulate_values<'v>(acc: &mut [f32], ps: &[f32], value: impl Fn(usize) -> &'v [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx") {
+        let d = acc.len();
+        let rows: Vec<*const f32> = (0..ps.len()).map(|j| value(j)[..d].as_ptr()).collect();
+        // SAFETY: the CPU has AVX (checked above); every row holds `d` values.
+        unsafe { avx::accumulate_values(acc, ps, &rows) };
+        return;
+    }
+    for (j, &p) in ps.iter().enumerate() {
+        for (a, &v) in acc.iter_mut().zip(value(j)) {
+            *a += p * v;
         }
     }
 }
