@@ -18,7 +18,7 @@ use crate::kernels::{AttnShape, Kernels};
 use crate::weights::Weights;
 
 /// Observes trace points. The engine calls [`Tracer::wants`] before copying anything.
-pub trait Tracer {
+pub trait Tracer: Send {
     /// Whether the point at this layer (0 for model-global points) should be recorded.
     fn wants(&self, point: Point, layer: u32) -> bool;
     /// One traced row, already rounded to `dtype` (the values are exact in that dtype); `which`
@@ -121,6 +121,17 @@ impl Model {
     /// attention stay per sequence. `run.trace_rows` index the stacked rows. Returns the logits
     /// of each sequence's last row.
     pub fn forward_batch(&self, seqs: &mut [Seq<'_>], run: &mut Run<'_>) -> Vec<Vec<f32>> {
+        // The kernels fork and join on rayon's pool. Called from a thread outside the pool, each
+        // of them would hand its work over and put the caller to sleep until it is done; a
+        // decode step runs hundreds of kernels, and those wake-ups were a fifth of its time. So
+        // the whole pass runs on a thread of the pool.
+        if rayon::current_thread_index().is_none() {
+            return rayon::scope(|_| self.forward_batch_in_pool(seqs, run));
+        }
+        self.forward_batch_in_pool(seqs, run)
+    }
+
+    fn forward_batch_in_pool(&self, seqs: &mut [Seq<'_>], run: &mut Run<'_>) -> Vec<Vec<f32>> {
         let c = &self.config;
         let w = &self.weights;
         let k = run.kernels;

@@ -186,7 +186,7 @@ struct RowMeta {
 
 /// Writes `stage_trace` events for the rows the engine hands over.
 pub struct JsonlTracer<'w> {
-    out: &'w mut dyn Write,
+    out: &'w mut (dyn Write + Send),
     dump: Option<&'w mut Dump>,
     spec: &'w RunSpec,
     prompt_id: &'w str,
@@ -265,7 +265,7 @@ pub fn run_phase(
     prompt: &Prompt,
     phase: Phase,
     spec: &RunSpec,
-    out: &mut dyn Write,
+    out: &mut (dyn Write + Send),
     dump: Option<&mut Dump>,
 ) -> std::io::Result<(Vec<f32>, u64)> {
     let n = prompt.tokens.len();
