@@ -12,8 +12,12 @@
 //!   whatever the number of rows or the query length: the GEMM order for every row count, a fixed
 //!   KV split size, one RMSNorm order. Prefill and decode are bitwise equal.
 //!
-//! No kernel relies on floating-point reassociation by the compiler (Rust never does it) or on
-//! fused multiply-add, so the order written in the source is the order computed on every target.
+//! Every order is written out in plain Rust (`reduce.rs`), and no kernel relies on
+//! floating-point reassociation by the compiler (Rust never does it). The vector kernels (AVX,
+//! F16C and FMA, detected at run time) compute exactly those orders, as the tests check bit for
+//! bit. The GEMM order's lanes use fused multiply-adds: FMA instructions where the CPU has them,
+//! the correctly rounded software `mul_add` elsewhere, the same bits on every target (slowly
+//! without FMA). The other orders multiply, then add.
 
 mod fast;
 mod invariant;

@@ -20,8 +20,12 @@ pub fn dot_lanes8(a: &[f32], b: &[f32]) -> f32 {
     s
 }
 
-/// K-blocked dot product: blocks of 64, each reduced with 4 interleaved accumulators summed
-/// pairwise, block sums added in order: the GEMM order.
+/// K-blocked dot product: blocks of 64, each reduced with 4 interleaved accumulators (each step
+/// one fused multiply-add, rounded once) summed pairwise, the block's tail added in order
+/// (multiply, then add), block sums added in order: the GEMM order.
+///
+/// This plain version is the oracle of the tests and the fallback of CPUs without FMA, where
+/// `mul_add` is computed in software: slow, and the same bits.
 pub fn dot_blocked(a: &[f32], b: &[f32]) -> f32 {
     let n = a.len().min(b.len());
     let mut total = 0.0f32;
@@ -31,7 +35,7 @@ pub fn dot_blocked(a: &[f32], b: &[f32]) -> f32 {
         let (ta, tb) = (ac.remainder(), bc.remainder());
         for (x, y) in ac.zip(bc) {
             for l in 0..4 {
-                acc[l] += x[l] * y[l];
+                acc[l] = x[l].mul_add(y[l], acc[l]);
             }
         }
         let mut block = (acc[0] + acc[1]) + (acc[2] + acc[3]);
@@ -84,7 +88,16 @@ impl DotOrder {
     pub fn f32(self, a: &[f32], b: &[f32]) -> f32 {
         match self {
             DotOrder::Lanes8 => dot_lanes8(a, b),
-            DotOrder::Blocked => dot_blocked(a, b),
+            DotOrder::Blocked => {
+                #[cfg(target_arch = "x86_64")]
+                if has_avx_fma() {
+                    // One row through the four-row kernel (its other rows repeat it).
+                    let n = a.len().min(b.len());
+                    // SAFETY: the CPU has AVX and FMA (checked); both slices hold `n` values.
+                    return unsafe { avx::dot_blocked_x4(a, [b.as_ptr(); 4], n)[0] };
+                }
+                dot_blocked(a, b)
+            }
         }
     }
 
@@ -92,7 +105,7 @@ impl DotOrder {
     /// the CPU has it, detected at run time).
     pub fn f16(self, a: &[f32], w: &[half::f16]) -> f32 {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("f16c") && std::arch::is_x86_feature_detected!("avx") {
+        if std::arch::is_x86_feature_detected!("f16c") && has_avx_fma() {
             // SAFETY: the CPU has the features these functions are compiled for (checked above).
             return unsafe {
                 match self {
@@ -111,9 +124,15 @@ impl DotOrder {
     /// row alone waits on each addition, four keep the adder busy.
     pub fn f32_x4(self, a: &[f32], w: [&[f32]; 4]) -> [f32; 4] {
         #[cfg(target_arch = "x86_64")]
-        if self == DotOrder::Lanes8 && std::arch::is_x86_feature_detected!("avx") {
-            // SAFETY: the CPU has AVX (checked above).
-            return unsafe { avx::dot_lanes8_x4(a, w.map(|r| r.as_ptr()), row_len(a, &w)) };
+        if has_avx_fma() {
+            let (p, n) = (w.map(|r| r.as_ptr()), row_len(a, &w));
+            // SAFETY: the CPU has AVX and FMA (checked above).
+            return unsafe {
+                match self {
+                    DotOrder::Lanes8 => avx::dot_lanes8_x4(a, p, n),
+                    DotOrder::Blocked => avx::dot_blocked_x4(a, p, n),
+                }
+            };
         }
         w.map(|r| self.f32(a, r))
     }
@@ -121,7 +140,7 @@ impl DotOrder {
     /// [`DotOrder::f16`] of `a` with four rows, each with its own bits (see [`DotOrder::f32_x4`]).
     pub fn f16_x4(self, a: &[f32], w: [&[half::f16]; 4]) -> [f32; 4] {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("f16c") && std::arch::is_x86_feature_detected!("avx") {
+        if std::arch::is_x86_feature_detected!("f16c") && has_avx_fma() {
             let (p, n) = (w.map(|r| r.as_ptr()), row_len(a, &w));
             // SAFETY: the CPU has the features these functions are compiled for (checked above).
             return unsafe {
@@ -133,6 +152,12 @@ impl DotOrder {
         }
         w.map(|r| self.f16(a, r))
     }
+}
+
+/// Whether the CPU has AVX and FMA (the vector kernels' features; detected once, then cached).
+#[cfg(target_arch = "x86_64")]
+pub fn has_avx_fma() -> bool {
+    std::arch::is_x86_feature_detected!("avx") && std::arch::is_x86_feature_detected!("fma")
 }
 
 /// The length all of `a` and the rows `w` have (the shortest).
@@ -157,7 +182,7 @@ mod avx {
     /// the high half the next one's), so one multiplication and one addition advance two dot
     /// products, each exactly as the scalar code does. `xs` and `ws` point at rows of at least
     /// `k` values.
-    #[target_feature(enable = "avx")]
+    #[target_feature(enable = "avx,fma")]
     pub(super) unsafe fn block_dot(xs: [*const f32; 4], ws: [*const f32; 4], k: usize, out: &mut [[f32; 4]; 4]) {
         // Block sums are added to the totals in registers while blocks are whole multiples of
         // four; the one block with a tail (the last) is finished in scalar code.
@@ -176,8 +201,8 @@ mod avx {
                     let w23 = _mm256_loadu2_m128(ws[3].add(i), ws[2].add(i));
                     for (a, x) in acc.iter_mut().zip(xs) {
                         let xv = _mm256_broadcast_ps(&_mm_loadu_ps(x.add(i)));
-                        a[0] = _mm256_add_ps(a[0], _mm256_mul_ps(xv, w01));
-                        a[1] = _mm256_add_ps(a[1], _mm256_mul_ps(xv, w23));
+                        a[0] = _mm256_fmadd_ps(xv, w01, a[0]);
+                        a[1] = _mm256_fmadd_ps(xv, w23, a[1]);
                     }
                 }
                 i += 4;
@@ -230,6 +255,54 @@ mod avx {
             }
             *v = _mm256_setzero_ps();
         }
+    }
+
+    /// [`super::dot_blocked`] of four f32 rows at once, as [`super::f16c::dot_blocked_x4`] does
+    /// for f16 rows. `w` points at four rows of at least `n` values, `a` holds at least `n`.
+    #[target_feature(enable = "avx,fma")]
+    pub(super) unsafe fn dot_blocked_x4(a: &[f32], w: [*const f32; 4], n: usize) -> [f32; 4] {
+        let mut tv = _mm256_setzero_ps();
+        let mut total = [0.0f32; 4];
+        let mut b = 0;
+        while b < n {
+            let end = (b + 64).min(n);
+            let full = b + (end - b) / 4 * 4;
+            let (mut acc01, mut acc23) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+            let mut i = b;
+            while i < full {
+                // SAFETY: i + 4 <= n, within `a` and each row; unaligned loads.
+                unsafe {
+                    let av = _mm256_broadcast_ps(&_mm_loadu_ps(a.as_ptr().add(i)));
+                    acc01 = _mm256_fmadd_ps(av, _mm256_loadu2_m128(w[1].add(i), w[0].add(i)), acc01);
+                    acc23 = _mm256_fmadd_ps(av, _mm256_loadu2_m128(w[3].add(i), w[2].add(i)), acc23);
+                }
+                i += 4;
+            }
+            if full == end {
+                let h = _mm256_hadd_ps(acc01, acc23);
+                tv = _mm256_add_ps(tv, _mm256_hadd_ps(h, h));
+            } else {
+                super::f16c::add_rows(&mut total, &mut tv);
+                let mut l = [0.0f32; 16];
+                // SAFETY: `l` holds sixteen f32.
+                unsafe {
+                    _mm256_storeu_ps(l.as_mut_ptr(), acc01);
+                    _mm256_storeu_ps(l.as_mut_ptr().add(8), acc23);
+                }
+                for (r, t) in total.iter_mut().enumerate() {
+                    let q = &l[4 * r..4 * r + 4];
+                    let mut block = (q[0] + q[1]) + (q[2] + q[3]);
+                    for (j, &x) in a.iter().enumerate().take(end).skip(full) {
+                        // SAFETY: j < end <= n, within the row.
+                        block += x * unsafe { *w[r].add(j) };
+                    }
+                    *t += block;
+                }
+            }
+            b = end;
+        }
+        super::f16c::add_rows(&mut total, &mut tv);
+        total
     }
 
     /// [`super::accumulate_values`]: `rows[j]` points at `acc.len()` values.
@@ -299,7 +372,7 @@ mod avx {
 }
 
 /// The f16 dot products with F16C: the scalar functions' lanes become one vector register, with
-/// the same multiplications and additions in the same order (no fused multiply-add).
+/// the same operations in the same order (fused multiply-adds where the order has them).
 #[cfg(target_arch = "x86_64")]
 mod f16c {
     use half::f16;
@@ -368,7 +441,7 @@ mod f16c {
     /// exactly as the scalar code does; block sums are added up in registers while blocks are
     /// whole multiples of four. `w` points at four rows of at least `n` values, `a` holds at
     /// least `n`.
-    #[target_feature(enable = "avx,f16c")]
+    #[target_feature(enable = "avx,f16c,fma")]
     pub(super) unsafe fn dot_blocked_x4(a: &[f32], w: [*const f16; 4], n: usize) -> [f32; 4] {
         // Eight f16 of two rows (four each) widened into one register.
         let pair = |p: *const f16, q: *const f16| {
@@ -391,8 +464,8 @@ mod f16c {
                 // SAFETY: i + 4 <= n, within `a` and each row.
                 unsafe {
                     let av = _mm256_broadcast_ps(&_mm_loadu_ps(a.as_ptr().add(i)));
-                    acc01 = _mm256_add_ps(acc01, _mm256_mul_ps(av, pair(w[0].add(i), w[1].add(i))));
-                    acc23 = _mm256_add_ps(acc23, _mm256_mul_ps(av, pair(w[2].add(i), w[3].add(i))));
+                    acc01 = _mm256_fmadd_ps(av, pair(w[0].add(i), w[1].add(i)), acc01);
+                    acc23 = _mm256_fmadd_ps(av, pair(w[2].add(i), w[3].add(i)), acc23);
                 }
                 i += 4;
             }
@@ -428,7 +501,7 @@ mod f16c {
     /// Adds the register totals of [`dot_blocked_x4`] into `total` (zero where they are
     /// non-zero) and clears them.
     #[target_feature(enable = "avx")]
-    fn add_rows(total: &mut [f32; 4], tv: &mut __m256) {
+    pub(super) fn add_rows(total: &mut [f32; 4], tv: &mut __m256) {
         let mut l = [0.0f32; 8];
         // SAFETY: `l` holds eight f32.
         unsafe { _mm256_storeu_ps(l.as_mut_ptr(), *tv) };
@@ -441,7 +514,7 @@ mod f16c {
     /// [`super::dot_blocked`] with f16 weights. Blocks are independent until their sums are
     /// added in order, so four full blocks run as four interleaved chains (one chain alone would
     /// wait on each addition), then their sums are added to the total one after the other.
-    #[target_feature(enable = "avx,f16c")]
+    #[target_feature(enable = "avx,f16c,fma")]
     pub(super) unsafe fn dot_blocked(a: &[f32], w: &[f16]) -> f32 {
         let n = a.len().min(w.len());
         let mut total = 0.0f32;
@@ -453,19 +526,10 @@ mod f16c {
                 // SAFETY: i + 196 + 4 <= b + 256 <= n, within both slices; the f16 loads read 8 bytes.
                 unsafe {
                     let (pa, pw) = (a.as_ptr().add(i), w.as_ptr().add(i));
-                    c0 = _mm_add_ps(c0, _mm_mul_ps(_mm_loadu_ps(pa), _mm_cvtph_ps(_mm_loadl_epi64(pw.cast()))));
-                    c1 = _mm_add_ps(
-                        c1,
-                        _mm_mul_ps(_mm_loadu_ps(pa.add(64)), _mm_cvtph_ps(_mm_loadl_epi64(pw.add(64).cast()))),
-                    );
-                    c2 = _mm_add_ps(
-                        c2,
-                        _mm_mul_ps(_mm_loadu_ps(pa.add(128)), _mm_cvtph_ps(_mm_loadl_epi64(pw.add(128).cast()))),
-                    );
-                    c3 = _mm_add_ps(
-                        c3,
-                        _mm_mul_ps(_mm_loadu_ps(pa.add(192)), _mm_cvtph_ps(_mm_loadl_epi64(pw.add(192).cast()))),
-                    );
+                    c0 = _mm_fmadd_ps(_mm_loadu_ps(pa), _mm_cvtph_ps(_mm_loadl_epi64(pw.cast())), c0);
+                    c1 = _mm_fmadd_ps(_mm_loadu_ps(pa.add(64)), _mm_cvtph_ps(_mm_loadl_epi64(pw.add(64).cast())), c1);
+                    c2 = _mm_fmadd_ps(_mm_loadu_ps(pa.add(128)), _mm_cvtph_ps(_mm_loadl_epi64(pw.add(128).cast())), c2);
+                    c3 = _mm_fmadd_ps(_mm_loadu_ps(pa.add(192)), _mm_cvtph_ps(_mm_loadl_epi64(pw.add(192).cast())), c3);
                 }
             }
             for c in [c0, c1, c2, c3] {
@@ -486,7 +550,7 @@ mod f16c {
                 let (av, wv) = unsafe {
                     (_mm_loadu_ps(a.as_ptr().add(i)), _mm_cvtph_ps(_mm_loadl_epi64(w.as_ptr().add(i).cast())))
                 };
-                acc = _mm_add_ps(acc, _mm_mul_ps(av, wv));
+                acc = _mm_fmadd_ps(av, wv, acc);
                 i += 4;
             }
             let mut l = [0.0f32; 4];
@@ -606,8 +670,15 @@ pub fn par_matmul_blocked(x: &[f32], rows: usize, w: &crate::weights::Matrix, ou
                                 std::array::from_fn(|j| wrow(o + j)),
                                 &mut acc,
                             ),
-                            // Fewer rows (one row: decode in the invariant profile, a memory-bound
-                            // GEMV) or a tile's last output: element by element.
+                            // A partial block through the vector kernel: missing rows and outputs
+                            // repeat the last one (every element is its own dot product).
+                            #[cfg(target_arch = "x86_64")]
+                            _ if has_avx_fma() => block_dot(
+                                std::array::from_fn(|i| xrow(r + i.min(mr - 1))),
+                                std::array::from_fn(|j| wrow(o + j.min(nr - 1))),
+                                &mut acc,
+                            ),
+                            // Without AVX and FMA: element by element.
                             _ => {
                                 for (i, a) in acc.iter_mut().enumerate().take(mr) {
                                     for (j, v) in a.iter_mut().enumerate().take(nr) {
@@ -651,7 +722,7 @@ pub const NR: usize = 4;
 /// CPU has it, else in portable code; the same bits either way.
 fn block_dot(xs: [&[f32]; MR], ws: [&[f32]; NR], out: &mut [[f32; NR]; MR]) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx") {
+    if has_avx_fma() {
         let k = xs.iter().chain(ws.iter()).map(|s| s.len()).min().unwrap_or(0);
         // SAFETY: the CPU has AVX (checked above); every row holds at least `k` values.
         unsafe { avx::block_dot(xs.map(|r| r.as_ptr()), ws.map(|r| r.as_ptr()), k, out) };
@@ -677,7 +748,7 @@ fn block_dot_portable<const R: usize, const O: usize>(xs: [&[f32]; R], ws: [&[f3
                 let xv = [xs[r][i], xs[r][i + 1], xs[r][i + 2], xs[r][i + 3]];
                 for (j, aj) in a.iter_mut().enumerate() {
                     for l in 0..4 {
-                        aj[l] += xv[l] * wv[j][l];
+                        aj[l] = xv[l].mul_add(wv[j][l], aj[l]);
                     }
                 }
             }

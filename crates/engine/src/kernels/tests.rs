@@ -220,3 +220,40 @@ fn value_accumulation_is_bitwise_the_plain_loop() {
         assert_eq!(bits(&got), bits(&want), "d={d}");
     }
 }
+
+/// The vector kernels (whatever this CPU runs) give the bits of the plain functions that define
+/// the orders: one row, four rows, f16 rows, and the GEMM block with partial blocks.
+#[test]
+fn vector_kernels_match_the_plain_orders() {
+    use super::reduce::{dot_blocked, dot_lanes8, par_matmul_blocked, DotOrder};
+    use half::f16;
+    for n in [0, 1, 3, 4, 7, 8, 63, 64, 65, 130, 576, 1537] {
+        let a = data(n, 30);
+        let rows: Vec<Vec<f32>> = (0..4).map(|r| data(n, 31 + r)).collect();
+        let half_rows: Vec<Vec<f16>> = rows.iter().map(|r| r.iter().map(|&v| f16::from_f32(v)).collect()).collect();
+        let wide: Vec<Vec<f32>> = half_rows.iter().map(|r| r.iter().map(|v| v.to_f32()).collect()).collect();
+        for (order, plain) in
+            [(DotOrder::Lanes8, dot_lanes8 as fn(&[f32], &[f32]) -> f32), (DotOrder::Blocked, dot_blocked)]
+        {
+            let four = order.f32_x4(&a, std::array::from_fn(|j| rows[j].as_slice()));
+            let four16 = order.f16_x4(&a, std::array::from_fn(|j| half_rows[j].as_slice()));
+            for j in 0..4 {
+                let want = plain(&a, &rows[j]).to_bits();
+                assert_eq!(order.f32(&a, &rows[j]).to_bits(), want, "{order:?} one row n={n}");
+                assert_eq!(four[j].to_bits(), want, "{order:?} four rows n={n}");
+                assert_eq!(four16[j].to_bits(), plain(&a, &wide[j]).to_bits(), "{order:?} f16 n={n}");
+            }
+        }
+    }
+    for (rows, k, n) in [(4, 576, 8), (5, 130, 7), (3, 67, 2), (9, 64, 13)] {
+        let (x, w) = (data(rows * k, 40), Matrix::new(n, k, data(n * k, 41)));
+        let mut got = vec![f32::NAN; rows * n];
+        par_matmul_blocked(&x, rows, &w, &mut got);
+        for r in 0..rows {
+            for o in 0..n {
+                let want = dot_blocked(&x[r * k..(r + 1) * k], &w.rows_f32(o, o + 1));
+                assert_eq!(got[r * n + o].to_bits(), want.to_bits(), "rows={rows} k={k} n={n} at ({r}, {o})");
+            }
+        }
+    }
+}
