@@ -212,7 +212,7 @@ fn advise_group(a: &Analysis, g: &Group, out: &mut Vec<String>) {
             "The first drift, at {}, cannot be placed: its nearest traced upstream point(s) {} are missing or \
              misaligned. Trace them in both phases.",
             a.pair_name(ff),
-            list_nodes(p.unknown_upstream())
+            list_nodes(a.unknown_upstream(p))
         )),
         _ => out.push(format!(
             "The first drift is at {}, a point outside driftscope's vocabulary, so the dataflow analysis cannot \

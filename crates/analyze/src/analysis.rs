@@ -1,8 +1,9 @@
 //! Pairing, classification, origin analysis and the verdict.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 
 use rayon::prelude::*;
+use rustc_hash::FxHashMap;
 use std::fmt::Write as _;
 
 use driftscope_trace::{DType, Point, RunMeta};
@@ -162,8 +163,9 @@ pub struct PairResult {
     pub status: PairStatus,
     /// For failures: where the drift comes from.
     pub classification: Option<Classification>,
-    /// How a drifting pair relates to its upstream (boxed: most pairs have none).
-    pub relations: Option<Box<Relations>>,
+    /// How a drifting pair relates to its upstream: its lists in [`Analysis::relation_nodes`]
+    /// (read them with [`Analysis::inherited_from`] and its siblings).
+    pub relations: Option<Relations>,
     /// The baseline event (index into [`Collected::sides`]).
     pub baseline: Option<u32>,
     /// The candidate event (index into [`Collected::sides`]).
@@ -174,29 +176,36 @@ pub struct PairResult {
     pub tol_class: Option<TolClass>,
 }
 
-/// The upstream points a drifting pair was judged by.
-#[derive(Debug, Clone, Default)]
+/// The upstream points a drifting pair was judged by: three lists, one after the other in
+/// [`Analysis::relation_nodes`] from `start` (one shared array instead of small allocations for
+/// millions of pairs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Relations {
+    start: u32,
     /// For inherited drift: the drifting upstream points it comes from.
-    pub inherited_from: Vec<Node>,
+    inherited: u16,
     /// For originated or undetermined drift: the untraced ops between it and the traced upstream.
-    pub untraced_between: Vec<Node>,
+    untraced: u16,
     /// For undetermined drift: the upstream points that are missing or misaligned.
-    pub unknown_upstream: Vec<Node>,
+    unknown: u16,
 }
 
-impl PairResult {
-    /// The drifting upstream points (inherited drift).
-    pub fn inherited_from(&self) -> &[Node] {
-        self.relations.as_ref().map_or(&[], |r| &r.inherited_from)
+impl Relations {
+    /// Appends the three lists to `nodes` and returns where they are.
+    fn push(nodes: &mut Vec<Node>, inherited: &[Node], untraced: &[Node], unknown: &[Node]) -> Relations {
+        let start = nodes.len() as u32;
+        for list in [inherited, untraced, unknown] {
+            nodes.extend_from_slice(list);
+        }
+        let len = |l: &[Node]| u16::try_from(l.len()).unwrap_or(u16::MAX);
+        Relations { start, inherited: len(inherited), untraced: len(untraced), unknown: len(unknown) }
     }
-    /// The untraced ops between the pair and its traced upstream.
-    pub fn untraced_between(&self) -> &[Node] {
-        self.relations.as_ref().map_or(&[], |r| &r.untraced_between)
-    }
-    /// The missing or misaligned upstream points (undetermined drift).
-    pub fn unknown_upstream(&self) -> &[Node] {
-        self.relations.as_ref().map_or(&[], |r| &r.unknown_upstream)
+
+    /// The three lists' ranges in the shared array.
+    fn ranges(self) -> [std::ops::Range<usize>; 3] {
+        let s = self.start as usize;
+        let (a, b, c) = (self.inherited as usize, self.untraced as usize, self.unknown as usize);
+        [s..s + a, s + a..s + a + b, s + a + b..s + a + b + c]
     }
 }
 
@@ -293,6 +302,8 @@ pub struct Analysis {
     pub graph: Graph,
     /// Every key, grouped by prompt, in dataflow order.
     pub pairs: Vec<PairResult>,
+    /// The lists of every pair's [`Relations`].
+    pub relation_nodes: Vec<Node>,
     /// Per prompt (and rank), in file order.
     pub groups: Vec<Group>,
     /// Counts.
@@ -312,6 +323,22 @@ pub struct Analysis {
 }
 
 impl Analysis {
+    /// The drifting upstream points of a pair (inherited drift).
+    pub fn inherited_from(&self, p: &PairResult) -> &[Node] {
+        self.relation_list(p, 0)
+    }
+    /// The untraced ops between a pair and its traced upstream.
+    pub fn untraced_between(&self, p: &PairResult) -> &[Node] {
+        self.relation_list(p, 1)
+    }
+    /// The missing or misaligned upstream points of a pair (undetermined drift).
+    pub fn unknown_upstream(&self, p: &PairResult) -> &[Node] {
+        self.relation_list(p, 2)
+    }
+    fn relation_list(&self, p: &PairResult, which: usize) -> &[Node] {
+        p.relations.map_or(&[], |r| &self.relation_nodes[r.ranges()[which].clone()])
+    }
+
     /// The merged run metadata of the baseline's file (later `run_meta` events fill fields earlier
     /// ones left empty).
     pub fn meta(&self) -> RunMeta {
@@ -480,7 +507,26 @@ pub fn analyze(mut collected: Collected, options: Options) -> Result<Analysis, A
         slices.push((g, head));
         rest = tail;
     }
-    slices.into_par_iter().for_each(|(g, slice)| classify_group(g, slice, &graph));
+    let lists: Vec<Vec<Node>> = slices.into_par_iter().map(|(g, slice)| classify_group(g, slice, &graph)).collect();
+    // One array of relation lists: each group's own, moved by the lengths of those before it.
+    let mut relation_nodes = Vec::with_capacity(lists.iter().map(Vec::len).sum());
+    let mut offsets = Vec::with_capacity(groups.len());
+    for list in lists {
+        offsets.push(relation_nodes.len() as u32);
+        relation_nodes.extend(list);
+    }
+    let mut rest: &mut [PairResult] = &mut pairs;
+    let mut slices: Vec<(u32, &mut [PairResult])> = Vec::with_capacity(groups.len());
+    for (g, &offset) in groups.iter().zip(&offsets) {
+        let (head, tail) = std::mem::take(&mut rest).split_at_mut(g.pairs.len());
+        slices.push((offset, head));
+        rest = tail;
+    }
+    slices.into_par_iter().filter(|(offset, _)| *offset > 0).for_each(|(offset, slice)| {
+        for r in slice.iter_mut().filter_map(|p| p.relations.as_mut()) {
+            r.start += offset;
+        }
+    });
 
     let mut summary = Summary {
         total_pairs: pairs.len() as u64,
@@ -488,7 +534,7 @@ pub fn analyze(mut collected: Collected, options: Options) -> Result<Analysis, A
         skipped_lines: collected.skipped_lines(),
         ..Summary::default()
     };
-    let mut classes: HashMap<(PointId, PairStatus), u64> = HashMap::new();
+    let mut classes: FxHashMap<(PointId, PairStatus), u64> = FxHashMap::default();
     for p in &pairs {
         match p.status {
             PairStatus::Pass => summary.passed += 1,
@@ -552,6 +598,7 @@ pub fn analyze(mut collected: Collected, options: Options) -> Result<Analysis, A
         collected,
         graph,
         pairs,
+        relation_nodes,
         groups,
         summary,
         breakdown,
@@ -572,7 +619,7 @@ fn attach_dumps(
             s.is_some_and(|i| c.sides[i as usize].tensor.is_some())
         })
     };
-    if !named(false) && !named(true) {
+    if c.tensors.is_empty() || (!named(false) && !named(true)) {
         return Ok((false, vec![]));
     }
     let mut notes = Vec::new();
@@ -755,8 +802,10 @@ fn node_slot(n: Node, n_layers: u32) -> Option<usize> {
 }
 
 /// Classifies the failing pairs of one group and finds its origins and root cause. `pairs` is
-/// the group's own slice; `g.pairs` holds the global indices of the same pairs.
-fn classify_group(g: &mut Group, pairs: &mut [PairResult], graph: &Graph) {
+/// the group's own slice; `g.pairs` holds the global indices of the same pairs. Returns the
+/// group's relation lists (the pairs' [`Relations`] start at 0 in it).
+fn classify_group(g: &mut Group, pairs: &mut [PairResult], graph: &Graph) -> Vec<Node> {
+    let mut nodes = Vec::new();
     let base = g.pairs.first().copied().unwrap_or(0);
     let table_len = 3 + graph.n_layers as usize * Point::PER_LAYER.len();
     let mut at: Vec<u32> = vec![u32::MAX; table_len];
@@ -821,19 +870,18 @@ fn classify_group(g: &mut Group, pairs: &mut [PairResult], graph: &Graph) {
         if !drifting.is_empty() {
             drifting.sort_by_key(|n| n.order());
             p.classification = Some(Classification::Inherited);
-            p.relations = Some(Box::new(Relations { inherited_from: drifting.clone(), ..Relations::default() }));
+            p.relations = Some(Relations::push(&mut nodes, &drifting, &[], &[]));
             continue;
         }
         region.sort_by_key(|n| n.order());
-        let mut rel = Relations { untraced_between: region[..region.len() - 1].to_vec(), ..Relations::default() };
+        let untraced = &region[..region.len() - 1];
         if !unknown.is_empty() {
             unknown.sort_by_key(|n| n.order());
             p.classification = Some(Classification::Undetermined);
-            rel.unknown_upstream = unknown.clone();
-            p.relations = Some(Box::new(rel));
+            p.relations = Some(Relations::push(&mut nodes, &[], untraced, &unknown));
         } else {
-            if !rel.untraced_between.is_empty() {
-                p.relations = Some(Box::new(rel));
+            if !untraced.is_empty() {
+                p.relations = Some(Relations::push(&mut nodes, &[], untraced, &[]));
             }
             matched.sort_by_key(|n| n.order());
             p.classification = Some(Classification::Originated);
@@ -857,6 +905,7 @@ fn classify_group(g: &mut Group, pairs: &mut [PairResult], graph: &Graph) {
             _ => "UNLOCALIZED",
         }),
     };
+    nodes
 }
 
 /// Describes a region of ops in words: "attention RMSNorm → … → attention output projection".

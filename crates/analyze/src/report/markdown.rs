@@ -430,11 +430,11 @@ fn classification_text(a: &Analysis, i: usize) -> String {
             }
         }
         Some(Classification::Inherited) => {
-            format!("INHERITED from {} (a traced input already drifts).", list_nodes(p.inherited_from()))
+            format!("INHERITED from {} (a traced input already drifts).", list_nodes(a.inherited_from(p)))
         }
         Some(Classification::Undetermined) => format!(
             "UNDETERMINED: its nearest traced input(s) {} are missing or misaligned.",
-            list_nodes(p.unknown_upstream())
+            list_nodes(a.unknown_upstream(p))
         ),
         Some(Classification::Unplaced) => "UNPLACED: the point is not in driftscope's vocabulary.".into(),
         None if p.status == PairStatus::Misaligned => "MISALIGNED: the two events are about different tokens.".into(),
@@ -574,8 +574,8 @@ impl LineKey {
                 }
                 None => Relative::default(),
             },
-            Some(Classification::Inherited) => Relative::of(p.inherited_from(), layer),
-            Some(Classification::Undetermined) => Relative::of(p.unknown_upstream(), layer),
+            Some(Classification::Inherited) => Relative::of(a.inherited_from(p), layer),
+            Some(Classification::Undetermined) => Relative::of(a.unknown_upstream(p), layer),
             _ => Relative::default(),
         };
         key
@@ -605,9 +605,9 @@ fn node_status(a: &Analysis, g: &Group, i: usize) -> String {
                     }
                     None => "originated".into(),
                 },
-                Some(Classification::Inherited) => format!("propagated from {}", relative(p.inherited_from(), layer)),
+                Some(Classification::Inherited) => format!("propagated from {}", relative(a.inherited_from(p), layer)),
                 Some(Classification::Undetermined) => {
-                    format!("origin undetermined: {} missing/misaligned", relative(p.unknown_upstream(), layer))
+                    format!("origin undetermined: {} missing/misaligned", relative(a.unknown_upstream(p), layer))
                 }
                 Some(Classification::Unplaced) => "point outside the vocabulary".into(),
                 None => String::new(),
