@@ -163,8 +163,8 @@ fn advise_group(a: &Analysis, g: &Group, out: &mut Vec<String>) {
             a.pair_name(ff),
             b.pos_id,
             c.pos_id,
-            b.token_id,
-            c.token_id
+            b.token_id(),
+            c.token_id()
         ));
         return;
     }

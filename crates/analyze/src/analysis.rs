@@ -145,7 +145,7 @@ impl StatDelta {
             d_min,
             d_max,
             d_mean,
-            d_l2: b.l2.zip(c.l2).map(|(x, y)| d(x, y)),
+            d_l2: b.l2().zip(c.l2()).map(|(x, y)| d(x, y)),
             max_abs_lower_bound: bound,
             rel: if scale > 0.0 { bound / scale } else { bound },
         }
@@ -398,7 +398,7 @@ impl Analysis {
     /// The dtype of a pair, when its events name one.
     pub fn dtype_of(&self, i: usize) -> Option<DType> {
         let p = &self.pairs[i];
-        let idx = self.base(p).and_then(|s| s.dtype).or(self.cand(p).and_then(|s| s.dtype))?;
+        let idx = self.base(p).and_then(|s| s.dtype()).or(self.cand(p).and_then(|s| s.dtype()))?;
         DType::parse(&self.collected.dtypes[idx as usize])
     }
 
@@ -616,7 +616,7 @@ fn attach_dumps(
     let named = |cand: bool| {
         pairs.iter().any(|p| {
             let s = if cand { p.candidate } else { p.baseline };
-            s.is_some_and(|i| c.sides[i as usize].tensor.is_some())
+            s.is_some_and(|i| c.sides[i as usize].tensor().is_some())
         })
     };
     if c.tensors.is_empty() || (!named(false) && !named(true)) {
@@ -646,7 +646,7 @@ fn attach_dumps(
         base
     };
     let row = |f: &DumpFile, side: Option<u32>| -> Result<Option<(Vec<f32>, DType)>, AnalyzeError> {
-        let Some(t) = side.and_then(|i| c.sides[i as usize].tensor) else { return Ok(None) };
+        let Some(t) = side.and_then(|i| c.sides[i as usize].tensor()) else { return Ok(None) };
         Ok(f.row(&c.tensors[t as usize])?)
     };
     type Measured = Option<(Magnitude, Option<TokenImpact>)>;
@@ -705,7 +705,7 @@ fn tolerance_class(
         PointId::Known(pt) => Some(pt),
         PointId::Other(_) => None,
     };
-    let dtype = b.dtype.and_then(|i| dtypes[i as usize]);
+    let dtype = b.dtype().and_then(|i| dtypes[i as usize]);
     let tol = tolerances.for_pair(point, dtype);
     let scale = b.min.abs().max(b.max.abs());
     let max_abs = match p.magnitude.as_deref() {
@@ -733,7 +733,7 @@ fn compare(key: &Key, slot: &Slot, sides: &[Side]) -> PairResult {
     let side = |i: Option<u32>| i.map(|i| &sides[i as usize]);
     let status = match (side(slot.baseline), side(slot.candidate)) {
         (Some(b), Some(c)) => {
-            let token_differs = matches!((b.token_id, c.token_id), (Some(x), Some(y)) if x != y);
+            let token_differs = matches!((b.token_id(), c.token_id()), (Some(x), Some(y)) if x != y);
             if b.pos_id != c.pos_id || token_differs {
                 PairStatus::Misaligned
             } else if b.hash == c.hash {

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use driftscope_trace::{
-    eq_short, read_file_visit, Loc, Point, ReadOptions, ReadStats, Record, RunMeta, TraceError, Visit,
+    eq_short, read_file_visit, Loc, Point, ReadOptions, ReadStats, Record, RunMeta, StageTrace, TraceError, Visit,
 };
 use rayon::prelude::*;
 use rustc_hash::FxHashMap;
@@ -39,7 +39,8 @@ pub struct Key {
     pub rank: Option<u32>,
 }
 
-/// What the analyzer keeps of one event.
+/// What the analyzer keeps of one event (120 bytes: the optional fields are stored with a
+/// presence bit each, not as `Option`s, since millions of these are kept).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Side {
     /// Where the event is in the file.
@@ -58,20 +59,94 @@ pub struct Side {
     pub max: f64,
     /// Mean.
     pub mean: f64,
-    /// L2 norm, when given.
-    pub l2: Option<f64>,
-    /// NaN count, when given.
-    pub nan_count: Option<u64>,
-    /// Inf count, when given.
-    pub inf_count: Option<u64>,
+    l2: f64,
+    nan_count: u64,
+    inf_count: u64,
+    token_id: u64,
+    tensor: u32,
+    dtype: u16,
+    present: u8,
     /// Whether the event reports non-finite values.
     pub non_finite: bool,
+}
+
+const L2: u8 = 1;
+const NAN_COUNT: u8 = 2;
+const INF_COUNT: u8 = 4;
+const TOKEN_ID: u8 = 8;
+const TENSOR: u8 = 16;
+const DTYPE: u8 = 32;
+
+impl Side {
+    /// A side of the event `ev` at `loc` (without dtype and tensor, which the collector interns).
+    pub fn of(ev: &StageTrace<'_>, loc: Loc) -> Side {
+        let mut side = Side {
+            loc,
+            step: ev.step,
+            pos_id: ev.pos_id,
+            seq_len: ev.seq_len,
+            hash: ev.hash,
+            min: ev.min,
+            max: ev.max,
+            mean: ev.mean,
+            l2: 0.0,
+            nan_count: 0,
+            inf_count: 0,
+            token_id: 0,
+            tensor: 0,
+            dtype: 0,
+            present: 0,
+            non_finite: ev.has_non_finite(),
+        };
+        if let Some(x) = ev.l2 {
+            (side.l2, side.present) = (x, side.present | L2);
+        }
+        if let Some(n) = ev.nan_count {
+            (side.nan_count, side.present) = (n, side.present | NAN_COUNT);
+        }
+        if let Some(n) = ev.inf_count {
+            (side.inf_count, side.present) = (n, side.present | INF_COUNT);
+        }
+        if let Some(t) = ev.token_id {
+            (side.token_id, side.present) = (t, side.present | TOKEN_ID);
+        }
+        side
+    }
+
+    fn get<T>(&self, bit: u8, value: T) -> Option<T> {
+        (self.present & bit != 0).then_some(value)
+    }
+
+    /// L2 norm, when given.
+    pub fn l2(&self) -> Option<f64> {
+        self.get(L2, self.l2)
+    }
+    /// NaN count, when given.
+    pub fn nan_count(&self) -> Option<u64> {
+        self.get(NAN_COUNT, self.nan_count)
+    }
+    /// Inf count, when given.
+    pub fn inf_count(&self) -> Option<u64> {
+        self.get(INF_COUNT, self.inf_count)
+    }
     /// Token id, when given.
-    pub token_id: Option<u64>,
+    pub fn token_id(&self) -> Option<u64> {
+        self.get(TOKEN_ID, self.token_id)
+    }
     /// Index into [`Collected::dtypes`], when given.
-    pub dtype: Option<u16>,
+    pub fn dtype(&self) -> Option<u16> {
+        self.get(DTYPE, self.dtype)
+    }
     /// Index into [`Collected::tensors`]: the dumped row, when the event names one.
-    pub tensor: Option<u32>,
+    pub fn tensor(&self) -> Option<u32> {
+        self.get(TENSOR, self.tensor)
+    }
+    fn set_dtype(&mut self, i: u16) {
+        (self.dtype, self.present) = (i, self.present | DTYPE);
+    }
+    fn set_tensor(&mut self, i: u32) {
+        (self.tensor, self.present) = (i, self.present | TENSOR);
+    }
 }
 
 /// Both sides of one key, as indices into [`Collected::sides`].
@@ -218,23 +293,7 @@ impl Visit for Visitor<'_> {
         } else {
             return Item::OtherPhase(ev.phase);
         };
-        let side = Side {
-            loc,
-            step: ev.step,
-            pos_id: ev.pos_id,
-            seq_len: ev.seq_len,
-            hash: ev.hash,
-            min: ev.min,
-            max: ev.max,
-            mean: ev.mean,
-            l2: ev.l2,
-            nan_count: ev.nan_count,
-            inf_count: ev.inf_count,
-            non_finite: ev.has_non_finite(),
-            token_id: ev.token_id,
-            dtype: None,
-            tensor: None,
-        };
+        let side = Side::of(&ev, loc);
         Item::Side {
             tensor: ev.tensor,
             point: Point::parse(&ev.point).ok_or(ev.point),
@@ -347,16 +406,18 @@ impl Collector {
         let Collector { c, prompts, others, dtypes, index } = self;
         let stats = read_file_visit(path, opts, &visitor, |item| match item {
             Item::Side { prompt, point, dtype, tensor, layer, rank, mut side, candidate } => {
-                side.tensor = tensor.map(|t| {
+                if let Some(t) = tensor {
                     c.tensors.push(t.into_owned());
-                    (c.tensors.len() - 1) as u32
-                });
+                    side.set_tensor((c.tensors.len() - 1) as u32);
+                }
                 let prompt = prompts.get(&mut c.prompts, &prompt);
                 let point = match point {
                     Ok(p) => PointId::Known(p),
                     Err(name) => PointId::Other(others.get(&mut c.other_points, &name)),
                 };
-                side.dtype = dtype.map(|d| dtypes.get(&mut c.dtypes, &d) as u16);
+                if let Some(d) = dtype {
+                    side.set_dtype(dtypes.get(&mut c.dtypes, &d) as u16);
+                }
                 if candidate {
                     n_cand += 1;
                 } else {

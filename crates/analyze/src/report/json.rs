@@ -70,10 +70,10 @@ fn side(s: Option<Side>) -> Option<SideJson> {
         min: Num(s.min),
         max: Num(s.max),
         mean: Num(s.mean),
-        l2: s.l2.map(Num),
-        nan_count: s.nan_count,
-        inf_count: s.inf_count,
-        token_id: s.token_id,
+        l2: s.l2().map(Num),
+        nan_count: s.nan_count(),
+        inf_count: s.inf_count(),
+        token_id: s.token_id(),
     })
 }
 

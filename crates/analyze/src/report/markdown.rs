@@ -371,7 +371,7 @@ fn first_failure(a: &Analysis, md: &mut String) {
     for (name, x, y) in rows {
         let _ = writeln!(md, "| {name} | {} | {} | {} |", fmt_stat(x), fmt_stat(y), delta(x, y));
     }
-    if let (Some(x), Some(y)) = (b.l2, c.l2) {
+    if let (Some(x), Some(y)) = (b.l2(), c.l2()) {
         let _ = writeln!(md, "| l2 | {} | {} | {} |", fmt_stat(x), fmt_stat(y), delta(x, y));
     }
     for (name, f) in [("nan_count", side_nan as fn(&Side) -> Option<u64>), ("inf_count", side_inf)] {
@@ -391,10 +391,10 @@ fn first_failure(a: &Analysis, md: &mut String) {
 }
 
 fn side_nan(s: &Side) -> Option<u64> {
-    s.nan_count
+    s.nan_count()
 }
 fn side_inf(s: &Side) -> Option<u64> {
-    s.inf_count
+    s.inf_count()
 }
 
 fn delta(x: f64, y: f64) -> String {
