@@ -15,13 +15,11 @@ set -euo pipefail
 
 PKG="llama-cpp-python"
 VERSION="0.3.36"
-CACHE_ROOT="${DRIFTSCOPE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/driftscope}"
+NAME=llama-cpp EXIT_CODE=2
+source "$(dirname "${BASH_SOURCE[0]}")/../scripts/common.sh"
 ROOT="${CACHE_ROOT}/llama.cpp"
 SRC="${ROOT}/llama_cpp_python-${VERSION}/vendor/llama.cpp"
 BUILD="${ROOT}/build-${VERSION}"
-
-log() { printf 'llama-cpp: %s\n' "$*" >&2; }
-die() { printf 'llama-cpp: error: %s\n' "$*" >&2; exit 2; }
 
 fetch() {
     [[ -d "$SRC" ]] && return 0

