@@ -18,22 +18,26 @@ struct Cursor<'a> {
 }
 
 impl<'a> Cursor<'a> {
+    #[inline(always)]
     fn ws(&mut self) {
         while let Some(b' ' | b'\t' | b'\r' | b'\n') = self.b.get(self.i) {
             self.i += 1;
         }
     }
 
+    #[inline(always)]
     fn peek(&self) -> Option<u8> {
         self.b.get(self.i).copied()
     }
 
+    #[inline(always)]
     fn eat(&mut self, c: u8) -> Option<()> {
         self.ws();
         (self.peek()? == c).then(|| self.i += 1)
     }
 
     /// A string without escapes or control characters.
+    #[inline(always)]
     fn string(&mut self) -> Option<&'a str> {
         self.eat(b'"')?;
         let start = self.i;
@@ -49,6 +53,7 @@ impl<'a> Cursor<'a> {
 
     /// The extent of a JSON number, checked against the JSON grammar; `true` when it has a
     /// fraction or exponent.
+    #[inline(always)]
     fn number_span(&mut self) -> Option<(&'a str, bool)> {
         self.ws();
         let start = self.i;
@@ -89,6 +94,7 @@ impl<'a> Cursor<'a> {
     }
 
     /// `"name":` exactly at the cursor (no whitespace); consumed when present.
+    #[inline(always)]
     fn key_is(&mut self, name: &str) -> bool {
         let n = name.len();
         let hit = self.b.get(self.i..self.i + n + 3).is_some_and(|s| {
@@ -101,6 +107,7 @@ impl<'a> Cursor<'a> {
     }
 
     /// A plain non-negative integer that fits in u64.
+    #[inline(always)]
     fn u64(&mut self) -> Option<u64> {
         self.ws();
         let start = self.i;
@@ -137,6 +144,7 @@ impl<'a> Cursor<'a> {
     }
 
     /// A statistic: a number or one of the non-finite strings.
+    #[inline(always)]
     fn stat(&mut self) -> Option<f64> {
         self.ws();
         if self.peek() == Some(b'"') {
@@ -247,6 +255,7 @@ impl<'a> Cursor<'a> {
 /// The index of the first `"`, `\\` or control character at or after `i` (or `b.len()`),
 /// eight bytes at a time: each test sets the high bit of every byte that matches, and the
 /// lowest set bit is exact (carries only disturb bytes above a match).
+#[inline(always)]
 fn string_stop(b: &[u8], mut i: usize) -> usize {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = 0x8080_8080_8080_8080;
@@ -293,6 +302,7 @@ const POW10: [f64; 23] = [
 /// Clinger's fast path: a decimal whose digits fit in 2^53 and whose power of ten is exact is
 /// one correctly rounded multiplication or division away from its f64. `text` must already be
 /// a valid JSON number. Returns `None` when the fast path does not apply.
+#[inline(always)]
 fn exact_decimal(text: &str) -> Option<f64> {
     let b = text.as_bytes();
     let (neg, mut i) = if b[0] == b'-' { (true, 1) } else { (false, 0) };
