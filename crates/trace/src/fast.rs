@@ -52,45 +52,63 @@ impl<'a> Cursor<'a> {
     }
 
     /// The extent of a JSON number, checked against the JSON grammar; `true` when it has a
-    /// fraction or exponent.
+    /// fraction or exponent; and its value when Clinger's fast path gives it exactly (found in
+    /// the same pass over the digits).
     #[inline(always)]
-    fn number_span(&mut self) -> Option<(&'a str, bool)> {
+    fn number_span(&mut self) -> Option<(&'a str, bool, Option<f64>)> {
         self.ws();
         let start = self.i;
-        let digits = |c: &mut Self| {
-            let s = c.i;
-            while c.peek().is_some_and(|b| b.is_ascii_digit()) {
-                c.i += 1;
-            }
-            c.i - s
-        };
-        if self.peek() == Some(b'-') {
+        let mut dec = Decimal::default();
+        let neg = self.peek() == Some(b'-');
+        if neg {
             self.i += 1;
         }
         let int_start = self.i;
-        let n = digits(self);
+        let n = self.digits(&mut dec, false);
         if n == 0 || (n > 1 && self.b[int_start] == b'0') {
             return None;
         }
         let mut float = false;
         if self.peek() == Some(b'.') {
             self.i += 1;
-            if digits(self) == 0 {
+            if self.digits(&mut dec, true) == 0 {
                 return None;
             }
             float = true;
         }
         if let Some(b'e' | b'E') = self.peek() {
             self.i += 1;
-            if let Some(b'+' | b'-') = self.peek() {
+            let sign = match self.peek() {
+                Some(b'-') => -1,
+                Some(b'+') => 1,
+                _ => 0,
+            };
+            if sign != 0 {
                 self.i += 1;
             }
-            if digits(self) == 0 {
+            let (e_start, mut e) = (self.i, 0i32);
+            while let Some(d) = self.peek().filter(u8::is_ascii_digit) {
+                e = e.saturating_mul(10).saturating_add(i32::from(d - b'0'));
+                self.i += 1;
+            }
+            if self.i == e_start {
                 return None;
             }
+            dec.exp10 = dec.exp10.saturating_add(if sign < 0 { -e } else { e });
             float = true;
         }
-        Some((&self.s[start..self.i], float))
+        Some((&self.s[start..self.i], float, dec.exact(neg)))
+    }
+
+    /// Digits at the cursor, folded into `dec` (`frac`: after the decimal point); their count.
+    #[inline(always)]
+    fn digits(&mut self, dec: &mut Decimal, frac: bool) -> usize {
+        let s = self.i;
+        while let Some(d) = self.peek().filter(u8::is_ascii_digit) {
+            dec.push(d - b'0', frac);
+            self.i += 1;
+        }
+        self.i - s
     }
 
     /// `"name":` exactly at the cursor (no whitespace); consumed when present.
@@ -155,11 +173,11 @@ impl<'a> Cursor<'a> {
                 _ => None,
             };
         }
-        let (text, float) = self.number_span()?;
+        let (text, float, exact) = self.number_span()?;
         if !float && text.len() > 18 {
             return None; // integers beyond i64/u64 take serde's own path
         }
-        if let Some(x) = exact_decimal(text) {
+        if let Some(x) = exact {
             return Some(x);
         }
         // serde_json rejects literals that overflow to infinity.
@@ -299,54 +317,47 @@ const POW10: [f64; 23] = [
     1e21, 1e22,
 ];
 
-/// Clinger's fast path: a decimal whose digits fit in 2^53 and whose power of ten is exact is
-/// one correctly rounded multiplication or division away from its f64. `text` must already be
-/// a valid JSON number. Returns `None` when the fast path does not apply.
-#[inline(always)]
-fn exact_decimal(text: &str) -> Option<f64> {
-    let b = text.as_bytes();
-    let (neg, mut i) = if b[0] == b'-' { (true, 1) } else { (false, 0) };
-    let mut mantissa: u64 = 0;
-    let mut exp10: i32 = 0;
-    let mut digits = 0;
-    let mut seen_dot = false;
-    while i < b.len() {
-        match b[i] {
-            c @ b'0'..=b'9' => {
-                if mantissa == 0 && c == b'0' {
-                    // leading zeros add no significant digit
-                } else {
-                    digits += 1;
-                    if digits > 15 {
-                        return None;
-                    }
-                }
-                mantissa = mantissa * 10 + u64::from(c - b'0');
-                if seen_dot {
-                    exp10 -= 1;
-                }
-            }
-            b'.' => seen_dot = true,
-            _ => {
-                // exponent part
-                let e: i32 = text[i + 1..].parse().ok()?;
-                exp10 = exp10.checked_add(e)?;
-                break;
-            }
+/// A decimal number's digits as they are read: the value of up to 15 significant digits and
+/// the power of ten that scales it.
+#[derive(Default)]
+struct Decimal {
+    mantissa: u64,
+    exp10: i32,
+    /// Significant digits seen (leading zeros excluded).
+    significant: u32,
+}
+
+impl Decimal {
+    #[inline(always)]
+    fn push(&mut self, digit: u8, frac: bool) {
+        if self.mantissa != 0 || digit != 0 {
+            self.significant += 1;
         }
-        i += 1;
+        if self.significant <= 15 {
+            self.mantissa = self.mantissa * 10 + u64::from(digit);
+        }
+        if frac {
+            self.exp10 -= 1;
+        }
     }
-    if mantissa >= 1 << 53 {
-        return None;
+
+    /// Clinger's fast path: digits that fit in 2^53 scaled by an exact power of ten are one
+    /// correctly rounded multiplication or division away from their f64. `None` when it does not
+    /// apply (more than 15 significant digits, or a power beyond 10^22).
+    #[inline(always)]
+    fn exact(&self, neg: bool) -> Option<f64> {
+        if self.significant > 15 {
+            return None;
+        }
+        let m = self.mantissa as f64;
+        let v = match self.exp10 {
+            0 => m,
+            1..=22 => m * POW10[self.exp10 as usize],
+            -22..=-1 => m / POW10[(-self.exp10) as usize],
+            _ => return None,
+        };
+        Some(if neg { -v } else { v })
     }
-    let m = mantissa as f64;
-    let v = match exp10 {
-        0 => m,
-        1..=22 => m * POW10[exp10 as usize],
-        -22..=-1 => m / POW10[(-exp10) as usize],
-        _ => return None,
-    };
-    Some(if neg { -v } else { v })
 }
 
 /// Byte equality for short strings without a call to `memcmp` (which dominates when it is
@@ -615,9 +626,17 @@ mod tests {
         assert_eq!(parse_stage(&line("1234567812345678")).map(|e| e.hash), Some(1_234_567_812_345_678));
     }
 
+    /// The fast path's value of a number, when it gives one.
+    fn exact_decimal(text: &str) -> Option<f64> {
+        let mut c = Cursor { s: text, b: text.as_bytes(), i: 0 };
+        let (span, _, exact) = c.number_span()?;
+        assert_eq!(span, text, "the whole text is one number");
+        exact
+    }
+
     #[test]
     fn exact_decimals_match_the_correctly_rounded_parse() {
-        for text in [
+        let mut texts: Vec<String> = [
             "0",
             "-0",
             "1",
@@ -634,12 +653,40 @@ mod tests {
             "1e23",
             "1e-23",
             "17.37",
-        ] {
+            "100000000000000000000e-20",
+            "0.000000000000000000000000001",
+            "120.5e-1",
+        ]
+        .iter()
+        .map(|t| t.to_string())
+        .collect();
+        // Shortest round-trip forms of many f64 and f32 values (the statistics engines write).
+        let mut x = 0x2545_F491_4F6C_DD1Du64;
+        for _ in 0..20000 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let v = f64::from_bits(x);
+            if v.is_finite() {
+                texts.push(format!("{v}"));
+                texts.push(format!("{:e}", v));
+            }
+            let f = f32::from_bits(x as u32);
+            if f.is_finite() {
+                texts.push(format!("{f}"));
+                texts.push(format!("{}", f64::from(f)));
+            }
+            texts.push(format!("{}", (x % 2_000_000) as f64 * 1e-7 - 0.1));
+        }
+        let mut fast = 0;
+        for text in &texts {
             let want: f64 = text.parse().unwrap();
             if let Some(got) = exact_decimal(text) {
                 assert_eq!(got.to_bits(), want.to_bits(), "{text}");
+                fast += 1;
             }
         }
+        assert!(fast > texts.len() / 10, "the fast path should answer often ({fast} of {})", texts.len());
         assert_eq!(exact_decimal("-0.00519423"), Some(-0.00519423));
         assert_eq!(exact_decimal("0.000019228000000000003"), None, "more than 15 digits");
         assert_eq!(exact_decimal("1e23"), None);
