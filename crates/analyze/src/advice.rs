@@ -347,7 +347,7 @@ fn split_advice(o: &Origin) -> String {
 }
 
 fn propagation_advice(a: &Analysis, g: &Group, ff: usize, out: &mut Vec<String>) {
-    let inherited = g.pairs.iter().filter(|&&i| a.pairs[i].classification == Some(Classification::Inherited)).count();
+    let inherited = g.inherited;
     if inherited == 0 {
         return;
     }

@@ -242,6 +242,8 @@ pub struct Group {
     pub failed: u64,
     /// Missing pairs.
     pub missing: u64,
+    /// Failing pairs that inherit their drift from a drifting upstream point.
+    pub inherited: u64,
     /// Where drift starts, in dataflow order.
     pub origins: Vec<Origin>,
     /// The group's first failing pair.
@@ -453,7 +455,7 @@ pub fn analyze(mut collected: Collected, options: Options) -> Result<Analysis, A
     collected.order = Vec::new();
     collected.pairs = Vec::new();
 
-    let missing: Vec<usize> = (0..pairs.len()).filter(|&i| pairs[i].status.is_missing()).collect();
+    let missing: Vec<usize> = (0..pairs.len()).into_par_iter().filter(|&i| pairs[i].status.is_missing()).collect();
     if !missing.is_empty() && !options.allow_missing {
         let mut list: Vec<String> = missing
             .iter()
@@ -492,6 +494,7 @@ pub fn analyze(mut collected: Collected, options: Options) -> Result<Analysis, A
                 passed: 0,
                 failed: 0,
                 missing: 0,
+                inherited: 0,
                 origins: vec![],
                 first_failure: None,
                 cause: None,
@@ -534,19 +537,39 @@ pub fn analyze(mut collected: Collected, options: Options) -> Result<Analysis, A
         skipped_lines: collected.skipped_lines(),
         ..Summary::default()
     };
-    let mut classes: FxHashMap<(PointId, PairStatus), u64> = FxHashMap::default();
-    for p in &pairs {
-        match p.status {
-            PairStatus::Pass => summary.passed += 1,
-            s if s.is_missing() => summary.missing_pairs += 1,
-            s => {
-                summary.failed += 1;
-                summary.numeric_faults += u64::from(s == PairStatus::NumericFault);
-                summary.misaligned += u64::from(s == PairStatus::Misaligned);
-                *classes.entry((p.key.point, s)).or_insert(0) += 1;
-            }
-        }
-    }
+    // Counts and failure classes, counted on all cores and added up.
+    type Classes = FxHashMap<(PointId, PairStatus), u64>;
+    let (counts, classes) = pairs
+        .par_iter()
+        .fold(
+            || (Summary::default(), Classes::default()),
+            |(mut s, mut classes), p| {
+                match p.status {
+                    PairStatus::Pass => s.passed += 1,
+                    st if st.is_missing() => s.missing_pairs += 1,
+                    st => {
+                        s.failed += 1;
+                        s.numeric_faults += u64::from(st == PairStatus::NumericFault);
+                        s.misaligned += u64::from(st == PairStatus::Misaligned);
+                        *classes.entry((p.key.point, st)).or_insert(0) += 1;
+                    }
+                }
+                (s, classes)
+            },
+        )
+        .reduce(
+            || (Summary::default(), Classes::default()),
+            |(mut a, mut ca), (b, cb)| {
+                (a.passed, a.missing_pairs, a.failed) = (a.passed + b.passed, a.missing_pairs + b.missing_pairs, a.failed + b.failed);
+                (a.numeric_faults, a.misaligned) = (a.numeric_faults + b.numeric_faults, a.misaligned + b.misaligned);
+                for (k, n) in cb {
+                    *ca.entry(k).or_insert(0) += n;
+                }
+                (a, ca)
+            },
+        );
+    (summary.passed, summary.missing_pairs, summary.failed) = (counts.passed, counts.missing_pairs, counts.failed);
+    (summary.numeric_faults, summary.misaligned) = (counts.numeric_faults, counts.misaligned);
     let mut breakdown: Vec<((PointId, PairStatus), u64)> = classes.into_iter().collect();
     breakdown.sort_by(|a, b| b.1.cmp(&a.1).then(a.0 .0.cmp(&b.0 .0)).then((a.0 .1 as u8).cmp(&(b.0 .1 as u8))));
     let breakdown = breakdown
@@ -566,10 +589,9 @@ pub fn analyze(mut collected: Collected, options: Options) -> Result<Analysis, A
     let (magnitudes_from_dump, dump_notes) = attach_dumps(&collected, &mut pairs, &mut groups)?;
     let dtypes: Vec<Option<DType>> = collected.dtypes.iter().map(|d| DType::parse(d)).collect();
     pairs.par_iter_mut().for_each(|p| p.tol_class = tolerance_class(&collected, &dtypes, p, &options.tolerances));
-    for p in pairs.iter() {
-        summary.within_tol += u64::from(p.tol_class == Some(TolClass::WithinTol));
-        summary.beyond_tol += u64::from(matches!(p.tol_class, Some(TolClass::Drift | TolClass::NumericFault)));
-    }
+    summary.within_tol = pairs.par_iter().filter(|p| p.tol_class == Some(TolClass::WithinTol)).count() as u64;
+    summary.beyond_tol =
+        pairs.par_iter().filter(|p| matches!(p.tol_class, Some(TolClass::Drift | TolClass::NumericFault))).count() as u64;
     // Under the tolerance policy only what is beyond tolerance fails; the root cause is still the
     // origin of the drift, which may itself be within tolerance.
     let fails = |p: &PairResult| match options.policy {
@@ -870,6 +892,7 @@ fn classify_group(g: &mut Group, pairs: &mut [PairResult], graph: &Graph) -> Vec
         if !drifting.is_empty() {
             drifting.sort_by_key(|n| n.order());
             p.classification = Some(Classification::Inherited);
+            g.inherited += 1;
             p.relations = Some(Relations::push(&mut nodes, &drifting, &[], &[]));
             continue;
         }

@@ -682,12 +682,20 @@ fn propagation(a: &Analysis, md: &mut String) {
         }
         md.push_str("```\n\n");
     }
-    let mut traced = vec![false; a.graph.n_layers as usize];
-    for p in &a.pairs {
-        if let (PointId::Known(pt), Some(t)) = (p.key.point, traced.get_mut(p.key.layer as usize)) {
-            *t |= pt.is_per_layer();
-        }
-    }
+    let n_layers = a.graph.n_layers as usize;
+    let traced = a
+        .pairs
+        .par_iter()
+        .fold(
+            || vec![false; n_layers],
+            |mut traced, p| {
+                if let (PointId::Known(pt), Some(t)) = (p.key.point, traced.get_mut(p.key.layer as usize)) {
+                    *t |= pt.is_per_layer();
+                }
+                traced
+            },
+        )
+        .reduce(|| vec![false; n_layers], |a, b| a.iter().zip(b).map(|(x, y)| *x || y).collect());
     let untraced: Vec<u32> = (0..a.graph.n_layers).filter(|&l| !traced[l as usize]).collect();
     if !untraced.is_empty() {
         let _ = writeln!(
@@ -754,8 +762,7 @@ fn evidence_table(a: &Analysis, gs: &[&Group], md: &mut String) {
             let p = &a.pairs[ff];
             let (b, c) = (a.base(p)?, a.cand(p)?);
             let d = a.delta(p)?;
-            let inherited =
-                g.pairs.iter().filter(|&&i| a.pairs[i].classification == Some(Classification::Inherited)).count();
+            let inherited = g.inherited;
             Some(format!(
                 "| `{}` | {} | {} / {} | {:.3e} | {:.3e} | {inherited} |",
                 a.prompt_id(g),
@@ -852,7 +859,11 @@ fn recs(a: &Analysis, md: &mut String) {
 }
 
 fn appendix(a: &Analysis, md: &mut String) {
-    let missing: Vec<usize> = (0..a.pairs.len()).filter(|&i| a.pairs[i].status.is_missing()).collect();
+    let missing: Vec<usize> = if a.summary.missing_pairs == 0 {
+        vec![]
+    } else {
+        (0..a.pairs.len()).filter(|&i| a.pairs[i].status.is_missing()).collect()
+    };
     if !missing.is_empty() {
         md.push_str("## Missing Pairs\n\n| Prompt | Layer | Point | Present in | Line |\n|---|---|---|---|---|\n");
         for &i in missing.iter().take(100) {
