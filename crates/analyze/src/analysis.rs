@@ -560,7 +560,8 @@ pub fn analyze(mut collected: Collected, options: Options) -> Result<Analysis, A
         .reduce(
             || (Summary::default(), Classes::default()),
             |(mut a, mut ca), (b, cb)| {
-                (a.passed, a.missing_pairs, a.failed) = (a.passed + b.passed, a.missing_pairs + b.missing_pairs, a.failed + b.failed);
+                (a.passed, a.missing_pairs, a.failed) =
+                    (a.passed + b.passed, a.missing_pairs + b.missing_pairs, a.failed + b.failed);
                 (a.numeric_faults, a.misaligned) = (a.numeric_faults + b.numeric_faults, a.misaligned + b.misaligned);
                 for (k, n) in cb {
                     *ca.entry(k).or_insert(0) += n;
@@ -591,7 +592,8 @@ pub fn analyze(mut collected: Collected, options: Options) -> Result<Analysis, A
     pairs.par_iter_mut().for_each(|p| p.tol_class = tolerance_class(&collected, &dtypes, p, &options.tolerances));
     summary.within_tol = pairs.par_iter().filter(|p| p.tol_class == Some(TolClass::WithinTol)).count() as u64;
     summary.beyond_tol =
-        pairs.par_iter().filter(|p| matches!(p.tol_class, Some(TolClass::Drift | TolClass::NumericFault))).count() as u64;
+        pairs.par_iter().filter(|p| matches!(p.tol_class, Some(TolClass::Drift | TolClass::NumericFault))).count()
+            as u64;
     // Under the tolerance policy only what is beyond tolerance fails; the root cause is still the
     // origin of the drift, which may itself be within tolerance.
     let fails = |p: &PairResult| match options.policy {
