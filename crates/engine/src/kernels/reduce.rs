@@ -154,10 +154,13 @@ impl DotOrder {
     }
 }
 
-/// Whether the CPU has AVX and FMA (the vector kernels' features; detected once, then cached).
+/// Whether the CPU has AVX, FMA and F16C (the vector kernels' features; every CPU with FMA has
+/// F16C; detected once, then cached).
 #[cfg(target_arch = "x86_64")]
 pub fn has_avx_fma() -> bool {
-    std::arch::is_x86_feature_detected!("avx") && std::arch::is_x86_feature_detected!("fma")
+    std::arch::is_x86_feature_detected!("avx")
+        && std::arch::is_x86_feature_detected!("fma")
+        && std::arch::is_x86_feature_detected!("f16c")
 }
 
 /// The length all of `a` and the rows `w` have (the shortest).
@@ -257,10 +260,35 @@ mod avx {
         }
     }
 
-    /// [`super::dot_blocked`] of four f32 rows at once, as [`super::f16c::dot_blocked_x4`] does
-    /// for f16 rows. `w` points at four rows of at least `n` values, `a` holds at least `n`.
-    #[target_feature(enable = "avx,fma")]
+    /// [`super::dot_blocked`] of four f32 rows at once (see [`blocked_x4`]). `w` points at four
+    /// rows of at least `n` values, `a` holds at least `n`.
+    #[target_feature(enable = "avx,f16c,fma")]
     pub(super) unsafe fn dot_blocked_x4(a: &[f32], w: [*const f32; 4], n: usize) -> [f32; 4] {
+        // SAFETY: the caller's pointers hold `n` values each.
+        unsafe {
+            blocked_x4(
+                a,
+                n,
+                |i| (_mm256_loadu2_m128(w[1].add(i), w[0].add(i)), _mm256_loadu2_m128(w[3].add(i), w[2].add(i))),
+                |r, j| *w[r].add(j),
+            )
+        }
+    }
+
+    /// [`super::dot_blocked`] of `a` with four rows at once: one register holds the four lanes of
+    /// two rows (low half, high half), so each fused multiply-add advances two rows, each exactly
+    /// as the scalar code does; block sums are added up in registers while blocks are whole
+    /// multiples of four. `pairs(i)` gives values `i..i + 4` of rows 0 and 1, and of rows 2 and 3,
+    /// each pair in one register; `value(r, j)` gives value `j` of row `r`. `a` holds `n` values,
+    /// and so does every row. (F16C too, so that the f16 version's widening inlines here.)
+    #[target_feature(enable = "avx,f16c,fma")]
+    #[inline]
+    pub(super) unsafe fn blocked_x4(
+        a: &[f32],
+        n: usize,
+        pairs: impl Fn(usize) -> (__m256, __m256),
+        value: impl Fn(usize, usize) -> f32,
+    ) -> [f32; 4] {
         let mut tv = _mm256_setzero_ps();
         let mut total = [0.0f32; 4];
         let mut b = 0;
@@ -271,18 +299,19 @@ mod avx {
             let mut i = b;
             while i < full {
                 // SAFETY: i + 4 <= n, within `a` and each row; unaligned loads.
-                unsafe {
-                    let av = _mm256_broadcast_ps(&_mm_loadu_ps(a.as_ptr().add(i)));
-                    acc01 = _mm256_fmadd_ps(av, _mm256_loadu2_m128(w[1].add(i), w[0].add(i)), acc01);
-                    acc23 = _mm256_fmadd_ps(av, _mm256_loadu2_m128(w[3].add(i), w[2].add(i)), acc23);
-                }
+                let av = unsafe { _mm256_broadcast_ps(&_mm_loadu_ps(a.as_ptr().add(i))) };
+                let (w01, w23) = pairs(i);
+                acc01 = _mm256_fmadd_ps(av, w01, acc01);
+                acc23 = _mm256_fmadd_ps(av, w23, acc23);
                 i += 4;
             }
             if full == end {
+                // Lanes of `hadd(h, h)`: row 0, row 2, row 0, row 2, row 1, row 3, row 1, row 3,
+                // each `(l0 + l1) + (l2 + l3)`.
                 let h = _mm256_hadd_ps(acc01, acc23);
                 tv = _mm256_add_ps(tv, _mm256_hadd_ps(h, h));
             } else {
-                super::f16c::add_rows(&mut total, &mut tv);
+                add_rows(&mut total, &mut tv);
                 let mut l = [0.0f32; 16];
                 // SAFETY: `l` holds sixteen f32.
                 unsafe {
@@ -293,16 +322,28 @@ mod avx {
                     let q = &l[4 * r..4 * r + 4];
                     let mut block = (q[0] + q[1]) + (q[2] + q[3]);
                     for (j, &x) in a.iter().enumerate().take(end).skip(full) {
-                        // SAFETY: j < end <= n, within the row.
-                        block += x * unsafe { *w[r].add(j) };
+                        block += x * value(r, j);
                     }
                     *t += block;
                 }
             }
             b = end;
         }
-        super::f16c::add_rows(&mut total, &mut tv);
+        add_rows(&mut total, &mut tv);
         total
+    }
+
+    /// Adds the register totals of [`blocked_x4`] into `total` (zero where they are non-zero)
+    /// and clears them.
+    #[target_feature(enable = "avx")]
+    fn add_rows(total: &mut [f32; 4], tv: &mut __m256) {
+        let mut l = [0.0f32; 8];
+        // SAFETY: `l` holds eight f32.
+        unsafe { _mm256_storeu_ps(l.as_mut_ptr(), *tv) };
+        for (t, lane) in total.iter_mut().zip([0, 4, 1, 5]) {
+            *t += l[lane];
+        }
+        *tv = _mm256_setzero_ps();
     }
 
     /// [`super::accumulate_values`]: `rows[j]` points at `acc.len()` values.
@@ -436,11 +477,8 @@ mod f16c {
         out
     }
 
-    /// [`super::dot_blocked`] of four f16 rows at once: one register holds the four lanes of two
-    /// rows (low half, high half), so each multiplication and addition advances two rows, each
-    /// exactly as the scalar code does; block sums are added up in registers while blocks are
-    /// whole multiples of four. `w` points at four rows of at least `n` values, `a` holds at
-    /// least `n`.
+    /// [`super::dot_blocked`] of four f16 rows at once (see [`super::avx::blocked_x4`]), widened
+    /// as they are read. `w` points at four rows of at least `n` values, `a` holds at least `n`.
     #[target_feature(enable = "avx,f16c,fma")]
     pub(super) unsafe fn dot_blocked_x4(a: &[f32], w: [*const f16; 4], n: usize) -> [f32; 4] {
         // Eight f16 of two rows (four each) widened into one register.
@@ -452,63 +490,15 @@ mod f16c {
                 _mm256_cvtph_ps(both)
             }
         };
-        let mut tv = _mm256_setzero_ps();
-        let mut total = [0.0f32; 4];
-        let mut b = 0;
-        while b < n {
-            let end = (b + 64).min(n);
-            let full = b + (end - b) / 4 * 4;
-            let (mut acc01, mut acc23) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-            let mut i = b;
-            while i < full {
-                // SAFETY: i + 4 <= n, within `a` and each row.
-                unsafe {
-                    let av = _mm256_broadcast_ps(&_mm_loadu_ps(a.as_ptr().add(i)));
-                    acc01 = _mm256_fmadd_ps(av, pair(w[0].add(i), w[1].add(i)), acc01);
-                    acc23 = _mm256_fmadd_ps(av, pair(w[2].add(i), w[3].add(i)), acc23);
-                }
-                i += 4;
-            }
-            if full == end {
-                // Lanes of `hadd(h, h)`: row 0, row 2, row 0, row 2, row 1, row 3, row 1, row 3,
-                // each `(l0 + l1) + (l2 + l3)`.
-                let h = _mm256_hadd_ps(acc01, acc23);
-                tv = _mm256_add_ps(tv, _mm256_hadd_ps(h, h));
-            } else {
-                add_rows(&mut total, &mut tv);
-                let mut l = [0.0f32; 16];
-                // SAFETY: `l` holds sixteen f32.
-                unsafe {
-                    _mm256_storeu_ps(l.as_mut_ptr(), acc01);
-                    _mm256_storeu_ps(l.as_mut_ptr().add(8), acc23);
-                }
-                for (r, t) in total.iter_mut().enumerate() {
-                    let q = &l[4 * r..4 * r + 4];
-                    let mut block = (q[0] + q[1]) + (q[2] + q[3]);
-                    for (j, &x) in a.iter().enumerate().take(end).skip(full) {
-                        // SAFETY: j < end <= n, within the row.
-                        block += x * unsafe { *w[r].add(j) }.to_f32();
-                    }
-                    *t += block;
-                }
-            }
-            b = end;
+        // SAFETY: the caller's pointers hold `n` values each.
+        unsafe {
+            super::avx::blocked_x4(
+                a,
+                n,
+                |i| (pair(w[0].add(i), w[1].add(i)), pair(w[2].add(i), w[3].add(i))),
+                |r, j| (*w[r].add(j)).to_f32(),
+            )
         }
-        add_rows(&mut total, &mut tv);
-        total
-    }
-
-    /// Adds the register totals of [`dot_blocked_x4`] into `total` (zero where they are
-    /// non-zero) and clears them.
-    #[target_feature(enable = "avx")]
-    pub(super) fn add_rows(total: &mut [f32; 4], tv: &mut __m256) {
-        let mut l = [0.0f32; 8];
-        // SAFETY: `l` holds eight f32.
-        unsafe { _mm256_storeu_ps(l.as_mut_ptr(), *tv) };
-        for (t, lane) in total.iter_mut().zip([0, 4, 1, 5]) {
-            *t += l[lane];
-        }
-        *tv = _mm256_setzero_ps();
     }
 
     /// [`super::dot_blocked`] with f16 weights. Blocks are independent until their sums are
