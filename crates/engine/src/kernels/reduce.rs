@@ -90,7 +90,7 @@ impl DotOrder {
             DotOrder::Lanes8 => dot_lanes8(a, b),
             DotOrder::Blocked => {
                 #[cfg(target_arch = "x86_64")]
-                if has_avx_fma() {
+                if has_vector_units() {
                     // One row through the four-row kernel (its other rows repeat it).
                     let n = a.len().min(b.len());
                     // SAFETY: the CPU has AVX and FMA (checked); both slices hold `n` values.
@@ -105,7 +105,7 @@ impl DotOrder {
     /// the CPU has it, detected at run time).
     pub fn f16(self, a: &[f32], w: &[half::f16]) -> f32 {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("f16c") && has_avx_fma() {
+        if has_vector_units() {
             // SAFETY: the CPU has the features these functions are compiled for (checked above).
             return unsafe {
                 match self {
@@ -124,7 +124,7 @@ impl DotOrder {
     /// row alone waits on each addition, four keep the adder busy.
     pub fn f32_x4(self, a: &[f32], w: [&[f32]; 4]) -> [f32; 4] {
         #[cfg(target_arch = "x86_64")]
-        if has_avx_fma() {
+        if has_vector_units() {
             let (p, n) = (w.map(|r| r.as_ptr()), row_len(a, &w));
             // SAFETY: the CPU has AVX and FMA (checked above).
             return unsafe {
@@ -140,7 +140,7 @@ impl DotOrder {
     /// [`DotOrder::f16`] of `a` with four rows, each with its own bits (see [`DotOrder::f32_x4`]).
     pub fn f16_x4(self, a: &[f32], w: [&[half::f16]; 4]) -> [f32; 4] {
         #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("f16c") && has_avx_fma() {
+        if has_vector_units() {
             let (p, n) = (w.map(|r| r.as_ptr()), row_len(a, &w));
             // SAFETY: the CPU has the features these functions are compiled for (checked above).
             return unsafe {
@@ -157,7 +157,7 @@ impl DotOrder {
 /// Whether the CPU has AVX, FMA and F16C (the vector kernels' features; every CPU with FMA has
 /// F16C; detected once, then cached).
 #[cfg(target_arch = "x86_64")]
-pub fn has_avx_fma() -> bool {
+pub fn has_vector_units() -> bool {
     std::arch::is_x86_feature_detected!("avx")
         && std::arch::is_x86_feature_detected!("fma")
         && std::arch::is_x86_feature_detected!("f16c")
@@ -663,7 +663,7 @@ pub fn par_matmul_blocked(x: &[f32], rows: usize, w: &crate::weights::Matrix, ou
                             // A partial block through the vector kernel: missing rows and outputs
                             // repeat the last one (every element is its own dot product).
                             #[cfg(target_arch = "x86_64")]
-                            _ if has_avx_fma() => block_dot(
+                            _ if has_vector_units() => block_dot(
                                 std::array::from_fn(|i| xrow(r + i.min(mr - 1))),
                                 std::array::from_fn(|j| wrow(o + j.min(nr - 1))),
                                 &mut acc,
@@ -712,7 +712,7 @@ pub const NR: usize = 4;
 /// CPU has it, else in portable code; the same bits either way.
 fn block_dot(xs: [&[f32]; MR], ws: [&[f32]; NR], out: &mut [[f32; NR]; MR]) {
     #[cfg(target_arch = "x86_64")]
-    if has_avx_fma() {
+    if has_vector_units() {
         let k = xs.iter().chain(ws.iter()).map(|s| s.len()).min().unwrap_or(0);
         // SAFETY: the CPU has AVX (checked above); every row holds at least `k` values.
         unsafe { avx::block_dot(xs.map(|r| r.as_ptr()), ws.map(|r| r.as_ptr()), k, out) };
