@@ -110,7 +110,8 @@ impl DotOrder {
             return unsafe {
                 match self {
                     DotOrder::Lanes8 => f16c::dot_lanes8(a, w),
-                    DotOrder::Blocked => f16c::dot_blocked(a, w),
+                    // One row through the four-row kernel (its other rows repeat it), as for f32.
+                    DotOrder::Blocked => f16c::dot_blocked_x4(a, [w.as_ptr(); 4], a.len().min(w.len()))[0],
                 }
             };
         }
@@ -499,61 +500,6 @@ mod f16c {
                 |r, j| (*w[r].add(j)).to_f32(),
             )
         }
-    }
-
-    /// [`super::dot_blocked`] with f16 weights. Blocks are independent until their sums are
-    /// added in order, so four full blocks run as four interleaved chains (one chain alone would
-    /// wait on each addition), then their sums are added to the total one after the other.
-    #[target_feature(enable = "avx,f16c,fma")]
-    pub(super) unsafe fn dot_blocked(a: &[f32], w: &[f16]) -> f32 {
-        let n = a.len().min(w.len());
-        let mut total = 0.0f32;
-        let mut b = 0;
-        while b + 256 <= n {
-            let (mut c0, mut c1, mut c2, mut c3) =
-                (_mm_setzero_ps(), _mm_setzero_ps(), _mm_setzero_ps(), _mm_setzero_ps());
-            for i in (b..b + 64).step_by(4) {
-                // SAFETY: i + 196 + 4 <= b + 256 <= n, within both slices; the f16 loads read 8 bytes.
-                unsafe {
-                    let (pa, pw) = (a.as_ptr().add(i), w.as_ptr().add(i));
-                    c0 = _mm_fmadd_ps(_mm_loadu_ps(pa), _mm_cvtph_ps(_mm_loadl_epi64(pw.cast())), c0);
-                    c1 = _mm_fmadd_ps(_mm_loadu_ps(pa.add(64)), _mm_cvtph_ps(_mm_loadl_epi64(pw.add(64).cast())), c1);
-                    c2 = _mm_fmadd_ps(_mm_loadu_ps(pa.add(128)), _mm_cvtph_ps(_mm_loadl_epi64(pw.add(128).cast())), c2);
-                    c3 = _mm_fmadd_ps(_mm_loadu_ps(pa.add(192)), _mm_cvtph_ps(_mm_loadl_epi64(pw.add(192).cast())), c3);
-                }
-            }
-            for c in [c0, c1, c2, c3] {
-                let mut l = [0.0f32; 4];
-                // SAFETY: `l` holds four f32.
-                unsafe { _mm_storeu_ps(l.as_mut_ptr(), c) };
-                total += (l[0] + l[1]) + (l[2] + l[3]);
-            }
-            b += 256;
-        }
-        while b < n {
-            let end = (b + 64).min(n);
-            let full = b + (end - b) / 4 * 4;
-            let mut acc = _mm_setzero_ps();
-            let mut i = b;
-            while i < full {
-                // SAFETY: i + 4 <= n, within both slices; the f16 load reads 8 bytes.
-                let (av, wv) = unsafe {
-                    (_mm_loadu_ps(a.as_ptr().add(i)), _mm_cvtph_ps(_mm_loadl_epi64(w.as_ptr().add(i).cast())))
-                };
-                acc = _mm_fmadd_ps(av, wv, acc);
-                i += 4;
-            }
-            let mut l = [0.0f32; 4];
-            // SAFETY: `l` holds four f32.
-            unsafe { _mm_storeu_ps(l.as_mut_ptr(), acc) };
-            let mut block = (l[0] + l[1]) + (l[2] + l[3]);
-            for j in full..end {
-                block += a[j] * w[j].to_f32();
-            }
-            total += block;
-            b = end;
-        }
-        total
     }
 }
 
