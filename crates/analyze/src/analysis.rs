@@ -183,11 +183,11 @@ pub struct PairResult {
 pub struct Relations {
     start: u32,
     /// For inherited drift: the drifting upstream points it comes from.
-    inherited: u16,
+    inherited: u32,
     /// For originated or undetermined drift: the untraced ops between it and the traced upstream.
-    untraced: u16,
+    untraced: u32,
     /// For undetermined drift: the upstream points that are missing or misaligned.
-    unknown: u16,
+    unknown: u32,
 }
 
 impl Relations {
@@ -197,7 +197,7 @@ impl Relations {
         for list in [inherited, untraced, unknown] {
             nodes.extend_from_slice(list);
         }
-        let len = |l: &[Node]| u16::try_from(l.len()).unwrap_or(u16::MAX);
+        let len = |l: &[Node]| l.len() as u32; // a list is at most the graph's nodes
         Relations { start, inherited: len(inherited), untraced: len(untraced), unknown: len(unknown) }
     }
 
@@ -503,14 +503,9 @@ pub fn analyze(mut collected: Collected, options: Options) -> Result<Analysis, A
         }
     }
     // Classify the groups in parallel, each on its own slice of the pairs.
-    let mut slices: Vec<(&mut Group, &mut [PairResult])> = Vec::with_capacity(groups.len());
-    let mut rest: &mut [PairResult] = &mut pairs;
-    for g in groups.iter_mut() {
-        let (head, tail) = std::mem::take(&mut rest).split_at_mut(g.pairs.len());
-        slices.push((g, head));
-        rest = tail;
-    }
-    let lists: Vec<Vec<Node>> = slices.into_par_iter().map(|(g, slice)| classify_group(g, slice, &graph)).collect();
+    let slices = group_slices(&groups, &mut pairs);
+    let lists: Vec<Vec<Node>> =
+        groups.par_iter_mut().zip(slices).map(|(g, slice)| classify_group(g, slice, &graph)).collect();
     // One array of relation lists: each group's own, moved by the lengths of those before it.
     let mut relation_nodes = Vec::with_capacity(lists.iter().map(Vec::len).sum());
     let mut offsets = Vec::with_capacity(groups.len());
@@ -518,18 +513,13 @@ pub fn analyze(mut collected: Collected, options: Options) -> Result<Analysis, A
         offsets.push(relation_nodes.len() as u32);
         relation_nodes.extend(list);
     }
-    let mut rest: &mut [PairResult] = &mut pairs;
-    let mut slices: Vec<(u32, &mut [PairResult])> = Vec::with_capacity(groups.len());
-    for (g, &offset) in groups.iter().zip(&offsets) {
-        let (head, tail) = std::mem::take(&mut rest).split_at_mut(g.pairs.len());
-        slices.push((offset, head));
-        rest = tail;
-    }
-    slices.into_par_iter().filter(|(offset, _)| *offset > 0).for_each(|(offset, slice)| {
-        for r in slice.iter_mut().filter_map(|p| p.relations.as_mut()) {
-            r.start += offset;
-        }
-    });
+    group_slices(&groups, &mut pairs).into_par_iter().zip(offsets).filter(|(_, offset)| *offset > 0).for_each(
+        |(slice, offset)| {
+            for r in slice.iter_mut().filter_map(|p| p.relations.as_mut()) {
+                r.start += offset;
+            }
+        },
+    );
 
     let mut summary = Summary {
         total_pairs: pairs.len() as u64,
@@ -628,6 +618,18 @@ pub fn analyze(mut collected: Collected, options: Options) -> Result<Analysis, A
         breakdown,
         verdict,
     })
+}
+
+/// Each group's own slice of `pairs` (groups are contiguous runs of it, in order).
+fn group_slices<'p>(groups: &[Group], mut pairs: &'p mut [PairResult]) -> Vec<&'p mut [PairResult]> {
+    groups
+        .iter()
+        .map(|g| {
+            let (head, tail) = std::mem::take(&mut pairs).split_at_mut(g.pairs.len());
+            pairs = tail;
+            head
+        })
+        .collect()
 }
 
 /// Reads the dumped rows of both sides (when the events name tensors and the dump files exist)
