@@ -381,31 +381,45 @@ mod avx {
         }
     }
 
-    /// `w` points at four rows of at least `n` values; `a` holds at least `n`.
-    #[target_feature(enable = "avx")]
+    /// [`super::dot_lanes8`] of four f32 rows at once (see [`lanes8_x4`]). `w` points at four
+    /// rows of at least `n` values; `a` holds at least `n`.
+    #[target_feature(enable = "avx,f16c")]
     pub(super) unsafe fn dot_lanes8_x4(a: &[f32], w: [*const f32; 4], n: usize) -> [f32; 4] {
+        // SAFETY: the caller's pointers hold `n` values each.
+        unsafe { lanes8_x4(a, n, |r, i| _mm256_loadu_ps(w[r].add(i)), |r, j| *w[r].add(j)) }
+    }
+
+    /// [`super::dot_lanes8`] of `a` with four rows at once: each row keeps its own eight lanes in
+    /// one register, multiplied then added as the scalar code does. `load(r, i)` gives values
+    /// `i..i + 8` of row `r` in a register; `value(r, j)` gives value `j` of row `r`. `a` holds
+    /// `n` values, and so does every row. (F16C too, so that the f16 version's widening inlines.)
+    #[target_feature(enable = "avx,f16c")]
+    #[inline]
+    pub(super) unsafe fn lanes8_x4(
+        a: &[f32],
+        n: usize,
+        load: impl Fn(usize, usize) -> __m256,
+        value: impl Fn(usize, usize) -> f32,
+    ) -> [f32; 4] {
         let full = n / 8 * 8;
         let mut acc = [_mm256_setzero_ps(); 4];
         let mut i = 0;
         while i < full {
-            // SAFETY: i + 8 <= n, within `a` and within each row; unaligned loads.
-            unsafe {
-                let av = _mm256_loadu_ps(a.as_ptr().add(i));
-                for (c, p) in acc.iter_mut().zip(w) {
-                    *c = _mm256_add_ps(*c, _mm256_mul_ps(av, _mm256_loadu_ps(p.add(i))));
-                }
+            // SAFETY: i + 8 <= n, within `a`; unaligned load.
+            let av = unsafe { _mm256_loadu_ps(a.as_ptr().add(i)) };
+            for (r, c) in acc.iter_mut().enumerate() {
+                *c = _mm256_add_ps(*c, _mm256_mul_ps(av, load(r, i)));
             }
             i += 8;
         }
         let mut out = [0.0f32; 4];
-        for ((o, c), p) in out.iter_mut().zip(acc).zip(w) {
+        for (r, (o, c)) in out.iter_mut().zip(acc).enumerate() {
             let mut l = [0.0f32; 8];
             // SAFETY: `l` holds eight f32.
             unsafe { _mm256_storeu_ps(l.as_mut_ptr(), c) };
             let mut s = super::lanes8_sum(l);
             for (j, &x) in a.iter().enumerate().take(n).skip(full) {
-                // SAFETY: j < n, within the row.
-                s += x * unsafe { *p.add(j) };
+                s += x * value(r, j);
             }
             *o = s;
         }
@@ -445,37 +459,19 @@ mod f16c {
         s
     }
 
-    /// [`super::dot_lanes8`] of four f16 rows at once (see [`super::avx::dot_lanes8_x4`]); `w`
-    /// points at four rows of at least `n` values, `a` holds at least `n`.
+    /// [`super::dot_lanes8`] of four f16 rows at once (see [`super::avx::lanes8_x4`]), widened
+    /// as they are read. `w` points at four rows of at least `n` values, `a` holds at least `n`.
     #[target_feature(enable = "avx,f16c")]
     pub(super) unsafe fn dot_lanes8_x4(a: &[f32], w: [*const f16; 4], n: usize) -> [f32; 4] {
-        let full = n / 8 * 8;
-        let mut acc = [_mm256_setzero_ps(); 4];
-        let mut i = 0;
-        while i < full {
-            // SAFETY: i + 8 <= n, within `a` and within each row; unaligned loads.
-            unsafe {
-                let av = _mm256_loadu_ps(a.as_ptr().add(i));
-                for (c, p) in acc.iter_mut().zip(w) {
-                    let wv = _mm256_cvtph_ps(_mm_loadu_si128(p.add(i).cast()));
-                    *c = _mm256_add_ps(*c, _mm256_mul_ps(av, wv));
-                }
-            }
-            i += 8;
+        // SAFETY: the caller's pointers hold `n` values each.
+        unsafe {
+            super::avx::lanes8_x4(
+                a,
+                n,
+                |r, i| _mm256_cvtph_ps(_mm_loadu_si128(w[r].add(i).cast())),
+                |r, j| (*w[r].add(j)).to_f32(),
+            )
         }
-        let mut out = [0.0f32; 4];
-        for ((o, c), p) in out.iter_mut().zip(acc).zip(w) {
-            let mut l = [0.0f32; 8];
-            // SAFETY: `l` holds eight f32.
-            unsafe { _mm256_storeu_ps(l.as_mut_ptr(), c) };
-            let mut s = super::lanes8_sum(l);
-            for (j, &x) in a.iter().enumerate().take(n).skip(full) {
-                // SAFETY: j < n, within the row.
-                s += x * unsafe { *p.add(j) }.to_f32();
-            }
-            *o = s;
-        }
-        out
     }
 
     /// [`super::dot_blocked`] of four f16 rows at once (see [`super::avx::blocked_x4`]), widened
