@@ -43,7 +43,8 @@ log "installing ./python[test] into ${VENV}"
 SRC="$(mktemp -d "${TMPDIR:-/tmp}/driftscope-torch-src.XXXXXX")"
 trap 'rm -rf "$SRC"' EXIT
 cp -R python/pyproject.toml python/README.md python/driftscope_torch "$SRC/"
-"$PY" -m pip install --disable-pip-version-check --quiet "${SRC}[test]" >&2 \
+# No pip cache: torch and its CUDA wheels are ~5 GB installed and would be kept twice.
+"$PY" -m pip install --disable-pip-version-check --no-cache-dir --quiet "${SRC}[test]" >&2 \
     || die "pip install ./python[test] failed (see pip's output above)"
 printf '%s\n' "$want" >"${STAMP}.tmp" && mv "${STAMP}.tmp" "$STAMP"
 log "ready"
