@@ -99,9 +99,9 @@ fn bandwidth() -> f64 {
     best
 }
 
-/// Peak f32 rate of fused multiply-adds, as the GEMM computes them: 12 independent AVX
-/// registers of FMAs per thread (a plain multiply and add per lane where the CPU lacks AVX or
-/// FMA), best of 3, all threads; FLOPs count 2 per multiply-add.
+/// Peak f32 rate of fused multiply-adds: 12 independent registers of FMAs per thread, of the
+/// widest vectors the CPU has (AVX-512, else AVX; a plain multiply and add per lane without FMA),
+/// best of 3, all threads; FLOPs count 2 per multiply-add.
 fn peak_flops() -> f64 {
     use rayon::prelude::*;
     let threads = rayon::current_num_threads();
@@ -113,6 +113,11 @@ fn peak_flops() -> f64 {
             .into_par_iter()
             .map(|k| {
                 let x = std::hint::black_box(1.0000001f32 + k as f32 * 1e-9);
+                #[cfg(target_arch = "x86_64")]
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    // SAFETY: the CPU has AVX-512 (checked above).
+                    return (unsafe { fma_loop_512(iters, x) }, 12 * 16);
+                }
                 #[cfg(target_arch = "x86_64")]
                 if std::arch::is_x86_feature_detected!("avx") && std::arch::is_x86_feature_detected!("fma") {
                     // SAFETY: the CPU has AVX and FMA (checked above).
@@ -151,6 +156,21 @@ unsafe fn fma_loop(iters: u64, x: f32) -> f32 {
     // SAFETY: `out` holds eight f32.
     unsafe { _mm256_storeu_ps(out.as_mut_ptr(), sum) };
     out.iter().sum()
+}
+
+/// `iters` rounds of FMAs on 12 AVX-512 registers.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn fma_loop_512(iters: u64, x: f32) -> f32 {
+    use std::arch::x86_64::*;
+    let (xv, yv) = (_mm512_set1_ps(x), _mm512_set1_ps(0.9999999));
+    let mut acc = [_mm512_setzero_ps(); 12];
+    for _ in 0..iters {
+        for a in acc.iter_mut() {
+            *a = _mm512_fmadd_ps(*a, xv, yv);
+        }
+    }
+    _mm512_reduce_add_ps(acc.iter().fold(_mm512_setzero_ps(), |s, &a| _mm512_add_ps(s, a)))
 }
 
 /// Llama-3.2-1B's shape (the weights are random: speed depends on shapes only).

@@ -178,6 +178,9 @@ fn lanes8_sum(l: [f32; 8]) -> f32 {
 /// [`dot_lanes8`] of four f32 rows at once with AVX: each row keeps its own eight lanes in one
 /// register, multiplied then added as the scalar code does (no fused multiply-add).
 #[cfg(target_arch = "x86_64")]
+mod avx512;
+
+#[cfg(target_arch = "x86_64")]
 mod avx {
     use std::arch::x86_64::*;
 
@@ -570,11 +573,22 @@ fn gemv_x4<'w, T: 'w>(
     part
 }
 
-/// `par_matmul(x, rows, w, out, DotOrder::Blocked)`, bit for bit, computed a block of [`MR`] input rows
-/// × [`NR`] output features at a time: each loaded chunk of `x` and of `w` serves several
-/// outputs, and every output element still runs exactly [`dot_blocked`]'s sequence of
-/// operations (its own four lane accumulators per 64-block, summed the same way, tails in order).
+/// `par_matmul(x, rows, w, out, DotOrder::Blocked)`, bit for bit, computed a block of input rows
+/// × output features at a time: each loaded chunk of `x` and of `w` serves several outputs, and
+/// every output element still runs exactly [`dot_blocked`]'s sequence of operations (its own
+/// four lane accumulators per 64-block, summed the same way, tails in order). With AVX-512 a
+/// block is 6 rows × 16 outputs (`avx512`), else [`MR`] × [`NR`] ([`par_matmul_blocked_4x4`]).
 pub fn par_matmul_blocked(x: &[f32], rows: usize, w: &crate::weights::Matrix, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx512::available() {
+        return avx512::par_matmul(x, rows, w, out);
+    }
+    par_matmul_blocked_4x4(x, rows, w, out)
+}
+
+/// [`par_matmul_blocked`] in blocks of [`MR`] × [`NR`] (AVX and FMA where the CPU has them, else
+/// portable code): the kernel of CPUs without AVX-512.
+pub fn par_matmul_blocked_4x4(x: &[f32], rows: usize, w: &crate::weights::Matrix, out: &mut [f32]) {
     use rayon::prelude::*;
     const TILE: usize = 32;
     let (k, n) = (w.cols, w.rows);

@@ -225,7 +225,7 @@ fn value_accumulation_is_bitwise_the_plain_loop() {
 /// the orders: one row, four rows, f16 rows, and the GEMM block with partial blocks.
 #[test]
 fn vector_kernels_match_the_plain_orders() {
-    use super::reduce::{dot_blocked, dot_lanes8, par_matmul_blocked, DotOrder};
+    use super::reduce::{dot_blocked, dot_lanes8, par_matmul_blocked, par_matmul_blocked_4x4, DotOrder};
     use half::f16;
     for n in [0, 1, 3, 4, 7, 8, 63, 64, 65, 130, 576, 1537] {
         let a = data(n, 30);
@@ -245,14 +245,25 @@ fn vector_kernels_match_the_plain_orders() {
             }
         }
     }
-    for (rows, k, n) in [(4, 576, 8), (5, 130, 7), (3, 67, 2), (9, 64, 13)] {
+    // Both GEMM kernels (the dispatcher picks AVX-512's 6 × 16 blocks where the CPU has them),
+    // around their block sizes: rows past a multiple of 4 and of 6, outputs past 4, 16 and a
+    // tile of 32, k with tails of 1 to 3 and short last blocks.
+    let shapes = [(4, 576, 8), (5, 130, 7), (3, 67, 2), (9, 64, 13), (6, 576, 16), (7, 131, 17), (13, 259, 33)];
+    let more = [(2, 64, 48), (12, 1537, 35), (1, 8, 1), (6, 3, 5), (19, 200, 70)];
+    for (rows, k, n) in shapes.into_iter().chain(more) {
         let (x, w) = (data(rows * k, 40), Matrix::new(n, k, data(n * k, 41)));
-        let mut got = vec![f32::NAN; rows * n];
-        par_matmul_blocked(&x, rows, &w, &mut got);
-        for r in 0..rows {
-            for o in 0..n {
-                let want = dot_blocked(&x[r * k..(r + 1) * k], &w.rows_f32(o, o + 1));
-                assert_eq!(got[r * n + o].to_bits(), want.to_bits(), "rows={rows} k={k} n={n} at ({r}, {o})");
+        for (name, gemm) in [
+            ("dispatch", par_matmul_blocked as fn(&[f32], usize, &Matrix, &mut [f32])),
+            ("4x4", par_matmul_blocked_4x4),
+        ] {
+            let mut got = vec![f32::NAN; rows * n];
+            gemm(&x, rows, &w, &mut got);
+            for r in 0..rows {
+                for o in 0..n {
+                    let want = dot_blocked(&x[r * k..(r + 1) * k], &w.rows_f32(o, o + 1));
+                    let at = format!("{name} rows={rows} k={k} n={n} at ({r}, {o})");
+                    assert_eq!(got[r * n + o].to_bits(), want.to_bits(), "{at}");
+                }
             }
         }
     }

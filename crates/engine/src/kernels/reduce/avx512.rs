@@ -1,0 +1,181 @@
+//! The GEMM order ([`super::dot_blocked`]) with AVX-512: a block of [`ROWS`] input rows ×
+//! [`PANEL`] outputs per call, the weights packed once per tile so that every load is one
+//! register of sixteen.
+//!
+//! The order keeps four lanes per output (inputs `i ≡ l mod 4` of each 64-block), so a register
+//! holds four outputs' four lanes: quarter `q` of register `g` is output `4q + g`. One fused
+//! multiply-add then advances four dot products by four inputs, exactly as the scalar code does,
+//! and at the end of a block two levels of shuffles and additions give every output its
+//! `(l0 + l1) + (l2 + l3)` with the sixteen block sums in output order.
+
+use std::arch::x86_64::*;
+
+/// Outputs per packed panel.
+pub(super) const PANEL: usize = 16;
+/// Input rows per kernel call: 6 × 4 accumulator registers, 4 of weights, 1 of inputs (of 32).
+pub(super) const ROWS: usize = 6;
+/// Outputs per parallel task (two panels).
+const TILE: usize = 32;
+
+/// Whether the CPU has AVX-512 (detected once, then cached).
+pub(super) fn available() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+}
+
+/// `par_matmul_blocked` with the AVX-512 kernel: the same bits. The caller checks
+/// [`available`].
+pub(super) fn par_matmul(x: &[f32], rows: usize, w: &crate::weights::Matrix, out: &mut [f32]) {
+    use rayon::prelude::*;
+    thread_local! {
+        static PACKED: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    let (k, n) = (w.cols, w.rows);
+    assert_eq!(x.len(), rows * k, "matmul input is not [rows, in]");
+    assert_eq!(out.len(), rows * n, "matmul output is not [rows, out]");
+    let xrow = |r: usize| x[r * k..(r + 1) * k].as_ptr();
+    let tiles: Vec<Vec<f32>> = (0..n.div_ceil(TILE))
+        .into_par_iter()
+        .map(|t| {
+            let (o0, o1) = (t * TILE, ((t + 1) * TILE).min(n));
+            let width = o1 - o0;
+            let mut part = vec![0.0f32; rows * width];
+            w.with_rows_f32(o0, o1, |wt| {
+                let mut run = |packed: &mut Vec<f32>| {
+                    // Panel after panel: the panel's weights stay in cache while the rows pass.
+                    for p0 in (0..width).step_by(PANEL) {
+                        let nr = (width - p0).min(PANEL);
+                        pack_panel(wt, k, width, p0, packed);
+                        let tail = |j: usize, u: usize| wt[(p0 + j.min(nr - 1)) * k + u];
+                        for r in (0..rows).step_by(ROWS) {
+                            let mr = (rows - r).min(ROWS);
+                            // Missing rows repeat the last one (every element is its own dot
+                            // product); missing outputs are zero weights, dropped below.
+                            let xs = std::array::from_fn(|i| xrow(r + i.min(mr - 1)));
+                            let mut acc = [[0.0f32; PANEL]; ROWS];
+                            // SAFETY: the CPU has AVX-512 (the caller checked); every row of `x`
+                            // holds `k` values, and `packed` is the panel of `k` inputs.
+                            unsafe { panel_dot(xs, packed, k, tail, &mut acc) };
+                            for (i, a) in acc.iter().enumerate().take(mr) {
+                                part[(r + i) * width + p0..][..nr].copy_from_slice(&a[..nr]);
+                            }
+                        }
+                    }
+                };
+                PACKED.with(|cell| match cell.try_borrow_mut() {
+                    Ok(mut buf) => run(&mut buf),
+                    Err(_) => run(&mut Vec::new()),
+                });
+            });
+            part
+        })
+        .collect();
+    super::scatter_tiles(&tiles, TILE, rows, n, out);
+}
+
+/// Packs outputs `p0..p0 + 16` of `wt` (`width` rows of `k` values, row-major) for
+/// [`panel_dot`]: per step of four inputs, four registers of sixteen, quarter `q` of register
+/// `g` holding the step's four inputs of output `p0 + 4q + g`. Outputs past `width` are zeros;
+/// inputs past the last whole step are not packed (the kernel reads them from `wt`).
+fn pack_panel(wt: &[f32], k: usize, width: usize, p0: usize, dst: &mut Vec<f32>) {
+    let steps = k / 4;
+    dst.clear();
+    dst.resize(steps * 64, 0.0);
+    for q in 0..4 {
+        for g in 0..4 {
+            let o = p0 + 4 * q + g;
+            if o >= width {
+                continue;
+            }
+            let row = &wt[o * k..(o + 1) * k];
+            for (s, four) in row.chunks_exact(4).enumerate() {
+                dst[s * 64 + g * 16 + q * 4..][..4].copy_from_slice(four);
+            }
+        }
+    }
+}
+
+/// [`super::dot_blocked`] of [`ROWS`] input rows with the [`PANEL`] outputs of a packed panel,
+/// into `out[r][j]`. `xs` point at rows of `k` values; `panel` is [`pack_panel`]'s for `k`
+/// inputs; `tail(j, u)` gives input `u` of output `j` for the inputs past the last whole step
+/// of four (the last block's tail, finished in scalar code as the order says).
+#[target_feature(enable = "avx512f")]
+unsafe fn panel_dot(
+    xs: [*const f32; ROWS],
+    panel: &[f32],
+    k: usize,
+    tail: impl Fn(usize, usize) -> f32,
+    out: &mut [[f32; PANEL]; ROWS],
+) {
+    assert!(panel.len() >= k / 4 * 64, "panel too short for k = {k}");
+    let mut total = [_mm512_setzero_ps(); ROWS];
+    let mut b = 0;
+    while b < k {
+        let end = (b + 64).min(k);
+        let full = b + (end - b) / 4 * 4;
+        let mut acc = [[_mm512_setzero_ps(); 4]; ROWS];
+        let mut i = b;
+        while i < full {
+            // SAFETY: step i / 4 < k / 4, within the panel (asserted); i + 4 <= k, within every
+            // row of `x` (the caller's promise). Unaligned loads.
+            unsafe {
+                let p = panel.as_ptr().add(i * 16);
+                let w = [
+                    _mm512_loadu_ps(p),
+                    _mm512_loadu_ps(p.add(16)),
+                    _mm512_loadu_ps(p.add(32)),
+                    _mm512_loadu_ps(p.add(48)),
+                ];
+                for (a, x) in acc.iter_mut().zip(xs) {
+                    let xv = _mm512_broadcast_f32x4(_mm_loadu_ps(x.add(i)));
+                    for (ag, wg) in a.iter_mut().zip(w) {
+                        *ag = _mm512_fmadd_ps(xv, wg, *ag);
+                    }
+                }
+            }
+            i += 4;
+        }
+        let sums = acc.map(|a| block_sums(a));
+        if full == end {
+            for (t, s) in total.iter_mut().zip(sums) {
+                *t = _mm512_add_ps(*t, s);
+            }
+        } else {
+            // The last block has a tail: `block += x · w` per input, then into the total.
+            for (r, (t, s)) in total.iter_mut().zip(sums).enumerate() {
+                let (mut tl, mut sl) = ([0.0f32; PANEL], [0.0f32; PANEL]);
+                // SAFETY: both arrays hold sixteen f32.
+                unsafe {
+                    _mm512_storeu_ps(tl.as_mut_ptr(), *t);
+                    _mm512_storeu_ps(sl.as_mut_ptr(), s);
+                }
+                for (j, (tj, block)) in tl.iter_mut().zip(sl).enumerate() {
+                    let mut block = block;
+                    for u in full..end {
+                        // SAFETY: u < k, within the row.
+                        block += unsafe { *xs[r].add(u) } * tail(j, u);
+                    }
+                    *tj += block;
+                }
+                // SAFETY: `tl` holds sixteen f32.
+                *t = unsafe { _mm512_loadu_ps(tl.as_ptr()) };
+            }
+        }
+        b = end;
+    }
+    for (o, t) in out.iter_mut().zip(total) {
+        // SAFETY: a row of `out` holds sixteen f32.
+        unsafe { _mm512_storeu_ps(o.as_mut_ptr(), t) };
+    }
+}
+
+/// The sixteen block sums `(l0 + l1) + (l2 + l3)` of four accumulator registers, in output
+/// order (quarter `q` of register `g` is output `4q + g`).
+#[target_feature(enable = "avx512f")]
+fn block_sums(a: [__m512; 4]) -> __m512 {
+    // Per quarter: [x0 + x1, x2 + x3, y0 + y1, y2 + y3].
+    let pair = |x: __m512, y: __m512| {
+        _mm512_add_ps(_mm512_shuffle_ps::<0b10_00_10_00>(x, y), _mm512_shuffle_ps::<0b11_01_11_01>(x, y))
+    };
+    // Quarter q: [o(0), o(1), o(2), o(3)] of the quarter's outputs, each (l0 + l1) + (l2 + l3).
+    pair(pair(a[0], a[1]), pair(a[2], a[3]))
+}
