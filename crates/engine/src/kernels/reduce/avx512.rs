@@ -78,17 +78,22 @@ pub(super) fn par_matmul(x: &[f32], rows: usize, w: &crate::weights::Matrix, out
 /// inputs past the last whole step are not packed (the kernel reads them from `wt`).
 fn pack_panel(wt: &[f32], k: usize, width: usize, p0: usize, dst: &mut Vec<f32>) {
     let steps = k / 4;
-    dst.clear();
+    // Every value is written below; no need to clear what a previous panel left.
     dst.resize(steps * 64, 0.0);
-    for q in 0..4 {
-        for g in 0..4 {
-            let o = p0 + 4 * q + g;
-            if o >= width {
-                continue;
-            }
-            let row = &wt[o * k..(o + 1) * k];
-            for (s, four) in row.chunks_exact(4).enumerate() {
-                dst[s * 64 + g * 16 + q * 4..][..4].copy_from_slice(four);
+    // Step after step, so the writes are sequential and the sixteen rows are read as streams
+    // (row after row scattered 16-byte writes 256 bytes apart: a quarter of the GEMM's time).
+    let row = |g: usize, q: usize| {
+        let o = p0 + 4 * q + g;
+        (o < width).then(|| &wt[o * k..o * k + steps * 4])
+    };
+    let rows: [[Option<&[f32]>; 4]; 4] = std::array::from_fn(|g| std::array::from_fn(|q| row(g, q)));
+    for (s, regs) in dst.chunks_exact_mut(64).enumerate() {
+        for (reg, rows_g) in regs.chunks_exact_mut(16).zip(&rows) {
+            for (four, r) in reg.chunks_exact_mut(4).zip(rows_g) {
+                match r {
+                    Some(r) => four.copy_from_slice(&r[4 * s..4 * s + 4]),
+                    None => four.fill(0.0),
+                }
             }
         }
     }
