@@ -317,7 +317,7 @@ const POW10: [f64; 23] = [
     1e21, 1e22,
 ];
 
-/// A decimal number's digits as they are read: the value of up to 15 significant digits and
+/// A decimal number's digits as they are read: the value of up to 19 significant digits and
 /// the power of ten that scales it.
 #[derive(Default)]
 struct Decimal {
@@ -333,7 +333,7 @@ impl Decimal {
         if self.mantissa != 0 || digit != 0 {
             self.significant += 1;
         }
-        if self.significant <= 15 {
+        if self.significant <= 19 {
             self.mantissa = self.mantissa * 10 + u64::from(digit);
         }
         if frac {
@@ -341,23 +341,68 @@ impl Decimal {
         }
     }
 
-    /// Clinger's fast path: digits that fit in 2^53 scaled by an exact power of ten are one
-    /// correctly rounded multiplication or division away from their f64. `None` when it does not
-    /// apply (more than 15 significant digits, or a power beyond 10^22).
+    /// The correctly rounded f64, when one of two exact paths applies: Clinger's (up to 15
+    /// digits, below 2^53, scaled by a power of ten up to 10^22: one correctly rounded
+    /// multiplication or division) or integer arithmetic on 128 bits (up to 19 digits, powers
+    /// of ten up to 10^19, as float traces print 17-digit statistics). `None` otherwise.
     #[inline(always)]
     fn exact(&self, neg: bool) -> Option<f64> {
-        if self.significant > 15 {
+        let v = if self.significant <= 15 {
+            let m = self.mantissa as f64;
+            match self.exp10 {
+                0 => m,
+                1..=22 => m * POW10[self.exp10 as usize],
+                -22..=-1 => m / POW10[(-self.exp10) as usize],
+                _ => return None,
+            }
+        } else if self.significant <= 19 && (-19..=19).contains(&self.exp10) {
+            wide_exact(self.mantissa, self.exp10)
+        } else {
             return None;
-        }
-        let m = self.mantissa as f64;
-        let v = match self.exp10 {
-            0 => m,
-            1..=22 => m * POW10[self.exp10 as usize],
-            -22..=-1 => m / POW10[(-self.exp10) as usize],
-            _ => return None,
         };
         Some(if neg { -v } else { v })
     }
+}
+
+/// `m · 10^e` correctly rounded to f64 (round half to even), for `m > 0` and `|e| <= 19`: the
+/// product, or the quotient of `m` shifted to the top of 128 bits, holds at least 64 significant
+/// bits, and its remainder tells whether anything below them is non-zero.
+fn wide_exact(m: u64, e: i32) -> f64 {
+    const POW10_U64: [u64; 20] = {
+        let mut t = [1u64; 20];
+        let mut i = 1;
+        while i < 20 {
+            t[i] = t[i - 1] * 10;
+            i += 1;
+        }
+        t
+    };
+    if m == 0 {
+        return 0.0;
+    }
+    let p = POW10_U64[e.unsigned_abs() as usize];
+    // (q, remainder non-zero, binary exponent): the value is (q + fraction) · 2^exp.
+    let (q, sticky, exp) = if e >= 0 {
+        ((m as u128) * (p as u128), false, 0i32)
+    } else {
+        let s = m.leading_zeros() + 64;
+        let n = (m as u128) << s;
+        (n / p as u128, n % p as u128 != 0, -(s as i32))
+    };
+    let bits = 128 - q.leading_zeros();
+    if bits <= 53 {
+        return q as f64 * f64::powi(2.0, exp); // exact: fits the mantissa (`e >= 0` only)
+    }
+    let shift = bits - 53;
+    let mut mant = (q >> shift) as u64;
+    let rem = q & ((1u128 << shift) - 1);
+    let half = 1u128 << (shift - 1);
+    if rem > half || (rem == half && (sticky || mant & 1 == 1)) {
+        mant += 1;
+    }
+    // `mant` may have carried into bit 53: still exact as an f64 (a power of two).
+    let e2 = exp + shift as i32;
+    mant as f64 * f64::from_bits(((1023 + e2) as u64) << 52)
 }
 
 /// Byte equality for short strings without a call to `memcmp` (which dominates when it is
@@ -677,7 +722,18 @@ mod tests {
                 texts.push(format!("{}", f64::from(f)));
             }
             texts.push(format!("{}", (x % 2_000_000) as f64 * 1e-7 - 0.1));
+            // 16 to 19 significant digits with powers of ten up to 10^±19 (the 128-bit path).
+            let digits = 16 + (x >> 60) % 4;
+            let m = (x >> 1) % 10u64.pow(digits as u32);
+            let e = (x >> 32) % 39;
+            texts.push(format!("{m}e{}", e as i64 - 19));
+            texts.push(format!("-0.{m:0>19}"));
         }
+        // Ties at 2^53 and 2^54 (round half to even), and the largest 19-digit mantissas.
+        for t in ["9007199254740993", "9007199254740995", "18014398509481986", "18014398509481990"] {
+            texts.push(t.to_string());
+        }
+        texts.extend(["9999999999999999999e-19", "9999999999999999999e19", "1000000000000000001e-19"].map(String::from));
         let mut fast = 0;
         for text in &texts {
             let want: f64 = text.parse().unwrap();
@@ -688,7 +744,9 @@ mod tests {
         }
         assert!(fast > texts.len() / 10, "the fast path should answer often ({fast} of {})", texts.len());
         assert_eq!(exact_decimal("-0.00519423"), Some(-0.00519423));
-        assert_eq!(exact_decimal("0.000019228000000000003"), None, "more than 15 digits");
+        assert_eq!(exact_decimal("0.000019228000000000003"), None, "17 digits scaled by 10^-21");
+        assert_eq!(exact_decimal("0.009000000000000001"), Some(0.009000000000000001), "17 digits");
+        assert_eq!(exact_decimal("12345678901234567890"), None, "20 digits");
         assert_eq!(exact_decimal("1e23"), None);
     }
 
