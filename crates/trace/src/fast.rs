@@ -46,7 +46,9 @@ impl<'a> Cursor<'a> {
             b'"' => {}
             _ => return None, // an escape or a control character: serde decides
         }
-        let out = &self.s[start..self.i];
+        // SAFETY: `start` follows a '"' and `self.i` is at one: both are char boundaries of the
+        // line (ASCII bytes never neighbour the inside of a multi-byte character).
+        let out = unsafe { self.s.get_unchecked(start..self.i) };
         self.i += 1;
         Some(out)
     }
@@ -97,7 +99,10 @@ impl<'a> Cursor<'a> {
             dec.exp10 = dec.exp10.saturating_add(if sign < 0 { -e } else { e });
             float = true;
         }
-        Some((&self.s[start..self.i], float, dec.exact(neg)))
+        // SAFETY: the span starts at '-' or a digit and ends after a digit, all ASCII: char
+        // boundaries of the line.
+        let text = unsafe { self.s.get_unchecked(start..self.i) };
+        Some((text, float, dec.exact(neg)))
     }
 
     /// Digits at the cursor, folded into `dec` (`frac`: after the decimal point); their count.
