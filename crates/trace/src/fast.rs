@@ -738,7 +738,8 @@ mod tests {
         for t in ["9007199254740993", "9007199254740995", "18014398509481986", "18014398509481990"] {
             texts.push(t.to_string());
         }
-        texts.extend(["9999999999999999999e-19", "9999999999999999999e19", "1000000000000000001e-19"].map(String::from));
+        texts
+            .extend(["9999999999999999999e-19", "9999999999999999999e19", "1000000000000000001e-19"].map(String::from));
         let mut fast = 0;
         for text in &texts {
             let want: f64 = text.parse().unwrap();

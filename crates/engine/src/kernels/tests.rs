@@ -251,11 +251,24 @@ fn vector_kernels_match_the_plain_orders() {
     let shapes = [(4, 576, 8), (5, 130, 7), (3, 67, 2), (9, 64, 13), (6, 576, 16), (7, 131, 17), (13, 259, 33)];
     let more = [(2, 64, 48), (12, 1537, 35), (1, 8, 1), (6, 3, 5), (19, 200, 70)];
     for (rows, k, n) in shapes.into_iter().chain(more) {
-        let (x, w) = (data(rows * k, 40), Matrix::new(n, k, data(n * k, 41)));
-        for (name, gemm) in [
+        let x = data(rows * k, 40);
+        let values = data(n * k, 41);
+        // Weights stored in f32, f16 and bf16 (the GEMM packs each from its storage).
+        let half: Vec<f16> = values.iter().map(|&v| f16::from_f32(v)).collect();
+        let brain: Vec<half::bf16> = values.iter().map(|&v| half::bf16::from_f32(v)).collect();
+        let stored = [
+            ("f32", Matrix::new(n, k, values)),
+            ("f16", Matrix::from_storage(n, k, crate::weights::Storage::F16(half))),
+            ("bf16", Matrix::from_storage(n, k, crate::weights::Storage::BF16(brain))),
+        ];
+        for ((name, gemm), (dtype, w)) in [
             ("dispatch", par_matmul_blocked as fn(&[f32], usize, &Matrix, &mut [f32])),
             ("4x4", par_matmul_blocked_4x4),
-        ] {
+        ]
+        .into_iter()
+        .flat_map(|g| stored.iter().map(move |s| (g, s)))
+        {
+            let name = format!("{name} {dtype}");
             let mut got = vec![f32::NAN; rows * n];
             gemm(&x, rows, &w, &mut got);
             for r in 0..rows {

@@ -10,6 +10,8 @@
 
 use std::arch::x86_64::*;
 
+use crate::weights::Storage;
+
 /// Outputs per packed panel.
 pub(super) const PANEL: usize = 16;
 /// Input rows per kernel call: 6 × 4 accumulator registers, 4 of weights, 1 of inputs (of 32).
@@ -33,20 +35,38 @@ pub(super) fn par_matmul(x: &[f32], rows: usize, w: &crate::weights::Matrix, out
     assert_eq!(x.len(), rows * k, "matmul input is not [rows, in]");
     assert_eq!(out.len(), rows * n, "matmul output is not [rows, out]");
     let xrow = |r: usize| x[r * k..(r + 1) * k].as_ptr();
+    // The cache lines of weight row `o` (each line start within the row's bytes).
+    let (base, size) = match &w.data {
+        Storage::F32(v) => (v.as_ptr() as usize, 4),
+        Storage::F16(v) => (v.as_ptr() as usize, 2),
+        Storage::BF16(v) => (v.as_ptr() as usize, 2),
+    };
+    let row_lines = |o: usize| (0..k * size).step_by(64).map(move |b| base + o * k * size + b);
     let tiles: Vec<Vec<f32>> = (0..n.div_ceil(TILE))
         .into_par_iter()
         .map(|t| {
             let (o0, o1) = (t * TILE, ((t + 1) * TILE).min(n));
             let width = o1 - o0;
             let mut part = vec![0.0f32; rows * width];
-            w.with_rows_f32(o0, o1, |wt| {
+            let mut tile = |wt: Rows<'_>| {
                 let mut run = |packed: &mut Vec<f32>| {
                     // Panel after panel: the panel's weights stay in cache while the rows pass.
                     for p0 in (0..width).step_by(PANEL) {
                         let nr = (width - p0).min(PANEL);
                         pack_panel(wt, k, width, p0, packed);
-                        let tail = |j: usize, u: usize| wt[(p0 + j.min(nr - 1)) * k + u];
-                        for r in (0..rows).step_by(ROWS) {
+                        let tail = |j: usize, u: usize| wt.value((p0 + j.min(nr - 1)) * k + u);
+                        // The next panel's weights (this tile's, else the next tile's first)
+                        // come from memory while this one computes: a share of their cache
+                        // lines is prefetched before each block of rows.
+                        let next = o0 + p0 + PANEL;
+                        let lines = (next..(next + PANEL).min(n)).flat_map(|o| row_lines(o));
+                        let lines: Vec<usize> = lines.collect();
+                        let blocks = rows.div_ceil(ROWS);
+                        for (b, r) in (0..rows).step_by(ROWS).enumerate() {
+                            for &line in &lines[b * lines.len() / blocks..(b + 1) * lines.len() / blocks] {
+                                // SAFETY: a prefetch is a hint; the address lies within the weights.
+                                unsafe { _mm_prefetch::<_MM_HINT_T0>(line as *const i8) };
+                            }
                             let mr = (rows - r).min(ROWS);
                             // Missing rows repeat the last one (every element is its own dot
                             // product); missing outputs are zero weights, dropped below.
@@ -65,33 +85,76 @@ pub(super) fn par_matmul(x: &[f32], rows: usize, w: &crate::weights::Matrix, out
                     Ok(mut buf) => run(&mut buf),
                     Err(_) => run(&mut Vec::new()),
                 });
-            });
+            };
+            // f32 and f16 rows are packed straight from the weights (f16 widened on the way);
+            // bf16 rows through the widened copy of the tile.
+            match &w.data {
+                Storage::F32(v) => tile(Rows::F32(&v[o0 * k..o1 * k])),
+                Storage::F16(v) => tile(Rows::F16(&v[o0 * k..o1 * k])),
+                Storage::BF16(_) => w.with_rows_f32(o0, o1, |wt| tile(Rows::F32(wt))),
+            }
             part
         })
         .collect();
     super::scatter_tiles(&tiles, TILE, rows, n, out);
 }
 
-/// Packs outputs `p0..p0 + 16` of `wt` (`width` rows of `k` values, row-major) for
-/// [`panel_dot`]: per step of four inputs, four registers of sixteen, quarter `q` of register
-/// `g` holding the step's four inputs of output `p0 + 4q + g`. Outputs past `width` are zeros;
-/// inputs past the last whole step are not packed (the kernel reads them from `wt`).
-fn pack_panel(wt: &[f32], k: usize, width: usize, p0: usize, dst: &mut Vec<f32>) {
-    let steps = k / 4;
+/// A tile's weight rows as stored: `k` values each, row-major.
+#[derive(Clone, Copy)]
+enum Rows<'a> {
+    F32(&'a [f32]),
+    F16(&'a [half::f16]),
+}
+
+impl Rows<'_> {
+    /// Value `i` (row `i / k`, input `i % k`), in f32.
+    fn value(&self, i: usize) -> f32 {
+        match self {
+            Rows::F32(v) => v[i],
+            Rows::F16(v) => v[i].to_f32(),
+        }
+    }
+}
+
+/// Packs outputs `p0..p0 + 16` of `wt` (`width` rows of `k` values) for [`panel_dot`]: per step
+/// of four inputs, four registers of sixteen, quarter `q` of register `g` holding the step's four
+/// inputs of output `p0 + 4q + g`. Outputs past `width` are zeros; inputs past the last whole
+/// step are not packed (the kernel reads them from `wt`).
+fn pack_panel(wt: Rows<'_>, k: usize, width: usize, p0: usize, dst: &mut Vec<f32>) {
     // Every value is written below; no need to clear what a previous panel left.
-    dst.resize(steps * 64, 0.0);
+    dst.resize(k / 4 * 64, 0.0);
+    match wt {
+        Rows::F32(v) => pack_with(v, k, width, p0, dst, |src, four| four.copy_from_slice(src)),
+        // SAFETY: AVX-512 (the GEMM's caller checked) comes with F16C on every CPU.
+        Rows::F16(v) => unsafe { pack_f16(v, k, width, p0, dst) },
+    }
+}
+
+/// [`pack_panel`] of f16 rows, widened four values at a time with F16C.
+#[target_feature(enable = "avx512f,f16c")]
+unsafe fn pack_f16(v: &[half::f16], k: usize, width: usize, p0: usize, dst: &mut [f32]) {
+    pack_with(v, k, width, p0, dst, |src, four| {
+        // SAFETY: `src` holds four f16 (8 bytes) and `four` four f32; unaligned accesses.
+        unsafe { _mm_storeu_ps(four.as_mut_ptr(), _mm_cvtph_ps(_mm_loadl_epi64(src.as_ptr().cast()))) }
+    })
+}
+
+/// The packing loop: `copy(src, four)` puts four stored values into four f32.
+#[inline(always)]
+fn pack_with<T>(wt: &[T], k: usize, width: usize, p0: usize, dst: &mut [f32], copy: impl Fn(&[T], &mut [f32])) {
+    let steps = k / 4;
     // Step after step, so the writes are sequential and the sixteen rows are read as streams
     // (row after row scattered 16-byte writes 256 bytes apart: a quarter of the GEMM's time).
     let row = |g: usize, q: usize| {
         let o = p0 + 4 * q + g;
         (o < width).then(|| &wt[o * k..o * k + steps * 4])
     };
-    let rows: [[Option<&[f32]>; 4]; 4] = std::array::from_fn(|g| std::array::from_fn(|q| row(g, q)));
-    for (s, regs) in dst.chunks_exact_mut(64).enumerate() {
+    let rows: [[Option<&[T]>; 4]; 4] = std::array::from_fn(|g| std::array::from_fn(|q| row(g, q)));
+    for (s, regs) in dst[..steps * 64].chunks_exact_mut(64).enumerate() {
         for (reg, rows_g) in regs.chunks_exact_mut(16).zip(&rows) {
             for (four, r) in reg.chunks_exact_mut(4).zip(rows_g) {
                 match r {
-                    Some(r) => four.copy_from_slice(&r[4 * s..4 * s + 4]),
+                    Some(r) => copy(&r[4 * s..4 * s + 4], four),
                     None => four.fill(0.0),
                 }
             }
