@@ -392,7 +392,7 @@ fn wide_exact(m: u64, e: i32) -> f64 {
     } else {
         let s = m.leading_zeros() + 64;
         let n = (m as u128) << s;
-        (n / p as u128, n % p as u128 != 0, -(s as i32))
+        (n / p as u128, !n.is_multiple_of(p as u128), -(s as i32))
     };
     let bits = 128 - q.leading_zeros();
     if bits <= 53 {
