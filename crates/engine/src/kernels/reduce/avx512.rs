@@ -59,7 +59,7 @@ pub(super) fn par_matmul(x: &[f32], rows: usize, w: &crate::weights::Matrix, out
                         // come from memory while this one computes: a share of their cache
                         // lines is prefetched before each block of rows.
                         let next = o0 + p0 + PANEL;
-                        let lines = (next..(next + PANEL).min(n)).flat_map(|o| row_lines(o));
+                        let lines = (next..(next + PANEL).min(n)).flat_map(&row_lines);
                         let lines: Vec<usize> = lines.collect();
                         let blocks = rows.div_ceil(ROWS);
                         for (b, r) in (0..rows).step_by(ROWS).enumerate() {
