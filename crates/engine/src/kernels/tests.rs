@@ -270,7 +270,7 @@ fn vector_kernels_match_the_plain_orders() {
         {
             let name = format!("{name} {dtype}");
             let mut got = vec![f32::NAN; rows * n];
-            gemm(&x, rows, &w, &mut got);
+            gemm(&x, rows, w, &mut got);
             for r in 0..rows {
                 for o in 0..n {
                     let want = dot_blocked(&x[r * k..(r + 1) * k], &w.rows_f32(o, o + 1));
