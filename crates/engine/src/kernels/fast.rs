@@ -1,8 +1,8 @@
 //! Shape-dependent kernels, as production engines choose them (see the module docs).
 
 use super::reduce::{
-    par_attention, par_matmul, par_matmul_blocked, rmsnorm_with, sumsq_blocked128, sumsq_lanes8, DotOrder, KvHead,
-    Softmax,
+    par_attention, par_attention_plan, par_matmul, par_matmul_blocked, rmsnorm_with, sumsq_blocked128, sumsq_lanes8,
+    DotOrder, KvHead, KvPlan,
 };
 use super::{AttnShape, Kernels};
 use crate::weights::Matrix;
@@ -43,38 +43,18 @@ impl Kernels for Fast {
     }
 
     fn attention(&self, q: &[f32], rows: usize, pos0: usize, k: &[f32], v: &[f32], shape: AttnShape, out: &mut [f32]) {
-        let d = shape.head_dim;
-        let stride = shape.n_kv_heads * d;
-        let scale = 1.0 / (d as f32).sqrt();
-        let decode = rows == 1;
-        par_attention(q, rows, pos0, shape, out, |qh, off, ctx, o| {
-            if decode {
-                // Flash-decoding: split the keys into `decode_splits(ctx)` ranges, reduce each on
-                // its own, then combine the partial softmax states.
-                let splits = decode_splits(ctx);
-                let len = ctx.div_ceil(splits);
-                let mut total = Softmax::new(d);
-                for s in 0..splits {
-                    let (j0, j1) = (s * len, ((s + 1) * len).min(ctx));
-                    if j0 >= j1 {
-                        continue;
-                    }
-                    let mut part = Softmax::new(d);
-                    part.absorb(qh, &KvHead { k, v, stride, off }, j0, j1, scale);
-                    total.merge(&part);
-                }
-                total.finish(o);
-            } else {
-                // Flash attention: one pass over KV tiles with an online softmax.
-                let mut st = Softmax::new(d);
-                let mut j = 0;
-                while j < ctx {
-                    let j1 = (j + PREFILL_KV_TILE).min(ctx);
-                    st.absorb(qh, &KvHead { k, v, stride, off }, j, j1, scale);
-                    j = j1;
-                }
-                st.finish(o);
-            }
-        });
+        if rows == 1 {
+            // Flash-decoding: the keys in `decode_splits(ctx)` ranges, each reduced on its own,
+            // then the partial softmax states combined.
+            let d = shape.head_dim;
+            let (stride, scale) = (shape.n_kv_heads * d, 1.0 / (d as f32).sqrt());
+            par_attention(q, rows, pos0, shape, out, |qh, off, ctx, o| {
+                let plan = KvPlan::Splits(ctx.div_ceil(decode_splits(ctx)));
+                plan.attend(qh, &KvHead { k, v, stride, off }, ctx, scale, o)
+            });
+        } else {
+            // Flash attention: one pass over KV tiles with an online softmax.
+            par_attention_plan(q, rows, pos0, k, v, shape, KvPlan::Tiles(PREFILL_KV_TILE), out);
+        }
     }
 }

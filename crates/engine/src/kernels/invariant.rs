@@ -1,8 +1,6 @@
 //! Batch-invariant kernels: one reduction order per output element, whatever the shape.
 
-use super::reduce::{
-    par_attention, par_matmul, par_matmul_blocked, rmsnorm_with, sumsq_lanes8, DotOrder, KvHead, Softmax,
-};
+use super::reduce::{par_attention_plan, par_matmul, par_matmul_blocked, rmsnorm_with, sumsq_lanes8, DotOrder, KvPlan};
 use super::{AttnShape, Kernels};
 use crate::weights::Matrix;
 
@@ -34,20 +32,7 @@ impl Kernels for Invariant {
     }
 
     fn attention(&self, q: &[f32], rows: usize, pos0: usize, k: &[f32], v: &[f32], shape: AttnShape, out: &mut [f32]) {
-        let d = shape.head_dim;
-        let stride = shape.n_kv_heads * d;
-        let scale = 1.0 / (d as f32).sqrt();
-        par_attention(q, rows, pos0, shape, out, |qh, off, ctx, o| {
-            let mut total = Softmax::new(d);
-            let mut j = 0;
-            while j < ctx {
-                let j1 = (j + KV_SPLIT).min(ctx);
-                let mut part = Softmax::new(d);
-                part.absorb(qh, &KvHead { k, v, stride, off }, j, j1, scale);
-                total.merge(&part);
-                j = j1;
-            }
-            total.finish(o);
-        });
+        // Every query row alone, whatever the query length: fixed-size splits, merged in order.
+        par_attention_plan(q, rows, pos0, k, v, shape, KvPlan::Splits(KV_SPLIT), out);
     }
 }

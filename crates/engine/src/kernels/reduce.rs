@@ -758,7 +758,7 @@ impl Softmax {
     /// Folds in the keys `[j0, j1)`: scores first, then their max, then exponentials and values
     /// in order, rescaling what was accumulated before when the max grows.
     pub fn absorb(&mut self, q: &[f32], kv: &KvHead<'_>, j0: usize, j1: usize, scale: f32) {
-        let (d, stride, off, vals) = (q.len(), kv.stride, kv.off, kv.v);
+        let (d, stride, off) = (q.len(), kv.stride, kv.off);
         let key = |j: usize| &kv.k[j * stride + off..j * stride + off + d];
         let mut scores: Vec<f32> = Vec::with_capacity(j1 - j0);
         // Scores in the GEMV order (eight lanes), four keys at a time; the same function for
@@ -769,6 +769,13 @@ impl Softmax {
             j += 4;
         }
         scores.extend((j..j1).map(|j| dot_lanes8(q, key(j)) * scale));
+        self.absorb_scores(&mut scores, kv, j0);
+    }
+
+    /// [`Softmax::absorb`] of keys `j0..j0 + scores.len()` whose scaled scores are given (and
+    /// are overwritten with their exponentials).
+    pub fn absorb_scores(&mut self, scores: &mut [f32], kv: &KvHead<'_>, j0: usize) {
+        let (d, stride, off, vals) = (self.acc.len(), kv.stride, kv.off, kv.v);
         let m_new = scores.iter().fold(self.m, |m, &s| m.max(s));
         if m_new == f32::NEG_INFINITY {
             return;
@@ -778,16 +785,12 @@ impl Softmax {
         for a in &mut self.acc {
             *a *= c;
         }
-        let ps: Vec<f32> = scores
-            .iter()
-            .map(|&s| {
-                let p = (s - m_new).exp();
-                self.l += p;
-                p
-            })
-            .collect();
+        for s in scores.iter_mut() {
+            *s = (*s - m_new).exp();
+            self.l += *s;
+        }
         let value = |jj: usize| &vals[(j0 + jj) * stride + off..(j0 + jj) * stride + off + d];
-        accumulate_values(&mut self.acc, &ps, value);
+        accumulate_values(&mut self.acc, scores, value);
         self.m = m_new;
     }
 
@@ -828,6 +831,161 @@ pub fn accumulate_values<'v>(acc: &mut [f32], ps: &[f32], value: impl Fn(usize) 
     for (j, &p) in ps.iter().enumerate() {
         for (a, &v) in acc.iter_mut().zip(value(j)) {
             *a += p * v;
+        }
+    }
+}
+
+/// How a query row walks its keys; both walks fold the keys in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KvPlan {
+    /// One online softmax over tiles of this many keys (flash attention).
+    Tiles(usize),
+    /// Splits of this many keys, each reduced on its own, merged in order (split-KV).
+    Splits(usize),
+}
+
+impl KvPlan {
+    /// Keys per tile or split.
+    pub fn chunk(self) -> usize {
+        match self {
+            KvPlan::Tiles(n) | KvPlan::Splits(n) => n.max(1),
+        }
+    }
+
+    /// Attention of the query head `q` over keys `[0, ctx)` of `kv`, into `out`.
+    pub fn attend(self, q: &[f32], kv: &KvHead<'_>, ctx: usize, scale: f32, out: &mut [f32]) {
+        let mut state = PlanState::new(self, q.len());
+        let mut j = 0;
+        while j < ctx {
+            let j1 = (j + self.chunk()).min(ctx);
+            state.fold(|st| st.absorb(q, kv, j, j1, scale));
+            j = j1;
+        }
+        state.total.finish(out);
+    }
+}
+
+/// A query's state under a plan: the running softmax (tiles) or the merged splits.
+struct PlanState {
+    plan: KvPlan,
+    total: Softmax,
+}
+
+impl PlanState {
+    fn new(plan: KvPlan, d: usize) -> PlanState {
+        PlanState { plan, total: Softmax::new(d) }
+    }
+
+    /// Folds in the next chunk of keys: `absorb` adds them to a state.
+    fn fold(&mut self, absorb: impl FnOnce(&mut Softmax)) {
+        match self.plan {
+            KvPlan::Tiles(_) => absorb(&mut self.total),
+            KvPlan::Splits(_) => {
+                let mut part = Softmax::new(self.total.acc.len());
+                absorb(&mut part);
+                self.total.merge(&part);
+            }
+        }
+    }
+}
+
+/// Causal attention of `rows` query rows (positions `pos0..`) under `plan`, every row the same
+/// bits as [`KvPlan::attend`] gives it alone. With AVX-512, blocks of query rows of one head
+/// share each chunk of keys, transposed once so that scores are computed for sixteen keys at a
+/// time; elsewhere row by row.
+#[allow(clippy::too_many_arguments)]
+pub fn par_attention_plan(
+    q: &[f32],
+    rows: usize,
+    pos0: usize,
+    k: &[f32],
+    v: &[f32],
+    shape: super::AttnShape,
+    plan: KvPlan,
+    out: &mut [f32],
+) {
+    let d = shape.head_dim;
+    let stride = shape.n_kv_heads * d;
+    let scale = 1.0 / (d as f32).sqrt();
+    #[cfg(target_arch = "x86_64")]
+    if avx512::available() && rows > 1 {
+        return attention_blocks(q, rows, pos0, k, v, shape, plan, out);
+    }
+    par_attention(q, rows, pos0, shape, out, |qh, off, ctx, o| {
+        plan.attend(qh, &KvHead { k, v, stride, off }, ctx, scale, o)
+    });
+}
+
+/// [`par_attention_plan`] in blocks of query rows per head, with AVX-512 scores.
+#[cfg(target_arch = "x86_64")]
+#[allow(clippy::too_many_arguments)]
+fn attention_blocks(
+    q: &[f32],
+    rows: usize,
+    pos0: usize,
+    k: &[f32],
+    v: &[f32],
+    shape: super::AttnShape,
+    plan: KvPlan,
+    out: &mut [f32],
+) {
+    use rayon::prelude::*;
+    /// Query rows per block.
+    const QB: usize = 16;
+    let (d, heads) = (shape.head_dim, shape.n_heads);
+    let (group, stride) = (heads / shape.n_kv_heads, shape.n_kv_heads * d);
+    let scale = 1.0 / (d as f32).sqrt();
+    let chunk = plan.chunk();
+    let w = chunk.div_ceil(16) * 16;
+    assert_eq!(q.len(), rows * heads * d, "attention q is not [rows, n_heads * head_dim]");
+    let blocks = rows.div_ceil(QB);
+    let results: Vec<Vec<f32>> = (0..heads * blocks)
+        .into_par_iter()
+        .map(|t| {
+            let (h, b) = (t / blocks, t % blocks);
+            let kv = KvHead { k, v, stride, off: (h / group) * d };
+            let (r0, r1) = (b * QB, ((b + 1) * QB).min(rows));
+            let mut states: Vec<PlanState> = (r0..r1).map(|_| PlanState::new(plan, d)).collect();
+            let (mut kt, mut scores) = (vec![0.0f32; d * w], vec![0.0f32; w]);
+            let last_ctx = pos0 + r1;
+            let mut j0 = 0;
+            while j0 < last_ctx {
+                let j1 = (j0 + chunk).min(last_ctx);
+                for (jj, key) in k[j0 * stride..j1 * stride].chunks_exact(stride).enumerate() {
+                    for (i, &x) in key[kv.off..kv.off + d].iter().enumerate() {
+                        kt[i * w + jj] = x;
+                    }
+                }
+                for (r, state) in (r0..r1).zip(states.iter_mut()) {
+                    let ctx = pos0 + r + 1;
+                    if ctx <= j0 {
+                        continue;
+                    }
+                    let n = j1.min(ctx) - j0;
+                    let qh = &q[(r * heads + h) * d..(r * heads + h + 1) * d];
+                    // SAFETY: the CPU has AVX-512 (checked by the caller); `kt` holds d rows of
+                    // `w >= n.div_ceil(16) * 16` values, `scores` holds `w`.
+                    unsafe { avx512::dots_lanes8_t(qh, &kt, w, n.div_ceil(16), &mut scores) };
+                    let s = &mut scores[..n];
+                    for x in s.iter_mut() {
+                        *x *= scale;
+                    }
+                    state.fold(|st| st.absorb_scores(s, &kv, j0));
+                }
+                j0 = j1;
+            }
+            let mut o = vec![0.0f32; (r1 - r0) * d];
+            for (state, oc) in states.iter().zip(o.chunks_mut(d)) {
+                state.total.finish(oc);
+            }
+            o
+        })
+        .collect();
+    for (t, o) in results.iter().enumerate() {
+        let (h, b) = (t / blocks, t % blocks);
+        for (i, oc) in o.chunks(d).enumerate() {
+            let r = b * QB + i;
+            out[(r * heads + h) * d..(r * heads + h + 1) * d].copy_from_slice(oc);
         }
     }
 }

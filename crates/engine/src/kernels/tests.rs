@@ -281,3 +281,31 @@ fn vector_kernels_match_the_plain_orders() {
         }
     }
 }
+
+/// Attention of many query rows (blocks of rows sharing transposed key chunks where the CPU has
+/// AVX-512) gives every row the bits of its own walk, for both plans, head sizes around the
+/// eight lanes, grouped heads, chunk sizes around the sixteen-key groups, and cached prefixes.
+#[test]
+fn blocked_attention_is_bitwise_each_row_alone() {
+    use super::reduce::{par_attention_plan, KvHead, KvPlan};
+    for (d, heads, kv_heads) in [(64, 9, 3), (67, 2, 1), (5, 4, 4), (16, 2, 2)] {
+        let shape = AttnShape { n_heads: heads, n_kv_heads: kv_heads, head_dim: d };
+        for plan in [KvPlan::Tiles(32), KvPlan::Splits(64), KvPlan::Tiles(7), KvPlan::Splits(17)] {
+            for (rows, pos0) in [(2, 0), (17, 0), (40, 5), (3, 37)] {
+                let (q, k, v) = attn_case(rows, pos0, shape);
+                let mut got = vec![f32::NAN; rows * heads * d];
+                par_attention_plan(&q, rows, pos0, &k, &v, shape, plan, &mut got);
+                let (stride, scale) = (kv_heads * d, 1.0 / (d as f32).sqrt());
+                for r in 0..rows {
+                    for h in 0..heads {
+                        let kv = KvHead { k: &k, v: &v, stride, off: (h / (heads / kv_heads)) * d };
+                        let mut want = vec![0.0; d];
+                        plan.attend(&q[(r * heads + h) * d..][..d], &kv, pos0 + r + 1, scale, &mut want);
+                        let at = format!("{plan:?} d={d} rows={rows} pos0={pos0} row {r} head {h}");
+                        assert_eq!(bits(&got[(r * heads + h) * d..][..d]), bits(&want), "{at}");
+                    }
+                }
+            }
+        }
+    }
+}

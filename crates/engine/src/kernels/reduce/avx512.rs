@@ -247,3 +247,32 @@ fn block_sums(a: [__m512; 4]) -> __m512 {
     // Quarter q: [o(0), o(1), o(2), o(3)] of the quarter's outputs, each (l0 + l1) + (l2 + l3).
     pair(pair(a[0], a[1]), pair(a[2], a[3]))
 }
+
+/// Attention scores of one query with sixteen keys at a time, each exactly [`super::dot_lanes8`]:
+/// the eight lanes become eight registers of sixteen keys (multiplied, then added), summed in
+/// `lanes8_sum`'s tree, then the tail inputs in order. `kt` is a transposed key tile: row `i`
+/// (`w` values) holds input `i` of each key; `out` gets the `16 · groups` first keys' dots.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn dots_lanes8_t(q: &[f32], kt: &[f32], w: usize, groups: usize, out: &mut [f32]) {
+    let d = q.len();
+    assert!(kt.len() >= d * w && 16 * groups <= w && out.len() >= 16 * groups, "tile too small");
+    let full = d / 8 * 8;
+    for g in 0..groups {
+        let col = 16 * g;
+        // SAFETY (loads): row i < d of `kt` holds `w >= col + 16` values (asserted).
+        let key = |i: usize| unsafe { _mm512_loadu_ps(kt.as_ptr().add(i * w + col)) };
+        let mut acc = [_mm512_setzero_ps(); 8];
+        for i in (0..full).step_by(8) {
+            for (l, a) in acc.iter_mut().enumerate() {
+                *a = _mm512_add_ps(*a, _mm512_mul_ps(_mm512_set1_ps(q[i + l]), key(i + l)));
+            }
+        }
+        let sum = |x: __m512, y: __m512| _mm512_add_ps(x, y);
+        let mut s = sum(sum(sum(acc[0], acc[4]), sum(acc[2], acc[6])), sum(sum(acc[1], acc[5]), sum(acc[3], acc[7])));
+        for (i, &x) in q.iter().enumerate().skip(full) {
+            s = _mm512_add_ps(s, _mm512_mul_ps(_mm512_set1_ps(x), key(i)));
+        }
+        // SAFETY: col + 16 <= out.len() (asserted).
+        unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(col), s) };
+    }
+}
