@@ -780,10 +780,13 @@ impl Softmax {
         if m_new == f32::NEG_INFINITY {
             return;
         }
-        let c = (self.m - m_new).exp();
-        self.l *= c;
-        for a in &mut self.acc {
-            *a *= c;
+        // When the max stays, the factor is exp(0) = 1 and leaves every bit as it was.
+        if m_new != self.m {
+            let c = (self.m - m_new).exp();
+            self.l *= c;
+            for a in &mut self.acc {
+                *a *= c;
+            }
         }
         for s in scores.iter_mut() {
             *s = (*s - m_new).exp();
@@ -817,9 +820,20 @@ impl Softmax {
 }
 
 /// `acc += ps[j] * value(j)` for every key `j` in order, each element of `acc` its own chain
-/// (AVX where the CPU has it: eight elements per register, up to 64 held in registers while
-/// the keys pass; the same bits as the plain loop).
+/// (AVX-512 or AVX where the CPU has them: sixteen or eight elements per register, up to 128 or
+/// 64 held in registers while the keys pass; the same bits as the plain loop).
 pub fn accumulate_values<'v>(acc: &mut [f32], ps: &[f32], value: impl Fn(usize) -> &'v [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx512::available() {
+        // SAFETY: the CPU has AVX-512 (checked above).
+        unsafe { avx512::accumulate_values(acc, ps, &value) };
+        return;
+    }
+    accumulate_values_avx(acc, ps, value)
+}
+
+/// [`accumulate_values`] without AVX-512: AVX where the CPU has it, else the plain loop.
+pub fn accumulate_values_avx<'v>(acc: &mut [f32], ps: &[f32], value: impl Fn(usize) -> &'v [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx") {
         let d = acc.len();
@@ -936,26 +950,33 @@ fn attention_blocks(
     let (group, stride) = (heads / shape.n_kv_heads, shape.n_kv_heads * d);
     let scale = 1.0 / (d as f32).sqrt();
     let chunk = plan.chunk();
-    let w = chunk.div_ceil(16) * 16;
     assert_eq!(q.len(), rows * heads * d, "attention q is not [rows, n_heads * head_dim]");
+    // Keys of each KV head transposed once: row i of head g holds input i of every key (rows of
+    // `w` values: the keys, then zeros up to the next sixteen and a spare sixteen).
+    let keys = pos0 + rows;
+    let w = (keys + 16).div_ceil(16) * 16;
+    let mut kt = vec![0.0f32; shape.n_kv_heads * d * w];
+    kt.par_chunks_mut(d * w).enumerate().for_each(|(g, kt)| {
+        for (j, key) in k[..keys * stride].chunks_exact(stride).enumerate() {
+            for (i, &x) in key[g * d..(g + 1) * d].iter().enumerate() {
+                kt[i * w + j] = x;
+            }
+        }
+    });
     let blocks = rows.div_ceil(QB);
     let results: Vec<Vec<f32>> = (0..heads * blocks)
         .into_par_iter()
         .map(|t| {
             let (h, b) = (t / blocks, t % blocks);
             let kv = KvHead { k, v, stride, off: (h / group) * d };
+            let kt = &kt[(h / group) * d * w..(h / group + 1) * d * w];
             let (r0, r1) = (b * QB, ((b + 1) * QB).min(rows));
             let mut states: Vec<PlanState> = (r0..r1).map(|_| PlanState::new(plan, d)).collect();
-            let (mut kt, mut scores) = (vec![0.0f32; d * w], vec![0.0f32; w]);
+            let mut scores = vec![0.0f32; chunk.div_ceil(16) * 16];
             let last_ctx = pos0 + r1;
             let mut j0 = 0;
             while j0 < last_ctx {
                 let j1 = (j0 + chunk).min(last_ctx);
-                for (jj, key) in k[j0 * stride..j1 * stride].chunks_exact(stride).enumerate() {
-                    for (i, &x) in key[kv.off..kv.off + d].iter().enumerate() {
-                        kt[i * w + jj] = x;
-                    }
-                }
                 for (r, state) in (r0..r1).zip(states.iter_mut()) {
                     let ctx = pos0 + r + 1;
                     if ctx <= j0 {
@@ -963,9 +984,10 @@ fn attention_blocks(
                     }
                     let n = j1.min(ctx) - j0;
                     let qh = &q[(r * heads + h) * d..(r * heads + h + 1) * d];
-                    // SAFETY: the CPU has AVX-512 (checked by the caller); `kt` holds d rows of
-                    // `w >= n.div_ceil(16) * 16` values, `scores` holds `w`.
-                    unsafe { avx512::dots_lanes8_t(qh, &kt, w, n.div_ceil(16), &mut scores) };
+                    // SAFETY: the CPU has AVX-512 (checked by the caller); from column j0, the
+                    // rows of `kt` hold j0 + 16 · ceil(n / 16) <= keys + 16 <= w values, and
+                    // `scores` holds 16 · ceil(n / 16).
+                    unsafe { avx512::dots_lanes8_t(qh, &kt[j0..], w, n.div_ceil(16), &mut scores) };
                     let s = &mut scores[..n];
                     for x in s.iter_mut() {
                         *x *= scale;

@@ -202,11 +202,11 @@ fn four_row_dot_products_are_bitwise_one_row() {
 }
 
 /// The attention's value accumulation gives the plain loop's bits, for head sizes around the
-/// register width and the 64 values held in registers.
+/// register widths (8 and 16) and the 64 and 128 values held in registers.
 #[test]
 fn value_accumulation_is_bitwise_the_plain_loop() {
-    use super::reduce::accumulate_values;
-    for d in [1, 7, 8, 9, 64, 72, 130] {
+    use super::reduce::{accumulate_values, accumulate_values_avx};
+    for d in [1, 7, 8, 9, 16, 33, 48, 64, 72, 112, 128, 130, 250, 300] {
         let values: Vec<Vec<f32>> = (0..37).map(|j| data(d, 20 + j)).collect();
         let ps = data(37, 19);
         let mut want = data(d, 18);
@@ -216,8 +216,11 @@ fn value_accumulation_is_bitwise_the_plain_loop() {
                 *a += p * x;
             }
         }
+        let mut avx = got.clone();
         accumulate_values(&mut got, &ps, |j| &values[j]);
         assert_eq!(bits(&got), bits(&want), "d={d}");
+        accumulate_values_avx(&mut avx, &ps, |j| &values[j]);
+        assert_eq!(bits(&avx), bits(&want), "AVX, d={d}");
     }
 }
 

@@ -250,16 +250,18 @@ fn block_sums(a: [__m512; 4]) -> __m512 {
 
 /// Attention scores of one query with sixteen keys at a time, each exactly [`super::dot_lanes8`]:
 /// the eight lanes become eight registers of sixteen keys (multiplied, then added), summed in
-/// `lanes8_sum`'s tree, then the tail inputs in order. `kt` is a transposed key tile: row `i`
-/// (`w` values) holds input `i` of each key; `out` gets the `16 · groups` first keys' dots.
+/// `lanes8_sum`'s tree, then the tail inputs in order. `kt` holds transposed keys: row `i`
+/// (starting every `w` values) holds input `i` of each key; `out` gets the first `16 · groups`
+/// keys' dots.
 #[target_feature(enable = "avx512f")]
 pub(super) unsafe fn dots_lanes8_t(q: &[f32], kt: &[f32], w: usize, groups: usize, out: &mut [f32]) {
     let d = q.len();
-    assert!(kt.len() >= d * w && 16 * groups <= w && out.len() >= 16 * groups, "tile too small");
+    let fits = d == 0 || (d - 1) * w + 16 * groups <= kt.len();
+    assert!(fits && out.len() >= 16 * groups, "key tile too small");
     let full = d / 8 * 8;
     for g in 0..groups {
         let col = 16 * g;
-        // SAFETY (loads): row i < d of `kt` holds `w >= col + 16` values (asserted).
+        // SAFETY (loads): i < d, so i · w + col + 16 <= (d - 1) · w + 16 · groups (asserted).
         let key = |i: usize| unsafe { _mm512_loadu_ps(kt.as_ptr().add(i * w + col)) };
         let mut acc = [_mm512_setzero_ps(); 8];
         for i in (0..full).step_by(8) {
@@ -274,5 +276,65 @@ pub(super) unsafe fn dots_lanes8_t(q: &[f32], kt: &[f32], w: usize, groups: usiz
         }
         // SAFETY: col + 16 <= out.len() (asserted).
         unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(col), s) };
+    }
+}
+
+/// [`super::accumulate_values`] with AVX-512: up to 128 elements of `acc` held in registers
+/// while the keys pass, each element its own chain (multiply, then add), the rest in order.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn accumulate_values<'v>(acc: &mut [f32], ps: &[f32], value: &impl Fn(usize) -> &'v [f32]) {
+    let d = acc.len();
+    let mut c = 0;
+    // SAFETY (each call): c + 16 · W <= d.
+    while d - c >= 128 {
+        unsafe { accumulate_chunk::<8>(acc, c, ps, value) };
+        c += 128;
+    }
+    if d - c >= 64 {
+        unsafe { accumulate_chunk::<4>(acc, c, ps, value) };
+        c += 64;
+    }
+    if d - c >= 32 {
+        unsafe { accumulate_chunk::<2>(acc, c, ps, value) };
+        c += 32;
+    }
+    if d - c >= 16 {
+        unsafe { accumulate_chunk::<1>(acc, c, ps, value) };
+        c += 16;
+    }
+    if c < d {
+        for (j, &p) in ps.iter().enumerate() {
+            for (a, &x) in acc[c..].iter_mut().zip(&value(j)[c..d]) {
+                *a += p * x;
+            }
+        }
+    }
+}
+
+/// `acc[c..c + 16W] += ps[j] · value(j)[c..c + 16W]` for every key in order, in `W` registers.
+/// The caller guarantees `c + 16W <= acc.len()`; `value(j)` holds at least `acc.len()` values.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn accumulate_chunk<'v, const W: usize>(
+    acc: &mut [f32],
+    c: usize,
+    ps: &[f32],
+    value: &impl Fn(usize) -> &'v [f32],
+) {
+    let d = acc.len();
+    assert!(c + 16 * W <= d, "chunk past the accumulator");
+    // SAFETY: c + 16W <= d (asserted).
+    let mut regs: [__m512; W] = std::array::from_fn(|k| unsafe { _mm512_loadu_ps(acc.as_ptr().add(c + 16 * k)) });
+    for (j, &p) in ps.iter().enumerate() {
+        let row = &value(j)[..d];
+        let pv = _mm512_set1_ps(p);
+        for (k, r) in regs.iter_mut().enumerate() {
+            // SAFETY: c + 16k + 16 <= d = row.len().
+            *r = _mm512_add_ps(*r, _mm512_mul_ps(pv, unsafe { _mm512_loadu_ps(row.as_ptr().add(c + 16 * k)) }));
+        }
+    }
+    for (k, r) in regs.iter().enumerate() {
+        // SAFETY: as for the loads.
+        unsafe { _mm512_storeu_ps(acc.as_mut_ptr().add(c + 16 * k), *r) };
     }
 }
