@@ -788,9 +788,13 @@ impl Softmax {
                 *a *= c;
             }
         }
+        // The exponentials, then their sum in order (one loop of each: the sum's chain no longer
+        // waits on a call per key).
         for s in scores.iter_mut() {
             *s = (*s - m_new).exp();
-            self.l += *s;
+        }
+        for &p in scores.iter() {
+            self.l += p;
         }
         let value = |jj: usize| &vals[(j0 + jj) * stride + off..(j0 + jj) * stride + off + d];
         accumulate_values(&mut self.acc, scores, value);
