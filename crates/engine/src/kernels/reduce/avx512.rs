@@ -42,61 +42,61 @@ pub(super) fn par_matmul(x: &[f32], rows: usize, w: &crate::weights::Matrix, out
         Storage::BF16(v) => (v.as_ptr() as usize, 2),
     };
     let row_lines = |o: usize| (0..k * size).step_by(64).map(move |b| base + o * k * size + b);
-    let tiles: Vec<Vec<f32>> = (0..n.div_ceil(TILE))
-        .into_par_iter()
-        .map(|t| {
-            let (o0, o1) = (t * TILE, ((t + 1) * TILE).min(n));
-            let width = o1 - o0;
-            let mut part = vec![0.0f32; rows * width];
-            let mut tile = |wt: Rows<'_>| {
-                let mut run = |packed: &mut Vec<f32>| {
-                    // Panel after panel: the panel's weights stay in cache while the rows pass.
-                    for p0 in (0..width).step_by(PANEL) {
-                        let nr = (width - p0).min(PANEL);
-                        pack_panel(wt, k, width, p0, packed);
-                        let tail = |j: usize, u: usize| wt.value((p0 + j.min(nr - 1)) * k + u);
-                        // The next panel's weights (this tile's, else the next tile's first)
-                        // come from memory while this one computes: a share of their cache
-                        // lines is prefetched before each block of rows.
-                        let next = o0 + p0 + PANEL;
-                        let lines = (next..(next + PANEL).min(n)).flat_map(&row_lines);
-                        let lines: Vec<usize> = lines.collect();
-                        let blocks = rows.div_ceil(ROWS);
-                        for (b, r) in (0..rows).step_by(ROWS).enumerate() {
-                            for &line in &lines[b * lines.len() / blocks..(b + 1) * lines.len() / blocks] {
-                                // SAFETY: a prefetch is a hint; the address lies within the weights.
-                                unsafe { _mm_prefetch::<_MM_HINT_T0>(line as *const i8) };
-                            }
-                            let mr = (rows - r).min(ROWS);
-                            // Missing rows repeat the last one (every element is its own dot
-                            // product); missing outputs are zero weights, dropped below.
-                            let xs = std::array::from_fn(|i| xrow(r + i.min(mr - 1)));
-                            let mut acc = [[0.0f32; PANEL]; ROWS];
-                            // SAFETY: the CPU has AVX-512 (the caller checked); every row of `x`
-                            // holds `k` values, and `packed` is the panel of `k` inputs.
-                            unsafe { panel_dot(xs, packed, k, tail, &mut acc) };
-                            for (i, a) in acc.iter().enumerate().take(mr) {
-                                part[(r + i) * width + p0..][..nr].copy_from_slice(&a[..nr]);
-                            }
+    // Each task writes its own columns of `out` (tiles are disjoint), through this address.
+    let out_at = out.as_mut_ptr() as usize;
+    (0..n.div_ceil(TILE)).into_par_iter().for_each(|t| {
+        let (o0, o1) = (t * TILE, ((t + 1) * TILE).min(n));
+        let width = o1 - o0;
+        let tile = |wt: Rows<'_>| {
+            let run = |packed: &mut Vec<f32>| {
+                // Panel after panel: the panel's weights stay in cache while the rows pass.
+                for p0 in (0..width).step_by(PANEL) {
+                    let nr = (width - p0).min(PANEL);
+                    pack_panel(wt, k, width, p0, packed);
+                    let tail = |j: usize, u: usize| wt.value((p0 + j.min(nr - 1)) * k + u);
+                    // The next panel's weights (this tile's, else the next tile's first)
+                    // come from memory while this one computes: a share of their cache
+                    // lines is prefetched before each block of rows.
+                    let next = o0 + p0 + PANEL;
+                    let lines = (next..(next + PANEL).min(n)).flat_map(&row_lines);
+                    let lines: Vec<usize> = lines.collect();
+                    let blocks = rows.div_ceil(ROWS);
+                    for (b, r) in (0..rows).step_by(ROWS).enumerate() {
+                        for &line in &lines[b * lines.len() / blocks..(b + 1) * lines.len() / blocks] {
+                            // SAFETY: a prefetch is a hint; the address lies within the weights.
+                            unsafe { _mm_prefetch::<_MM_HINT_T0>(line as *const i8) };
+                        }
+                        let mr = (rows - r).min(ROWS);
+                        // Missing rows repeat the last one (every element is its own dot
+                        // product); missing outputs are zero weights, dropped below.
+                        let xs = std::array::from_fn(|i| xrow(r + i.min(mr - 1)));
+                        let mut acc = [[0.0f32; PANEL]; ROWS];
+                        // SAFETY: the CPU has AVX-512 (the caller checked); every row of `x`
+                        // holds `k` values, and `packed` is the panel of `k` inputs.
+                        unsafe { panel_dot(xs, packed, k, tail, &mut acc) };
+                        for (i, a) in acc.iter().enumerate().take(mr) {
+                            let at = (r + i) * n + o0 + p0;
+                            // SAFETY: row r + i < rows and columns o0 + p0 + nr <= o1 <= n lie
+                            // within `out` (rows · n values, asserted); no other task writes
+                            // columns o0..o1, and `out` is borrowed until every task is done.
+                            unsafe { std::ptr::copy_nonoverlapping(a.as_ptr(), (out_at as *mut f32).add(at), nr) };
                         }
                     }
-                };
-                PACKED.with(|cell| match cell.try_borrow_mut() {
-                    Ok(mut buf) => run(&mut buf),
-                    Err(_) => run(&mut Vec::new()),
-                });
+                }
             };
-            // f32 and f16 rows are packed straight from the weights (f16 widened on the way);
-            // bf16 rows through the widened copy of the tile.
-            match &w.data {
-                Storage::F32(v) => tile(Rows::F32(&v[o0 * k..o1 * k])),
-                Storage::F16(v) => tile(Rows::F16(&v[o0 * k..o1 * k])),
-                Storage::BF16(_) => w.with_rows_f32(o0, o1, |wt| tile(Rows::F32(wt))),
-            }
-            part
-        })
-        .collect();
-    super::scatter_tiles(&tiles, TILE, rows, n, out);
+            PACKED.with(|cell| match cell.try_borrow_mut() {
+                Ok(mut buf) => run(&mut buf),
+                Err(_) => run(&mut Vec::new()),
+            });
+        };
+        // f32 and f16 rows are packed straight from the weights (f16 widened on the way);
+        // bf16 rows through the widened copy of the tile.
+        match &w.data {
+            Storage::F32(v) => tile(Rows::F32(&v[o0 * k..o1 * k])),
+            Storage::F16(v) => tile(Rows::F16(&v[o0 * k..o1 * k])),
+            Storage::BF16(_) => w.with_rows_f32(o0, o1, |wt| tile(Rows::F32(wt))),
+        }
+    });
 }
 
 /// A tile's weight rows as stored: `k` values each, row-major.
