@@ -164,6 +164,9 @@ impl Model {
         let mut gate = vec![0.0f32; t * c.ffn]; // [t, ffn]
         let mut up = vec![0.0f32; t * c.ffn]; // [t, ffn]
         let shape = AttnShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim };
+        // Rotary angles of each sequence's positions, once for all layers.
+        let ropes: Vec<RopeTable> =
+            spans.iter().map(|&(r0, r1, pos0)| RopeTable::new(r1 - r0, c.head_dim, pos0, c.rope_theta)).collect();
 
         for (l, lw) in w.layers.iter().enumerate() {
             trace(run, Point::XIn, l, &x, d);
@@ -180,9 +183,9 @@ impl Model {
                 trace(run, point, l, out, m.rows);
             }
 
-            for &(r0, r1, pos0) in &spans {
-                rope(&mut q[r0 * qd..r1 * qd], c.n_heads, c.head_dim, pos0, c.rope_theta, c.rope_layout);
-                rope(&mut kk[r0 * kvd..r1 * kvd], c.n_kv_heads, c.head_dim, pos0, c.rope_theta, c.rope_layout);
+            for (&(r0, r1, _), table) in spans.iter().zip(&ropes) {
+                table.apply(&mut q[r0 * qd..r1 * qd], c.n_heads, c.rope_layout);
+                table.apply(&mut kk[r0 * kvd..r1 * kvd], c.n_kv_heads, c.rope_layout);
             }
             round_to(&mut q, dt);
             trace(run, Point::QRope, l, &q, qd);
@@ -270,25 +273,55 @@ impl Model {
 /// Applies rotary position embeddings to `x` (`[rows, heads * head_dim]`), row `r` at position
 /// `pos0 + r`. Angles are computed in f64 from the position, so every path gets the same ones.
 pub fn rope(x: &mut [f32], heads: usize, head_dim: usize, pos0: usize, theta: f64, layout: RopeLayout) {
-    let half = head_dim / 2;
-    let width = heads * head_dim;
-    for (r, row) in x.chunks_mut(width).enumerate() {
-        let pos = (pos0 + r) as f64;
-        let (cos, sin): (Vec<f32>, Vec<f32>) = (0..half)
-            .map(|i| {
-                let angle = pos * theta.powf(-2.0 * i as f64 / head_dim as f64);
-                (angle.cos() as f32, angle.sin() as f32)
-            })
-            .unzip();
-        for head in row.chunks_mut(head_dim) {
+    let rows = x.len() / (heads * head_dim).max(1);
+    RopeTable::new(rows, head_dim, pos0, theta).apply(x, heads, layout);
+}
+
+/// The cosines and sines of [`rope`] for rows at positions `pos0..pos0 + rows`, computed once
+/// per forward pass and applied to the queries and keys of every layer.
+pub struct RopeTable {
+    head_dim: usize,
+    half: usize,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl RopeTable {
+    /// The table for `rows` rows from position `pos0`: per row and pair `i`, the angle
+    /// `pos · theta^(-2i / head_dim)` in f64, its cosine and sine rounded to f32.
+    pub fn new(rows: usize, head_dim: usize, pos0: usize, theta: f64) -> RopeTable {
+        let half = head_dim / 2;
+        let (mut cos, mut sin) = (Vec::with_capacity(rows * half), Vec::with_capacity(rows * half));
+        for r in 0..rows {
+            let pos = (pos0 + r) as f64;
             for i in 0..half {
-                let (a, b) = match layout {
-                    RopeLayout::Interleaved => (2 * i, 2 * i + 1),
-                    RopeLayout::Halves => (i, i + half),
-                };
-                let (x0, x1) = (head[a], head[b]);
-                head[a] = x0 * cos[i] - x1 * sin[i];
-                head[b] = x0 * sin[i] + x1 * cos[i];
+                let angle = pos * theta.powf(-2.0 * i as f64 / head_dim as f64);
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        RopeTable { head_dim, half, cos, sin }
+    }
+
+    /// Rotates each head of each row of `x` (`[rows, heads * head_dim]`).
+    pub fn apply(&self, x: &mut [f32], heads: usize, layout: RopeLayout) {
+        let (half, head_dim) = (self.half, self.head_dim);
+        if half == 0 {
+            return;
+        }
+        let width = heads * head_dim;
+        for (r, row) in x.chunks_mut(width).enumerate() {
+            let (cos, sin) = (&self.cos[r * half..(r + 1) * half], &self.sin[r * half..(r + 1) * half]);
+            for head in row.chunks_mut(head_dim) {
+                for i in 0..half {
+                    let (a, b) = match layout {
+                        RopeLayout::Interleaved => (2 * i, 2 * i + 1),
+                        RopeLayout::Halves => (i, i + half),
+                    };
+                    let (x0, x1) = (head[a], head[b]);
+                    head[a] = x0 * cos[i] - x1 * sin[i];
+                    head[b] = x0 * sin[i] + x1 * cos[i];
+                }
             }
         }
     }
