@@ -14,6 +14,7 @@ use driftscope_trace::{DType, Point};
 use half::{bf16, f16};
 
 use crate::config::{Config, RopeLayout};
+use crate::kernels::exp::exp_in_place;
 use crate::kernels::{AttnShape, Kernels};
 use crate::weights::Weights;
 
@@ -163,6 +164,7 @@ impl Model {
         let mut proj = vec![0.0f32; t * d]; // [t, hidden]: attn_out or mlp_out
         let mut gate = vec![0.0f32; t * c.ffn]; // [t, ffn]
         let mut up = vec![0.0f32; t * c.ffn]; // [t, ffn]
+        let mut act = vec![0.0f32; t * c.ffn]; // [t, ffn]: e^-gate
         let shape = AttnShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim };
         // Rotary angles of each sequence's positions, once for all layers.
         let ropes: Vec<RopeTable> =
@@ -222,9 +224,11 @@ impl Model {
             round_to(&mut up, dt);
             trace(run, Point::Up, l, &up, c.ffn);
 
-            // act = silu(gate) * up, in place of `gate`.
-            for (g, u) in gate.iter_mut().zip(&up) {
-                *g = *g / (1.0 + (-*g).exp()) * u;
+            // act = silu(gate) * up, in place of `gate` (e^-gate in `act`, the engine's exp).
+            act.iter_mut().zip(&gate).for_each(|(e, g)| *e = -g);
+            exp_in_place(&mut act);
+            for ((g, u), e) in gate.iter_mut().zip(&up).zip(&act) {
+                *g = *g / (1.0 + e) * u;
             }
             round_to(&mut gate, dt);
             trace(run, Point::Act, l, &gate, c.ffn);

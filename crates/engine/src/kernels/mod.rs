@@ -14,11 +14,15 @@
 //!
 //! Every order is written out in plain Rust (`reduce.rs`), and no kernel relies on
 //! floating-point reassociation by the compiler (Rust never does it). The vector kernels (AVX,
-//! F16C and FMA, detected at run time) compute exactly those orders, as the tests check bit for
-//! bit. The GEMM order's lanes use fused multiply-adds: FMA instructions where the CPU has them,
-//! the correctly rounded software `mul_add` elsewhere, the same bits on every target (slowly
-//! without FMA). The other orders multiply, then add.
+//! F16C and FMA, and AVX-512 where present, detected at run time) compute exactly those orders,
+//! as the tests check bit for bit: with AVX-512 the GEMM runs blocks of 6 rows × 16 outputs on
+//! weights packed per panel, and prefill attention runs blocks of 16 query rows per head over
+//! keys transposed once, so that a register holds sixteen keys' lanes. The GEMM order's lanes use
+//! fused multiply-adds: FMA instructions where the CPU has them, the correctly rounded software
+//! `mul_add` elsewhere, the same bits on every target (slowly without FMA). The other orders
+//! multiply, then add.
 
+pub mod exp;
 mod fast;
 mod invariant;
 mod reduce;

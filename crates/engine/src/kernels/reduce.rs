@@ -1,6 +1,8 @@
 //! Reduction orders shared by the kernels. Each function fixes its order of additions exactly;
 //! the kernels differ only in which of these they pick for which shape.
 
+use super::exp::{exp, exp_in_place};
+
 /// Dot product with 8 interleaved accumulators (lane `i % 8`), summed as a balanced tree, then
 /// the tail in order: the GEMV order.
 pub fn dot_lanes8(a: &[f32], b: &[f32]) -> f32 {
@@ -782,7 +784,7 @@ impl Softmax {
         }
         // When the max stays, the factor is exp(0) = 1 and leaves every bit as it was.
         if m_new != self.m {
-            let c = (self.m - m_new).exp();
+            let c = exp(self.m - m_new);
             self.l *= c;
             for a in &mut self.acc {
                 *a *= c;
@@ -791,8 +793,9 @@ impl Softmax {
         // The exponentials, then their sum in order (one loop of each: the sum's chain no longer
         // waits on a call per key).
         for s in scores.iter_mut() {
-            *s = (*s - m_new).exp();
+            *s -= m_new;
         }
+        exp_in_place(scores);
         for &p in scores.iter() {
             self.l += p;
         }
@@ -807,7 +810,7 @@ impl Softmax {
             return;
         }
         let m = self.m.max(other.m);
-        let (ca, cb) = ((self.m - m).exp(), (other.m - m).exp());
+        let (ca, cb) = (exp(self.m - m), exp(other.m - m));
         self.l = self.l * ca + other.l * cb;
         for (a, &b) in self.acc.iter_mut().zip(&other.acc) {
             *a = *a * ca + b * cb;
