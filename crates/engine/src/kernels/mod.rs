@@ -20,7 +20,8 @@
 //! keys transposed once, so that a register holds sixteen keys' lanes. The GEMM order's lanes use
 //! fused multiply-adds: FMA instructions where the CPU has them, the correctly rounded software
 //! `mul_add` elsewhere, the same bits on every target (slowly without FMA). The other orders
-//! multiply, then add.
+//! multiply, then add. The softmax and SiLU use the engine's own exponential ([`exp`]), not the C
+//! library's, so that no bit depends on which `expf` a machine has.
 
 pub mod exp;
 mod fast;
