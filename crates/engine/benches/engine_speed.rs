@@ -268,7 +268,10 @@ fn main() {
         );
     }
     for &n in &lengths {
-        let floor = 2.0 * params as f64 * n as f64 / peak;
+        // Every layer's matrices for every token; the LM head for the last token only (the
+        // engine, like llama.cpp, computes the logits of the rows it returns).
+        let head = model.weights.lm_head().data.len() as f64;
+        let floor = 2.0 * ((params as f64 - head) * n as f64 + head) / peak;
         let got = medians[&("fast", "prefill", n)];
         println!(
             "prefill {n}: floor {:.2} s (matmul FLOPs / peak), fast {:.2} s = {:.2}x the floor",
