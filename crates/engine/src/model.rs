@@ -274,15 +274,9 @@ impl Model {
     }
 }
 
-/// Applies rotary position embeddings to `x` (`[rows, heads * head_dim]`), row `r` at position
-/// `pos0 + r`. Angles are computed in f64 from the position, so every path gets the same ones.
-pub fn rope(x: &mut [f32], heads: usize, head_dim: usize, pos0: usize, theta: f64, layout: RopeLayout) {
-    let rows = x.len() / (heads * head_dim).max(1);
-    RopeTable::new(rows, head_dim, pos0, theta).apply(x, heads, layout);
-}
-
-/// The cosines and sines of [`rope`] for rows at positions `pos0..pos0 + rows`, computed once
-/// per forward pass and applied to the queries and keys of every layer.
+/// Rotary position embeddings for rows at positions `pos0..pos0 + rows`: their cosines and sines,
+/// computed once per forward pass and applied to the queries and keys of every layer. Angles are
+/// computed in f64 from the position, so every path gets the same ones.
 pub struct RopeTable {
     head_dim: usize,
     half: usize,

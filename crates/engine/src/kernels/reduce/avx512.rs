@@ -1,12 +1,15 @@
-//! The GEMM order ([`super::dot_blocked`]) with AVX-512: a block of [`ROWS`] input rows ×
-//! [`PANEL`] outputs per call, the weights packed once per tile so that every load is one
-//! register of sixteen.
+//! The kernels that use AVX-512, each computing exactly one of the plain orders of `reduce.rs`:
 //!
-//! The order keeps four lanes per output (inputs `i ≡ l mod 4` of each 64-block), so a register
-//! holds four outputs' four lanes: quarter `q` of register `g` is output `4q + g`. One fused
-//! multiply-add then advances four dot products by four inputs, exactly as the scalar code does,
-//! and at the end of a block two levels of shuffles and additions give every output its
-//! `(l0 + l1) + (l2 + l3)` with the sixteen block sums in output order.
+//! - The GEMM order ([`super::dot_blocked`]): a block of [`ROWS`] input rows × [`PANEL`] outputs
+//!   per call, the weights packed per panel (on every call, tile by tile) so that every load is
+//!   one register of sixteen. The order keeps four lanes per output (inputs `i ≡ l mod 4` of each
+//!   64-block), so a register holds four outputs' four lanes: quarter `q` of register `g` is
+//!   output `4q + g`. One fused multiply-add then advances four dot products by four inputs,
+//!   exactly as the scalar code does, and at the end of a block two levels of shuffles and
+//!   additions give every output its `(l0 + l1) + (l2 + l3)` with the sixteen block sums in
+//!   output order.
+//! - Attention scores in the GEMV order ([`super::dot_lanes8`]) over transposed keys, sixteen
+//!   keys per register ([`dots_lanes8_t`]), and the value sums ([`accumulate_values`]).
 
 use std::arch::x86_64::*;
 
@@ -19,9 +22,10 @@ pub(super) const ROWS: usize = 6;
 /// Outputs per parallel task (two panels).
 const TILE: usize = 32;
 
-/// Whether the CPU has AVX-512 (detected once, then cached).
+/// Whether the CPU has AVX-512 F (and F16C, which the f16 packing uses; every AVX-512 CPU has
+/// it). Detected once, then cached.
 pub(super) fn available() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f")
+    std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("f16c")
 }
 
 /// `par_matmul_blocked` with the AVX-512 kernel: the same bits. The caller checks
@@ -125,7 +129,7 @@ fn pack_panel(wt: Rows<'_>, k: usize, width: usize, p0: usize, dst: &mut Vec<f32
     dst.resize(k / 4 * 64, 0.0);
     match wt {
         Rows::F32(v) => pack_with(v, k, width, p0, dst, |src, four| four.copy_from_slice(src)),
-        // SAFETY: AVX-512 (the GEMM's caller checked) comes with F16C on every CPU.
+        // SAFETY: the GEMM's caller checked AVX-512 and F16C (`available`).
         Rows::F16(v) => unsafe { pack_f16(v, k, width, p0, dst) },
     }
 }
