@@ -46,8 +46,7 @@ impl Kernels for Fast {
         if rows == 1 {
             // Flash-decoding: the keys in `decode_splits(ctx)` ranges, each reduced on its own,
             // then the partial softmax states combined.
-            let d = shape.head_dim;
-            let (stride, scale) = (shape.n_kv_heads * d, 1.0 / (d as f32).sqrt());
+            let (stride, scale) = (shape.kv_dim(), shape.scale());
             par_attention(q, rows, pos0, shape, out, |qh, off, ctx, o| {
                 let plan = KvPlan::Splits(ctx.div_ceil(decode_splits(ctx)));
                 plan.attend(qh, &KvHead { k, v, stride, off }, ctx, scale, o)

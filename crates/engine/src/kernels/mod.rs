@@ -46,6 +46,25 @@ pub struct AttnShape {
     pub head_dim: usize,
 }
 
+impl AttnShape {
+    /// Values per cached position: the rows of every KV head side by side.
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim
+    }
+
+    /// Where the KV head that query head `h` reads starts within a cached row (grouped-query
+    /// attention: consecutive query heads share a KV head).
+    pub fn kv_offset(&self, h: usize) -> usize {
+        h / (self.n_heads / self.n_kv_heads) * self.head_dim
+    }
+
+    /// The scores' scale, 1/√head_dim in f32: one definition for every attention path, so
+    /// prefill and decode scale by the same bits.
+    pub fn scale(&self) -> f32 {
+        1.0 / (self.head_dim as f32).sqrt()
+    }
+}
+
 /// The kernels the forward pass needs. Default methods are the reference implementation.
 pub trait Kernels: Sync + Send {
     /// Profile name for traces and reports.

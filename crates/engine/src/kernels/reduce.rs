@@ -177,11 +177,12 @@ fn lanes8_sum(l: [f32; 8]) -> f32 {
     ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]))
 }
 
-/// [`dot_lanes8`] of four f32 rows at once with AVX: each row keeps its own eight lanes in one
-/// register, multiplied then added as the scalar code does (no fused multiply-add).
 #[cfg(target_arch = "x86_64")]
 mod avx512;
 
+/// The orders with AVX, FMA and F16C (256-bit registers): the GEMM block, the one- and four-row
+/// dot products of both orders, and the attention's value sums; each the plain function's
+/// operations in its order.
 #[cfg(target_arch = "x86_64")]
 mod avx {
     use std::arch::x86_64::*;
@@ -925,13 +926,11 @@ pub fn par_attention_plan(
     plan: KvPlan,
     out: &mut [f32],
 ) {
-    let d = shape.head_dim;
-    let stride = shape.n_kv_heads * d;
-    let scale = 1.0 / (d as f32).sqrt();
     #[cfg(target_arch = "x86_64")]
     if avx512::available() && rows > 1 {
         return attention_blocks(q, rows, pos0, k, v, shape, plan, out);
     }
+    let (stride, scale) = (shape.kv_dim(), shape.scale());
     par_attention(q, rows, pos0, shape, out, |qh, off, ctx, o| {
         plan.attend(qh, &KvHead { k, v, stride, off }, ctx, scale, o)
     });
@@ -954,8 +953,7 @@ fn attention_blocks(
     /// Query rows per block.
     const QB: usize = 16;
     let (d, heads) = (shape.head_dim, shape.n_heads);
-    let (group, stride) = (heads / shape.n_kv_heads, shape.n_kv_heads * d);
-    let scale = 1.0 / (d as f32).sqrt();
+    let (stride, scale) = (shape.kv_dim(), shape.scale());
     let chunk = plan.chunk();
     assert_eq!(q.len(), rows * heads * d, "attention q is not [rows, n_heads * head_dim]");
     // Keys of each KV head transposed once: row i of head g holds input i of every key (rows of
@@ -975,8 +973,10 @@ fn attention_blocks(
         .into_par_iter()
         .map(|t| {
             let (h, b) = (t / blocks, t % blocks);
-            let kv = KvHead { k, v, stride, off: (h / group) * d };
-            let kt = &kt[(h / group) * d * w..(h / group + 1) * d * w];
+            let off = shape.kv_offset(h);
+            let kv = KvHead { k, v, stride, off };
+            // The KV head starting at `off` is the transposed block number off / d.
+            let kt = &kt[off * w..(off + d) * w];
             let (r0, r1) = (b * QB, ((b + 1) * QB).min(rows));
             let mut states: Vec<PlanState> = (r0..r1).map(|_| PlanState::new(plan, d)).collect();
             let mut scores = vec![0.0f32; chunk.div_ceil(16) * 16];
@@ -1030,11 +1030,10 @@ pub fn par_attention(
 ) {
     use rayon::prelude::*;
     let d = shape.head_dim;
-    let group = shape.n_heads / shape.n_kv_heads;
     assert_eq!(q.len(), rows * shape.n_heads * d, "attention q is not [rows, n_heads * head_dim]");
     out.par_chunks_mut(d).enumerate().for_each(|(i, o)| {
         let (r, h) = (i / shape.n_heads, i % shape.n_heads);
         let qh = &q[(r * shape.n_heads + h) * d..(r * shape.n_heads + h + 1) * d];
-        head(qh, (h / group) * d, pos0 + r + 1, o);
+        head(qh, shape.kv_offset(h), pos0 + r + 1, o);
     });
 }

@@ -40,14 +40,13 @@ pub fn rmsnorm(x: &[f32], rows: usize, weight: &[f32], eps: f32, out: &mut [f32]
 /// Causal grouped-query attention with a two-pass softmax in f64.
 pub fn attention(q: &[f32], rows: usize, pos0: usize, k: &[f32], v: &[f32], shape: AttnShape, out: &mut [f32]) {
     let d = shape.head_dim;
-    let kv_dim = shape.n_kv_heads * d;
-    let group = shape.n_heads / shape.n_kv_heads;
+    let kv_dim = shape.kv_dim();
     let scale = 1.0 / (d as f64).sqrt();
     for r in 0..rows {
         let ctx = pos0 + r + 1;
         for h in 0..shape.n_heads {
             let qh = &q[(r * shape.n_heads + h) * d..][..d];
-            let off = (h / group) * d;
+            let off = shape.kv_offset(h);
             let scores: Vec<f64> = (0..ctx)
                 .map(|j| {
                     let kj = &k[j * kv_dim + off..][..d];
