@@ -353,9 +353,9 @@ mod avx {
         *tv = _mm256_setzero_ps();
     }
 
-    /// [`super::accumulate_values`]: `rows[j]` points at `acc.len()` values.
+    /// [`super::accumulate_values`]: `value(j)` holds at least `acc.len()` values.
     #[target_feature(enable = "avx")]
-    pub(super) unsafe fn accumulate_values(acc: &mut [f32], ps: &[f32], rows: &[*const f32]) {
+    pub(super) unsafe fn accumulate_values<'v>(acc: &mut [f32], ps: &[f32], value: &impl Fn(usize) -> &'v [f32]) {
         let d = acc.len();
         let full = d / 8 * 8;
         let mut c = 0;
@@ -366,11 +366,12 @@ mod avx {
                 // SAFETY: c + 8k + 8 <= full <= d.
                 *r = unsafe { _mm256_loadu_ps(acc.as_ptr().add(c + 8 * k)) };
             }
-            for (&p, &row) in ps.iter().zip(rows) {
+            for (j, &p) in ps.iter().enumerate() {
+                let row = &value(j)[..d];
                 let pv = _mm256_set1_ps(p);
                 for (k, r) in regs.iter_mut().enumerate().take(width) {
-                    // SAFETY: c + 8k + 8 <= d, within the row.
-                    *r = _mm256_add_ps(*r, _mm256_mul_ps(pv, unsafe { _mm256_loadu_ps(row.add(c + 8 * k)) }));
+                    // SAFETY: c + 8k + 8 <= d = row.len().
+                    *r = _mm256_add_ps(*r, _mm256_mul_ps(pv, unsafe { _mm256_loadu_ps(row.as_ptr().add(c + 8 * k)) }));
                 }
             }
             for (k, r) in regs.iter().enumerate().take(width) {
@@ -379,10 +380,11 @@ mod avx {
             }
             c += 8 * width;
         }
-        for (e, a) in acc.iter_mut().enumerate().skip(full) {
-            for (&p, &row) in ps.iter().zip(rows) {
-                // SAFETY: e < d, within the row.
-                *a += p * unsafe { *row.add(e) };
+        if full < d {
+            for (j, &p) in ps.iter().enumerate() {
+                for (a, &x) in acc[full..].iter_mut().zip(&value(j)[full..d]) {
+                    *a += p * x;
+                }
             }
         }
     }
@@ -844,10 +846,8 @@ pub fn accumulate_values<'v>(acc: &mut [f32], ps: &[f32], value: impl Fn(usize) 
 pub fn accumulate_values_avx<'v>(acc: &mut [f32], ps: &[f32], value: impl Fn(usize) -> &'v [f32]) {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("avx") {
-        let d = acc.len();
-        let rows: Vec<*const f32> = (0..ps.len()).map(|j| value(j)[..d].as_ptr()).collect();
-        // SAFETY: the CPU has AVX (checked above); every row holds `d` values.
-        unsafe { avx::accumulate_values(acc, ps, &rows) };
+        // SAFETY: the CPU has AVX (checked above).
+        unsafe { avx::accumulate_values(acc, ps, &value) };
         return;
     }
     for (j, &p) in ps.iter().enumerate() {
