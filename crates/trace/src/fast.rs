@@ -109,24 +109,41 @@ impl<'a> Cursor<'a> {
     #[inline(always)]
     fn digits(&mut self, dec: &mut Decimal, frac: bool) -> usize {
         let s = self.i;
-        while let Some(d) = self.peek().filter(u8::is_ascii_digit) {
-            dec.push(d - b'0', frac);
-            self.i += 1;
+        loop {
+            let w = load8(self.b, self.i);
+            let k = digit_run(w);
+            if k > 0 {
+                dec.push_run(w, k, frac);
+                self.i += k;
+            }
+            if k < 8 {
+                return self.i - s;
+            }
         }
-        self.i - s
     }
 
-    /// `"name":` exactly at the cursor (no whitespace); consumed when present.
+    /// The key `"name":` of field `bit` of [`FIELDS`] exactly at the cursor (no whitespace),
+    /// consumed when present. One match arm per field, so that each comparison is with a key of
+    /// known length: two or three word compares, no call.
     #[inline(always)]
-    fn key_is(&mut self, name: &str) -> bool {
-        let n = name.len();
-        let hit = self.b.get(self.i..self.i + n + 3).is_some_and(|s| {
-            s[0] == b'"' && eq_short(&s[1..=n], name.as_bytes()) && s[n + 1] == b'"' && s[n + 2] == b':'
-        });
-        if hit {
-            self.i += n + 3;
+    fn field_key_is(&mut self, bit: usize) -> bool {
+        macro_rules! arms {
+            ($($i:literal)*) => {
+                match bit {
+                    $($i => {
+                        let key = KEYS[$i].as_bytes();
+                        let hit = self.b.get(self.i..self.i + key.len()).is_some_and(|s| eq_short(s, key));
+                        if hit {
+                            self.i += key.len();
+                        }
+                        hit
+                    })*
+                    _ => false,
+                }
+            };
         }
-        hit
+        const { assert!(KEYS.len() == 21, "one arm per field") };
+        arms!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20)
     }
 
     /// A plain non-negative integer that fits in u64.
@@ -135,21 +152,17 @@ impl<'a> Cursor<'a> {
         self.ws();
         let start = self.i;
         let mut v: u64 = 0;
-        // Eight digits at a time while they last (hashes have up to 20), then one at a time.
-        while let Some(w) = self.b.get(self.i..self.i + 8).and_then(|c| <[u8; 8]>::try_from(c).ok()) {
-            let w = u64::from_le_bytes(w);
-            if !eight_digits(w) {
+        // Up to eight digits at a time (hashes have up to 20).
+        loop {
+            let w = load8(self.b, self.i);
+            let k = digit_run(w);
+            if k > 0 {
+                v = v.checked_mul(POW10_U64[k])?.checked_add(parse_run(w, k))?;
+                self.i += k;
+            }
+            if k < 8 {
                 break;
             }
-            v = v.checked_mul(100_000_000)?.checked_add(parse_eight(w))?;
-            self.i += 8;
-        }
-        while let Some(&b) = self.b.get(self.i) {
-            if !b.is_ascii_digit() {
-                break;
-            }
-            v = v.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
-            self.i += 1;
         }
         let n = self.i - start;
         if n == 0 || (n > 1 && self.b[start] == b'0') {
@@ -299,13 +312,55 @@ fn string_stop(b: &[u8], mut i: usize) -> usize {
     i
 }
 
-/// Whether the eight bytes of `w` (little-endian) are all ASCII digits.
-fn eight_digits(w: u64) -> bool {
-    const H: u64 = 0xF0F0_F0F0_F0F0_F0F0;
-    const ZEROS: u64 = 0x3030_3030_3030_3030;
-    // High nibbles all 3, and adding 6 to each byte keeps them 3 (so the low nibbles are <= 9).
-    w & H == ZEROS && (w.wrapping_add(0x0606_0606_0606_0606) & H) == ZEROS
+/// The eight bytes at `i` as a little-endian word; past the end of `b` the word holds zero
+/// bytes (not digits, so digit runs stop there).
+#[inline(always)]
+fn load8(b: &[u8], i: usize) -> u64 {
+    match b.get(i..i + 8) {
+        Some(chunk) => <[u8; 8]>::try_from(chunk).map_or(0, u64::from_le_bytes),
+        // Fewer than eight bytes left: the last eight bytes of the line, shifted down so that the
+        // byte at `i` comes first (no byte-wise copy, which would stall the word load after it).
+        None if b.len() >= 8 && i < b.len() => {
+            let last = <[u8; 8]>::try_from(&b[b.len() - 8..]).map_or(0, u64::from_le_bytes);
+            last >> (8 * (8 - (b.len() - i)))
+        }
+        None => b.get(i..).unwrap_or(&[]).iter().rev().fold(0, |w, &x| (w << 8) | u64::from(x)),
+    }
 }
+
+/// How many bytes of `w` (little-endian: the first byte is the lowest) are ASCII digits before
+/// the first one that is not (8 when all are). Digits become 0..=9 after the XOR; a byte is not
+/// a digit when it has its high bit set or adding 0x76 sets it (above 9). Carries out of a byte
+/// only disturb the bytes above a non-digit, so the lowest flagged byte is exact.
+#[inline(always)]
+fn digit_run(w: u64) -> usize {
+    let t = w ^ 0x3030_3030_3030_3030;
+    let not_digit = (t.wrapping_add(0x7676_7676_7676_7676) | t) & 0x8080_8080_8080_8080;
+    (not_digit.trailing_zeros() / 8) as usize
+}
+
+/// The value of the first `k` (1..=8) digits of `w`: they are moved to the top of the word and
+/// '0's fill the bytes below (leading zeros), then all eight are converted at once.
+#[inline(always)]
+fn parse_run(w: u64, k: usize) -> u64 {
+    debug_assert!((1..=8).contains(&k));
+    if k == 8 {
+        parse_eight(w)
+    } else {
+        parse_eight((w << (8 * (8 - k))) | (0x3030_3030_3030_3030 >> (8 * k)))
+    }
+}
+
+/// Powers of ten that u64 holds.
+const POW10_U64: [u64; 20] = {
+    let mut t = [1u64; 20];
+    let mut i = 1;
+    while i < 20 {
+        t[i] = t[i - 1] * 10;
+        i += 1;
+    }
+    t
+};
 
 /// The value of eight ASCII digits, the first in the lowest byte: digits are combined in pairs,
 /// then pairs of pairs, then halves (each step fits its lane, so no carry crosses lanes).
@@ -333,16 +388,22 @@ struct Decimal {
 }
 
 impl Decimal {
+    /// Adds the run of `k` (1..=8) digits at the start of `w` (see [`digit_run`]). Beyond 19
+    /// significant digits the mantissa is left as it is: [`Decimal::exact`] gives up there.
     #[inline(always)]
-    fn push(&mut self, digit: u8, frac: bool) {
-        if self.mantissa != 0 || digit != 0 {
-            self.significant += 1;
+    fn push_run(&mut self, w: u64, k: usize, frac: bool) {
+        let mut significant = k as u32;
+        if self.mantissa == 0 {
+            // Leading zeros are not significant: count the '0' bytes before the first other digit.
+            let non_zero = (w ^ 0x3030_3030_3030_3030) | (u64::MAX << (8 * k - 1) << 1);
+            significant -= non_zero.trailing_zeros() / 8;
         }
+        self.significant += significant;
         if self.significant <= 19 {
-            self.mantissa = self.mantissa * 10 + u64::from(digit);
+            self.mantissa = self.mantissa * POW10_U64[k] + parse_run(w, k);
         }
         if frac {
-            self.exp10 -= 1;
+            self.exp10 -= k as i32;
         }
     }
 
@@ -373,15 +434,6 @@ impl Decimal {
 /// product, or the quotient of `m` shifted to the top of 128 bits, holds at least 64 significant
 /// bits, and its remainder tells whether anything below them is non-zero.
 fn wide_exact(m: u64, e: i32) -> f64 {
-    const POW10_U64: [u64; 20] = {
-        let mut t = [1u64; 20];
-        let mut i = 1;
-        while i < 20 {
-            t[i] = t[i - 1] * 10;
-            i += 1;
-        }
-        t
-    };
     if m == 0 {
         return 0.0;
     }
@@ -412,7 +464,7 @@ fn wide_exact(m: u64, e: i32) -> f64 {
 
 /// Byte equality for short strings without a call to `memcmp` (which dominates when it is
 /// called several times per line on 5-to-20-byte names): overlapping word loads.
-#[inline]
+#[inline(always)]
 pub fn eq_short(a: &[u8], b: &[u8]) -> bool {
     let n = a.len();
     if n != b.len() {
@@ -430,30 +482,19 @@ pub fn eq_short(a: &[u8], b: &[u8]) -> bool {
     }
 }
 
-/// The fields the fast path reads, by bit number; other names are skipped.
-const FIELDS: [&str; 21] = [
-    "event",
-    "prompt_id",
-    "phase",
-    "point",
-    "layer",
-    "step",
-    "pos_id",
-    "seq_len",
-    "hash",
-    "min",
-    "max",
-    "mean",
-    "dtype",
-    "shape",
-    "numel",
-    "l2",
-    "nan_count",
-    "inf_count",
-    "token_id",
-    "rank",
-    "tensor",
-];
+/// Defines [`FIELDS`] and [`KEYS`] from one list.
+macro_rules! fields {
+    ($($name:literal)*) => {
+        /// The fields the fast path reads, by bit number; other names are skipped.
+        const FIELDS: [&str; 21] = [$($name),*];
+        /// Each field as it appears in a compact line: `"name":`.
+        const KEYS: [&str; 21] = [$(concat!("\"", $name, "\":")),*];
+    };
+}
+fields!(
+    "event" "prompt_id" "phase" "point" "layer" "step" "pos_id" "seq_len" "hash" "min" "max" "mean" "dtype" "shape"
+    "numel" "l2" "nan_count" "inf_count" "token_id" "rank" "tensor"
+);
 
 /// The bit of a field name (31 for names the fast path does not read): a switch on length and
 /// two bytes picks the one candidate, and one comparison confirms it.
@@ -530,13 +571,12 @@ pub(crate) fn parse_stage(line: &str) -> Option<StageTrace<'_>> {
     // the name scanned and looked up.
     let mut next = 0usize;
     loop {
-        let bit = match FIELDS.get(next) {
-            Some(name) if c.key_is(name) => next as u32,
-            _ => {
-                let key = c.string()?;
-                c.eat(b':')?;
-                field_bit(key)
-            }
+        let bit = if c.field_key_is(next) {
+            next as u32
+        } else {
+            let key = c.string()?;
+            c.eat(b':')?;
+            field_bit(key)
         };
         next = bit as usize + 1;
         if bit != 31 {
@@ -659,15 +699,41 @@ mod tests {
     }
 
     #[test]
-    fn eight_digits_at_a_time() {
+    fn digit_runs_and_their_values() {
+        // Every byte value in every position, next to digits: the run length and value must be
+        // what a byte-at-a-time scan gives.
+        let check = |bytes: [u8; 8]| {
+            let w = u64::from_le_bytes(bytes);
+            let k = bytes.iter().take_while(|b| b.is_ascii_digit()).count();
+            assert_eq!(digit_run(w), k, "{bytes:?}");
+            if k > 0 {
+                let want = bytes[..k].iter().fold(0u64, |v, b| v * 10 + u64::from(b - b'0'));
+                assert_eq!(parse_run(w, k), want, "{bytes:?}");
+            }
+        };
         for text in ["00000000", "12345678", "99999999", "10000000", "00000001", "87654321"] {
-            let w = u64::from_le_bytes(text.as_bytes().try_into().unwrap());
-            assert!(eight_digits(w), "{text}");
-            assert_eq!(parse_eight(w), text.parse::<u64>().unwrap(), "{text}");
+            check(text.as_bytes().try_into().unwrap());
         }
-        for text in ["1234567a", "/2345678", "12:45678", "1234 678", "-1234567", "1234567.", "\x009999999"] {
-            let w = u64::from_le_bytes(text.as_bytes().try_into().unwrap());
-            assert!(!eight_digits(w), "{text}");
+        for at in 0..8 {
+            for b in 0..=255u8 {
+                let mut bytes = *b"90817263";
+                bytes[at] = b;
+                check(bytes);
+                bytes[(at + 3) % 8] = 0xff;
+                check(bytes);
+            }
+        }
+        // Past the end of the line the word holds zero bytes.
+        assert_eq!(load8(b"12", 0), u64::from_le_bytes(*b"12\0\0\0\0\0\0"));
+        assert_eq!(load8(b"12", 2), 0);
+        assert_eq!(digit_run(load8(b"123", 0)), 3);
+        let line = b"{\"l2\":0.214875}";
+        for i in 0..=line.len() + 1 {
+            let mut want = [0u8; 8];
+            let rest = line.get(i..).unwrap_or(&[]);
+            let n = rest.len().min(8);
+            want[..n].copy_from_slice(&rest[..n]);
+            assert_eq!(load8(line, i), u64::from_le_bytes(want), "at {i}");
         }
         // Hashes: 20 digits, the u64 limit, and one past it.
         let line = |h: &str| LINES[0].replace("10153995460507501903", h);
@@ -823,6 +889,25 @@ mod tests {
         }
         for other in ["", "x", "events", "prompt", "mins", "ma", "vendor", "pos", "tokens_id"] {
             assert_eq!(field_bit(other), 31, "{other}");
+        }
+    }
+
+    #[test]
+    fn expected_keys_are_matched_whole() {
+        for (i, name) in FIELDS.iter().enumerate() {
+            assert_eq!(KEYS[i], format!("\"{name}\":"));
+            let text = format!("{}1", KEYS[i]);
+            let mut c = Cursor { s: &text, b: text.as_bytes(), i: 0 };
+            assert!(c.field_key_is(i) && c.i == KEYS[i].len(), "{name}");
+            for (other, other_name) in FIELDS.iter().enumerate() {
+                let mut c = Cursor { s: &text, b: text.as_bytes(), i: 0 };
+                assert_eq!(c.field_key_is(other), other == i, "{name} vs {other_name}");
+            }
+            // Cut short, or without the colon: no match, nothing consumed.
+            for cut in [&text[..text.len() - 2], &text.replace(':', " ")] {
+                let mut c = Cursor { s: cut, b: cut.as_bytes(), i: 0 };
+                assert!(!c.field_key_is(i) && c.i == 0, "{cut}");
+            }
         }
     }
 
