@@ -256,9 +256,16 @@ pub fn dataflow_key(k: &Key) -> DataflowKey {
 enum Item<'a> {
     /// An event of the baseline or the candidate phase.
     Side {
+        /// The prompt id, unless `same_prompt`.
         prompt: Cow<'a, str>,
         point: Result<Point, Cow<'a, str>>,
+        /// The dtype, unless `same_dtype`.
         dtype: Option<Cow<'a, str>>,
+        /// The prompt id is the one of the item before (same run of lines): the sink reuses its
+        /// index without reading the name, whose line has left the cache by then.
+        same_prompt: bool,
+        /// Likewise for the dtype (absent or present).
+        same_dtype: bool,
         tensor: Option<Cow<'a, str>>,
         layer: u32,
         rank: Option<u32>,
@@ -276,10 +283,19 @@ struct Visitor<'p> {
     candidate: Option<&'p str>,
 }
 
+/// The names of a worker's previous baseline or candidate event.
+#[derive(Default)]
+struct Recent {
+    seen: bool,
+    prompt: String,
+    dtype: Option<String>,
+}
+
 impl Visit for Visitor<'_> {
     type Item<'a> = Item<'a>;
+    type Run = Recent;
 
-    fn visit<'a>(&self, record: Record<'a>, loc: Loc) -> Item<'a> {
+    fn visit<'a>(&self, record: Record<'a>, loc: Loc, recent: &mut Recent) -> Item<'a> {
         let ev = match record {
             Record::Stage(ev) => ev,
             Record::Meta(meta) => return Item::Meta(meta, loc),
@@ -294,11 +310,27 @@ impl Visit for Visitor<'_> {
             return Item::OtherPhase(ev.phase);
         };
         let side = Side::of(&ev, loc);
+        let same_prompt = recent.seen && eq_short(recent.prompt.as_bytes(), ev.prompt_id.as_bytes());
+        if !same_prompt {
+            recent.prompt.clear();
+            recent.prompt.push_str(&ev.prompt_id);
+        }
+        let same_dtype = recent.seen
+            && match (&recent.dtype, &ev.dtype) {
+                (Some(a), Some(b)) => eq_short(a.as_bytes(), b.as_bytes()),
+                (a, b) => a.is_none() && b.is_none(),
+            };
+        if !same_dtype {
+            recent.dtype = ev.dtype.as_deref().map(str::to_string);
+        }
+        recent.seen = true;
         Item::Side {
             tensor: ev.tensor,
             point: Point::parse(&ev.point).ok_or(ev.point),
-            prompt: ev.prompt_id,
-            dtype: ev.dtype,
+            prompt: if same_prompt { Cow::Borrowed("") } else { ev.prompt_id },
+            dtype: if same_dtype { None } else { ev.dtype },
+            same_prompt,
+            same_dtype,
             layer: ev.layer,
             rank: ev.rank,
             side,
@@ -404,19 +436,27 @@ impl Collector {
         let (mut n_base, mut n_cand) = (0u64, 0u64);
         let visitor = Visitor { baseline, candidate };
         let Collector { c, prompts, others, dtypes, index } = self;
+        // The prompt and dtype of the previous baseline or candidate event.
+        let (mut last_prompt, mut last_dtype) = (0u32, None);
         let stats = read_file_visit(path, opts, &visitor, |item| match item {
-            Item::Side { prompt, point, dtype, tensor, layer, rank, mut side, candidate } => {
+            Item::Side { prompt, point, dtype, same_prompt, same_dtype, tensor, layer, rank, mut side, candidate } => {
                 if let Some(t) = tensor {
                     c.tensors.push(t.into_owned());
                     side.set_tensor((c.tensors.len() - 1) as u32);
                 }
-                let prompt = prompts.get(&mut c.prompts, &prompt);
+                if !same_prompt {
+                    last_prompt = prompts.get(&mut c.prompts, &prompt);
+                }
+                let prompt = last_prompt;
                 let point = match point {
                     Ok(p) => PointId::Known(p),
                     Err(name) => PointId::Other(others.get(&mut c.other_points, &name)),
                 };
-                if let Some(d) = dtype {
-                    side.set_dtype(dtypes.get(&mut c.dtypes, &d) as u16);
+                if !same_dtype {
+                    last_dtype = dtype.map(|d| dtypes.get(&mut c.dtypes, &d) as u16);
+                }
+                if let Some(d) = last_dtype {
+                    side.set_dtype(d);
                 }
                 if candidate {
                     n_cand += 1;

@@ -62,7 +62,7 @@ pub struct ReadOptions {
 
 impl Default for ReadOptions {
     fn default() -> Self {
-        ReadOptions { lenient: false, max_listed: 20, chunk_size: 8 << 20 }
+        ReadOptions { lenient: false, max_listed: 20, chunk_size: 2 << 20 }
     }
 }
 
@@ -141,8 +141,14 @@ impl fmt::Display for BadLinesDisplay<'_> {
 pub trait Visit: Sync {
     /// What the visitor makes of one event; may borrow from the line.
     type Item<'a>: Send;
+    /// What a worker remembers from one event to the next. Each worker parses runs of
+    /// consecutive lines; a fresh `Run` starts every run, and the sink receives the runs' items
+    /// in file order. So an item may say "like the event before me" (for example: the same
+    /// prompt) when the run's state says so, and the sink can rely on it without looking at the
+    /// line again.
+    type Run: Default;
     /// Called on a worker thread for every event.
-    fn visit<'a>(&self, record: Record<'a>, loc: Loc) -> Self::Item<'a>;
+    fn visit<'a>(&self, record: Record<'a>, loc: Loc, run: &mut Self::Run) -> Self::Item<'a>;
 }
 
 /// The visitor that hands events on unchanged.
@@ -150,7 +156,8 @@ struct Identity;
 
 impl Visit for Identity {
     type Item<'a> = (Record<'a>, Loc);
-    fn visit<'a>(&self, record: Record<'a>, loc: Loc) -> Self::Item<'a> {
+    type Run = ();
+    fn visit<'a>(&self, record: Record<'a>, loc: Loc, _: &mut ()) -> Self::Item<'a> {
         (record, loc)
     }
 }
@@ -356,6 +363,7 @@ fn parse_lines<'a, V: Visit>(
             let mut out = Vec::with_capacity((end - start) / 96 + 8);
             let mut pos = start;
             let mut line_no = first_line;
+            let mut run = V::Run::default();
             while pos < end {
                 let (nl, ascii) = line_end(&block[pos..end]);
                 let nl = nl.map(|i| pos + i);
@@ -372,7 +380,7 @@ fn parse_lines<'a, V: Visit>(
                             Record::Meta(_) => EventKind::Meta,
                             Record::Other(_) => EventKind::Other,
                         };
-                        Parsed::Event(visitor.visit(rec, loc), kind)
+                        Parsed::Event(visitor.visit(rec, loc, &mut run), kind)
                     }
                 });
                 pos = line_end + 1;
