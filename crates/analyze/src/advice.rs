@@ -351,12 +351,8 @@ fn propagation_advice(a: &Analysis, g: &Group, ff: usize, out: &mut Vec<String>)
     if inherited == 0 {
         return;
     }
-    let last = g
-        .pairs
-        .iter()
-        .rev()
-        .find(|&&i| matches!(a.pairs[i].status, PairStatus::Drift | PairStatus::NumericFault))
-        .copied();
+    let last =
+        g.pairs.clone().rev().find(|&i| matches!(a.pairs[i].status, PairStatus::Drift | PairStatus::NumericFault));
     let (Some(d0), Some(last)) = (a.delta(&a.pairs[ff]), last) else { return };
     let Some(d1) = a.delta(&a.pairs[last]) else { return };
     let trend = if d1.rel > 2.0 * d0.rel {

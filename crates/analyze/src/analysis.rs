@@ -234,8 +234,8 @@ pub struct Group {
     pub prompt: u32,
     /// Tensor-parallel rank.
     pub rank: Option<u32>,
-    /// Its pairs in dataflow order (indices into [`Analysis::pairs`]).
-    pub pairs: Vec<usize>,
+    /// Its pairs in dataflow order (a contiguous run of [`Analysis::pairs`]).
+    pub pairs: std::ops::Range<usize>,
     /// Passing pairs.
     pub passed: u64,
     /// Failing pairs.
@@ -483,25 +483,29 @@ pub fn analyze(mut collected: Collected, options: Options) -> Result<Analysis, A
     }
 
     // Groups: runs of the same (prompt, rank); pairs are sorted so each group is contiguous.
-    let mut groups: Vec<Group> = Vec::new();
-    for (i, p) in pairs.iter().enumerate() {
-        match groups.last_mut() {
-            Some(g) if g.prompt == p.key.prompt && g.rank == p.key.rank => g.pairs.push(i),
-            _ => groups.push(Group {
-                prompt: p.key.prompt,
-                rank: p.key.rank,
-                pairs: vec![i],
-                passed: 0,
-                failed: 0,
-                missing: 0,
-                inherited: 0,
-                origins: vec![],
-                first_failure: None,
-                cause: None,
-                token_impact: None,
-            }),
-        }
-    }
+    let starts: Vec<usize> = (0..pairs.len())
+        .into_par_iter()
+        .filter(|&i| {
+            i == 0 || (pairs[i].key.prompt, pairs[i].key.rank) != (pairs[i - 1].key.prompt, pairs[i - 1].key.rank)
+        })
+        .collect();
+    let mut groups: Vec<Group> = starts
+        .iter()
+        .zip(starts.iter().skip(1).copied().chain([pairs.len()]))
+        .map(|(&start, end)| Group {
+            prompt: pairs[start].key.prompt,
+            rank: pairs[start].key.rank,
+            pairs: start..end,
+            passed: 0,
+            failed: 0,
+            missing: 0,
+            inherited: 0,
+            origins: vec![],
+            first_failure: None,
+            cause: None,
+            token_impact: None,
+        })
+        .collect();
     // Classify the groups in parallel, each on its own slice of the pairs.
     let slices = group_slices(&groups, &mut pairs);
     let lists: Vec<Vec<Node>> =
@@ -528,7 +532,6 @@ pub fn analyze(mut collected: Collected, options: Options) -> Result<Analysis, A
         ..Summary::default()
     };
     // Counts and failure classes, counted on all cores and added up.
-    type Classes = FxHashMap<(PointId, PairStatus), u64>;
     let (counts, classes) = pairs
         .par_iter()
         .fold(
@@ -541,7 +544,7 @@ pub fn analyze(mut collected: Collected, options: Options) -> Result<Analysis, A
                         s.failed += 1;
                         s.numeric_faults += u64::from(st == PairStatus::NumericFault);
                         s.misaligned += u64::from(st == PairStatus::Misaligned);
-                        *classes.entry((p.key.point, st)).or_insert(0) += 1;
+                        classes.add(p.key.point, st, 1);
                     }
                 }
                 (s, classes)
@@ -553,15 +556,13 @@ pub fn analyze(mut collected: Collected, options: Options) -> Result<Analysis, A
                 (a.passed, a.missing_pairs, a.failed) =
                     (a.passed + b.passed, a.missing_pairs + b.missing_pairs, a.failed + b.failed);
                 (a.numeric_faults, a.misaligned) = (a.numeric_faults + b.numeric_faults, a.misaligned + b.misaligned);
-                for (k, n) in cb {
-                    *ca.entry(k).or_insert(0) += n;
-                }
+                ca.merge(cb);
                 (a, ca)
             },
         );
     (summary.passed, summary.missing_pairs, summary.failed) = (counts.passed, counts.missing_pairs, counts.failed);
     (summary.numeric_faults, summary.misaligned) = (counts.numeric_faults, counts.misaligned);
-    let mut breakdown: Vec<((PointId, PairStatus), u64)> = classes.into_iter().collect();
+    let mut breakdown: Vec<((PointId, PairStatus), u64)> = classes.into_vec();
     breakdown.sort_by(|a, b| b.1.cmp(&a.1).then(a.0 .0.cmp(&b.0 .0)).then((a.0 .1 as u8).cmp(&(b.0 .1 as u8))));
     let breakdown = breakdown
         .into_iter()
@@ -579,11 +580,17 @@ pub fn analyze(mut collected: Collected, options: Options) -> Result<Analysis, A
     };
     let (magnitudes_from_dump, dump_notes) = attach_dumps(&collected, &mut pairs, &mut groups)?;
     let dtypes: Vec<Option<DType>> = collected.dtypes.iter().map(|d| DType::parse(d)).collect();
-    pairs.par_iter_mut().for_each(|p| p.tol_class = tolerance_class(&collected, &dtypes, p, &options.tolerances));
-    summary.within_tol = pairs.par_iter().filter(|p| p.tol_class == Some(TolClass::WithinTol)).count() as u64;
-    summary.beyond_tol =
-        pairs.par_iter().filter(|p| matches!(p.tol_class, Some(TolClass::Drift | TolClass::NumericFault))).count()
-            as u64;
+    (summary.within_tol, summary.beyond_tol) = pairs
+        .par_iter_mut()
+        .map(|p| {
+            p.tol_class = tolerance_class(&collected, &dtypes, p, &options.tolerances);
+            match p.tol_class {
+                Some(TolClass::WithinTol) => (1, 0),
+                Some(TolClass::Drift | TolClass::NumericFault) => (0, 1),
+                _ => (0, 0),
+            }
+        })
+        .reduce(|| (0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
     // Under the tolerance policy only what is beyond tolerance fails; the root cause is still the
     // origin of the drift, which may itself be within tolerance.
     let fails = |p: &PairResult| match options.policy {
@@ -618,6 +625,59 @@ pub fn analyze(mut collected: Collected, options: Options) -> Result<Analysis, A
         breakdown,
         verdict,
     })
+}
+
+/// Failure classes and their counts: points of the vocabulary in a table, others in a map.
+struct Classes {
+    known: Vec<u64>,
+    other: FxHashMap<(PointId, PairStatus), u64>,
+}
+
+impl Default for Classes {
+    fn default() -> Self {
+        Classes { known: vec![0; Point::ALL.len() * Self::STATUSES], other: FxHashMap::default() }
+    }
+}
+
+impl Classes {
+    const STATUSES: usize = 6;
+
+    fn add(&mut self, point: PointId, status: PairStatus, n: u64) {
+        match point {
+            PointId::Known(p) => self.known[p.index() * Self::STATUSES + status as usize] += n,
+            PointId::Other(_) => *self.other.entry((point, status)).or_insert(0) += n,
+        }
+    }
+
+    fn merge(&mut self, b: Classes) {
+        for (x, y) in self.known.iter_mut().zip(b.known) {
+            *x += y;
+        }
+        for ((point, status), n) in b.other {
+            self.add(point, status, n);
+        }
+    }
+
+    /// The classes with a non-zero count.
+    fn into_vec(self) -> Vec<((PointId, PairStatus), u64)> {
+        let statuses = [
+            PairStatus::Pass,
+            PairStatus::Drift,
+            PairStatus::NumericFault,
+            PairStatus::Misaligned,
+            PairStatus::MissingBaseline,
+            PairStatus::MissingCandidate,
+        ];
+        const { assert!(Classes::STATUSES == 6) };
+        let known = &self.known;
+        let known = Point::ALL.iter().flat_map(|&p| {
+            statuses.iter().filter_map(move |&st| {
+                let n = known[p.index() * Self::STATUSES + st as usize];
+                (n > 0).then_some(((PointId::Known(p), st), n))
+            })
+        });
+        known.collect::<Vec<_>>().into_iter().chain(self.other).collect()
+    }
 }
 
 /// Each group's own slice of `pairs` (groups are contiguous runs of it, in order).
@@ -832,7 +892,7 @@ fn node_slot(n: Node, n_layers: u32) -> Option<usize> {
 /// group's relation lists (the pairs' [`Relations`] start at 0 in it).
 fn classify_group(g: &mut Group, pairs: &mut [PairResult], graph: &Graph) -> Vec<Node> {
     let mut nodes = Vec::new();
-    let base = g.pairs.first().copied().unwrap_or(0);
+    let base = g.pairs.start;
     let table_len = 3 + graph.n_layers as usize * Point::PER_LAYER.len();
     let mut at: Vec<u32> = vec![u32::MAX; table_len];
     for (j, p) in pairs.iter().enumerate() {
