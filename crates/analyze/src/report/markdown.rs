@@ -2,7 +2,7 @@
 //! breakdown, first failure, sample evidence, propagation tree, root cause, recommendations.
 
 use rayon::prelude::*;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::hash::{Hash, Hasher};
 
@@ -200,7 +200,7 @@ fn growth(a: &Analysis, md: &mut String) {
     let (shown, more) = (failing.clone().take(GROWTH_PROMPTS), failing.count().saturating_sub(GROWTH_PROMPTS));
     for g in shown {
         let mut prev: Option<f64> = None;
-        for &i in &g.pairs {
+        for i in g.pairs.clone() {
             let p = &a.pairs[i];
             if p.key.point != PointId::Known(Point::XIn) || p.status == PairStatus::Pass && prev.is_none() {
                 continue;
@@ -306,7 +306,7 @@ fn per_prompt(a: &Analysis, md: &mut String) {
     }
     md.push_str("## Per-Prompt Results\n\n| Prompt | pos_id | seq_len (base / cand) | Pairs | Pass | Fail | Missing | Origin | Root Cause |\n|---|---|---|---|---|---|---|---|---|\n");
     for g in &a.groups {
-        let side = g.pairs.iter().find_map(|&i| a.base(&a.pairs[i]).zip(a.cand(&a.pairs[i])));
+        let side = g.pairs.clone().find_map(|i| a.base(&a.pairs[i]).zip(a.cand(&a.pairs[i])));
         let (pos, lens) = match side {
             Some((b, c)) => (b.pos_id.to_string(), format!("{} / {}", b.seq_len, c.seq_len)),
             None => ("?".into(), "?".into()),
@@ -466,33 +466,46 @@ fn evidence(a: &Analysis, ev: Option<&Evidence>, md: &mut String) {
 /// Layers are grouped by the keys of their lines first (no formatting), and only one layer of
 /// each group is formatted: a 30-layer trace of thousands of prompts formats a few layers per
 /// prompt instead of every pair.
-fn tree(a: &Analysis, g: &Group) -> Vec<String> {
+fn tree(a: &Analysis, g: &Group, lines: &mut HashMap<LineKey, String>) -> Vec<String> {
     let line = |i: usize| format!("{}: {}", a.collected.point_name(a.pairs[i].key.point), node_status(a, g, i));
     let mut globals_before: Vec<String> = vec![];
     let mut globals_after: Vec<String> = vec![];
-    let mut layers: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
-    for &i in &g.pairs {
+    // The per-layer pairs, by layer (a stable sort: dataflow order within a layer; the pairs
+    // come sorted already, layer after layer) with their line keys: one allocation for all
+    // layers, then a range of it per layer.
+    let mut per_layer: Vec<(u32, usize, LineKey)> = vec![];
+    for i in g.pairs.clone() {
         let p = &a.pairs[i];
         match p.key.point {
             PointId::Known(Point::EmbedOut) => globals_before.push(line(i)),
             PointId::Known(pt) if !pt.is_per_layer() => globals_after.push(line(i)),
-            _ => layers.entry(p.key.layer).or_default().push(i),
+            _ => per_layer.push((p.key.layer, i, LineKey::of(a, g, i))),
         }
     }
+    if !per_layer.is_sorted_by_key(|e| e.0) {
+        per_layer.sort_by_key(|e| e.0);
+    }
     // Layers with equal keys render equal lines.
-    let mut by_keys: Vec<(Vec<u32>, Vec<LineKey>, Vec<usize>)> = vec![];
-    for (l, pairs) in layers {
-        let keys: Vec<LineKey> = pairs.iter().map(|&i| LineKey::of(a, g, i)).collect();
-        match by_keys.iter_mut().find(|(_, k, _)| *k == keys) {
-            Some((ids, _, _)) => ids.push(l),
-            None => by_keys.push((vec![l], keys, pairs)),
+    let keys_of = |r: &std::ops::Range<usize>| per_layer[r.clone()].iter().map(|e| &e.2);
+    let mut by_keys: Vec<(Vec<u32>, std::ops::Range<usize>)> = vec![];
+    let mut start = 0;
+    while start < per_layer.len() {
+        let l = per_layer[start].0;
+        let end = start + per_layer[start..].iter().take_while(|e| e.0 == l).count();
+        let run = start..end;
+        match by_keys.iter_mut().find(|(_, r)| keys_of(r).eq(keys_of(&run))) {
+            Some((ids, _)) => ids.push(l),
+            None => by_keys.push((vec![l], run)),
         }
+        start = end;
     }
     // Group layers whose lines are identical, as the seed report does (different keys may still
     // read the same).
     let mut grouped: Vec<(Vec<u32>, Vec<String>)> = vec![];
-    for (ids, _, pairs) in by_keys {
-        let lines: Vec<String> = pairs.into_iter().map(line).collect();
+    for (ids, run) in by_keys {
+        // A per-layer line depends on its key alone.
+        let lines: Vec<String> =
+            per_layer[run].iter().map(|e| lines.entry(e.2).or_insert_with(|| line(e.1)).clone()).collect();
         match grouped.iter_mut().find(|(_, ls)| *ls == lines) {
             Some((first, _)) => {
                 first.extend(ids);
@@ -515,8 +528,9 @@ fn tree(a: &Analysis, g: &Group) -> Vec<String> {
 }
 
 /// Everything a tree line of a per-layer pair depends on ([`node_status`] and the point's name),
-/// without the layer number: pairs of two layers with equal keys render the same line.
-#[derive(PartialEq, Eq, Hash)]
+/// without the layer number: pairs of two layers, or of two prompts, with equal keys render the
+/// same line.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 struct LineKey {
     point: PointId,
     status: PairStatus,
@@ -530,7 +544,7 @@ struct LineKey {
 /// The nodes of a relation as [`relative`] sees them: same-layer points and global points (as
 /// bit sets of point indices: the lists are in dataflow order) and whether an earlier layer is
 /// among them.
-#[derive(PartialEq, Eq, Hash, Default)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
 struct Relative {
     same: u32,
     global: u32,
@@ -646,26 +660,25 @@ fn propagation(a: &Analysis, md: &mut String) {
         return;
     }
     md.push_str("## Drift Propagation Pattern\n\n");
-    let trees: Vec<(String, Vec<String>)> = a
+    // Each worker keeps the lines it formatted: prompts mostly repeat the same few lines.
+    let trees: Vec<(String, Vec<String>, u64)> = a
         .groups
         .par_iter()
-        .map(|g| {
+        .map_init(HashMap::new, |lines, g| {
             let name = match g.rank {
                 Some(r) => format!("`{}` rank {r}", a.prompt_id(g)),
                 None => format!("`{}`", a.prompt_id(g)),
             };
-            (name, tree(a, g))
+            let t = tree(a, g, lines);
+            let mut hasher = rustc_hash::FxHasher::default();
+            t.hash(&mut hasher);
+            (name, t, hasher.finish())
         })
         .collect();
     // Group identical trees (in order of first appearance), comparing hashes before lines.
     let mut shown: Vec<(Vec<String>, Vec<String>)> = vec![];
     let mut by_hash: HashMap<u64, Vec<usize>> = HashMap::new();
-    for (name, t) in trees {
-        let h = {
-            let mut hasher = std::collections::hash_map::DefaultHasher::new();
-            t.hash(&mut hasher);
-            hasher.finish()
-        };
+    for (name, t, h) in trees {
         let same = by_hash.get(&h).and_then(|ix| ix.iter().copied().find(|&i| shown[i].1 == t));
         match same {
             Some(i) => shown[i].0.push(name),
