@@ -539,3 +539,64 @@ pub fn collect_two(a: &Path, b: &Path, phase: &str, opts: ReadOptions) -> Result
     collector.read(b, None, Some(phase), opts)?;
     Ok(collector.finish())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// Pairing reuses the previous event's prompt and dtype indices when the worker saw the same
+    /// names just before: with prompts and dtypes changing at irregular places, small blocks (so
+    /// runs of lines start and end everywhere) and other phases in between, every side must
+    /// still carry the names of its own line.
+    #[test]
+    fn names_are_right_across_runs_and_blocks() {
+        let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+        let mut next = || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.jsonl");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let (mut prompt, mut dtype) = (0u64, Some("bf16"));
+        let mut want = Vec::new(); // (prompt, layer, phase is candidate, dtype) per kept event
+        for layer in 0..3000u32 {
+            if next() % 7 == 0 {
+                prompt = next() % 5;
+            }
+            if next() % 11 == 0 {
+                dtype = [None, Some("bf16"), Some("f32")][(next() % 3) as usize];
+            }
+            for phase in ["prefill_last", "decode0", "decode1"] {
+                let dt = dtype.map(|d| format!(",\"dtype\":\"{d}\"")).unwrap_or_default();
+                writeln!(
+                    f,
+                    r#"{{"event":"stage_trace","prompt_id":"p{prompt}","phase":"{phase}","point":"x_in","layer":{layer},"step":0,"pos_id":1,"seq_len":2,"hash":{layer},"min":0,"max":1,"mean":0.5{dt}}}"#
+                )
+                .unwrap();
+                if phase != "decode1" {
+                    want.push((format!("p{prompt}"), layer, phase == "decode0", dtype));
+                }
+            }
+        }
+        drop(f);
+        let opts = ReadOptions { chunk_size: 1 << 10, ..ReadOptions::default() };
+        let c = collect_file(&path, "prefill_last", "decode0", opts).unwrap();
+        assert_eq!(c.sides.len(), want.len());
+        let mut checked = 0;
+        for (key, slot) in &c.pairs {
+            for (side, candidate) in [(slot.baseline, false), (slot.candidate, true)] {
+                let Some(s) = side else { continue };
+                let s = &c.sides[s as usize];
+                let (prompt, layer, cand, dtype) = &want[(s.loc.line - 1) as usize / 3 * 2 + usize::from(candidate)];
+                assert_eq!((&c.prompts[key.prompt as usize], key.layer, candidate), (prompt, *layer, *cand));
+                assert_eq!(s.dtype().map(|d| c.dtypes[d as usize].as_str()), *dtype, "line {}", s.loc.line);
+                checked += 1;
+            }
+        }
+        assert_eq!(checked, want.len());
+    }
+}
