@@ -452,8 +452,9 @@ pub fn analyze(mut collected: Collected, options: Options) -> Result<Analysis, A
         let (slots, sides) = (&collected.pairs, &collected.sides);
         collected.order.par_iter().map(|&i| compare(&slots[i as usize].0, &slots[i as usize].1, sides)).collect()
     };
-    collected.order = Vec::new();
-    collected.pairs = Vec::new();
+    // Freed by a worker when one is idle (returning large blocks to the system takes a while).
+    let (order, slots) = (std::mem::take(&mut collected.order), std::mem::take(&mut collected.pairs));
+    rayon::spawn(move || drop((order, slots)));
 
     let missing: Vec<usize> = (0..pairs.len()).into_par_iter().filter(|&i| pairs[i].status.is_missing()).collect();
     if !missing.is_empty() && !options.allow_missing {

@@ -186,7 +186,11 @@ pub fn read_file_visit<V: Visit>(
         // SAFETY: the map is only read. If another process truncates the trace while it is being
         // analyzed, reading the lost pages raises SIGBUS; traces are written before analysis.
         let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io_err)?;
-        read_mapped(&map, opts, visitor, sink)
+        let stats = read_mapped(&map, opts, visitor, sink);
+        // Unmapping a large file takes a while (every page's entry is cleared): let a worker
+        // do it when one is idle, while the caller goes on.
+        rayon::spawn(move || drop(map));
+        stats
     } else {
         read_visit(file, opts, visitor, sink).map_err(io_err)?
     };
