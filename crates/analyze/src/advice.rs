@@ -161,8 +161,8 @@ fn advise_group(a: &Analysis, g: &Group, out: &mut Vec<String>) {
             "{} compares different tokens (pos_id {} vs {}, token_id {:?} vs {:?}): fix the position/token \
              bookkeeping of the harness or engine before reading any drift.",
             a.pair_name(ff),
-            b.pos_id,
-            c.pos_id,
+            b.pos_id(),
+            c.pos_id(),
             b.token_id(),
             c.token_id()
         ));
@@ -171,7 +171,12 @@ fn advise_group(a: &Analysis, g: &Group, out: &mut Vec<String>) {
     let origin = g.origins.iter().find(|o| o.pair == ff);
     let shapes = format!(
         "`{}` computed this row in a forward call of seq_len {} (step {}), `{}` in one of seq_len {} (step {})",
-        a.baseline_label, b.seq_len, b.step, a.candidate_label, c.seq_len, c.step
+        a.baseline_label,
+        b.seq_len(),
+        b.step(),
+        a.candidate_label,
+        c.seq_len(),
+        c.step()
     );
     let (mag, size) = match size_of(a, ff) {
         Some((m, s)) => (Some(m), s),
@@ -190,7 +195,7 @@ fn advise_group(a: &Analysis, g: &Group, out: &mut Vec<String>) {
                 list_nodes(&o.upstream),
                 describe_region(&o.region)
             ));
-            if b.seq_len == c.seq_len && a.collected.is_diff() {
+            if b.seq_len() == c.seq_len() && a.collected.is_diff() {
                 out.push(diff_advice(a, o, mag));
             } else {
                 out.push(cause_advice(o, mag, &shapes));

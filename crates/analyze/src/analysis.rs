@@ -383,18 +383,18 @@ impl Analysis {
     }
 
     /// The baseline event of a pair.
-    pub fn base(&self, p: &PairResult) -> Option<Side> {
-        p.baseline.map(|i| self.collected.sides[i as usize])
+    pub fn base(&self, p: &PairResult) -> Option<&Side> {
+        p.baseline.map(|i| &self.collected.sides[i as usize])
     }
 
     /// The candidate event of a pair.
-    pub fn cand(&self, p: &PairResult) -> Option<Side> {
-        p.candidate.map(|i| self.collected.sides[i as usize])
+    pub fn cand(&self, p: &PairResult) -> Option<&Side> {
+        p.candidate.map(|i| &self.collected.sides[i as usize])
     }
 
     /// Stat deltas of a complete pair.
     pub fn delta(&self, p: &PairResult) -> Option<StatDelta> {
-        self.base(p).zip(self.cand(p)).map(|(b, c)| StatDelta::of(&b, &c))
+        self.base(p).zip(self.cand(p)).map(|(b, c)| StatDelta::of(b, c))
     }
 
     /// The dtype of a pair, when its events name one.
@@ -467,7 +467,7 @@ pub fn analyze(mut collected: Collected, options: Options) -> Result<Analysis, A
                     PairStatus::MissingCandidate => (&options.baseline, &options.candidate, p.baseline, false),
                     _ => (&options.candidate, &options.baseline, p.candidate, true),
                 };
-                let line = side.map_or(0, |s| collected.sides[s as usize].loc.line);
+                let line = side.map_or(0, |s| collected.sides[s as usize].line());
                 let file = file_of(&collected, cand);
                 format!(
                     "{file}:{line}: `{present}` event for prompt `{}`, layer {}, point `{}` has no `{absent}` event to pair with",
@@ -821,11 +821,11 @@ fn compare(key: &Key, slot: &Slot, sides: &[Side]) -> PairResult {
     let status = match (side(slot.baseline), side(slot.candidate)) {
         (Some(b), Some(c)) => {
             let token_differs = matches!((b.token_id(), c.token_id()), (Some(x), Some(y)) if x != y);
-            if b.pos_id != c.pos_id || token_differs {
+            if b.pos_id() != c.pos_id() || token_differs {
                 PairStatus::Misaligned
             } else if b.hash == c.hash {
                 PairStatus::Pass
-            } else if b.non_finite != c.non_finite {
+            } else if b.non_finite() != c.non_finite() {
                 PairStatus::NumericFault
             } else {
                 PairStatus::Drift

@@ -39,18 +39,13 @@ pub struct Key {
     pub rank: Option<u32>,
 }
 
-/// What the analyzer keeps of one event (120 bytes: the optional fields are stored with a
-/// presence bit each, not as `Option`s, since millions of these are kept).
-#[derive(Debug, Clone, Copy, PartialEq)]
+/// What the analyzer keeps of one event: 80 bytes, since millions of these are kept. Counts,
+/// positions and line numbers are stored in 32 bits (16 for the line's length) and optional
+/// fields with a presence bit each; an event whose values do not fit, or which names a dumped
+/// tensor or counts NaN/Inf elements (rare: faults and dumps), keeps all of them in a boxed
+/// [`Wide`] record instead.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Side {
-    /// Where the event is in the file.
-    pub loc: Loc,
-    /// Decode step.
-    pub step: u64,
-    /// Token position.
-    pub pos_id: u64,
-    /// Query rows of the forward call.
-    pub seq_len: u64,
     /// Row hash.
     pub hash: u64,
     /// Minimum.
@@ -60,14 +55,31 @@ pub struct Side {
     /// Mean.
     pub mean: f64,
     l2: f64,
+    offset: u64,
+    wide: Option<Box<Wide>>,
+    line: u32,
+    step: u32,
+    pos_id: u32,
+    seq_len: u32,
+    token_id: u32,
+    len: u16,
+    dtype: u8,
+    present: u8,
+}
+
+/// The values of an event that do not fit [`Side`]'s narrow fields.
+#[derive(Debug, Clone, PartialEq)]
+struct Wide {
+    line: u64,
+    len: u32,
+    step: u64,
+    pos_id: u64,
+    seq_len: u64,
+    token_id: u64,
     nan_count: u64,
     inf_count: u64,
-    token_id: u64,
     tensor: u32,
     dtype: u16,
-    present: u8,
-    /// Whether the event reports non-finite values.
-    pub non_finite: bool,
 }
 
 const L2: u8 = 1;
@@ -76,39 +88,63 @@ const INF_COUNT: u8 = 4;
 const TOKEN_ID: u8 = 8;
 const TENSOR: u8 = 16;
 const DTYPE: u8 = 32;
+const NON_FINITE: u8 = 64;
+
+const _: () = assert!(std::mem::size_of::<Side>() == 80);
 
 impl Side {
     /// A side of the event `ev` at `loc` (without dtype and tensor, which the collector interns).
     pub fn of(ev: &StageTrace<'_>, loc: Loc) -> Side {
+        let mut present = 0;
+        let mut flag = |v: Option<u64>, bit: u8| {
+            present |= if v.is_some() { bit } else { 0 };
+            v.unwrap_or(0)
+        };
+        let (nan_count, inf_count) = (flag(ev.nan_count, NAN_COUNT), flag(ev.inf_count, INF_COUNT));
+        let token_id = flag(ev.token_id, TOKEN_ID);
+        let l2 = ev.l2.unwrap_or(0.0);
+        present |= if ev.l2.is_some() { L2 } else { 0 };
+        present |= if ev.has_non_finite() { NON_FINITE } else { 0 };
+        let narrow = |v: u64| u32::try_from(v).ok();
         let mut side = Side {
-            loc,
-            step: ev.step,
-            pos_id: ev.pos_id,
-            seq_len: ev.seq_len,
             hash: ev.hash,
             min: ev.min,
             max: ev.max,
             mean: ev.mean,
-            l2: 0.0,
-            nan_count: 0,
-            inf_count: 0,
+            l2,
+            offset: loc.offset,
+            wide: None,
+            line: 0,
+            step: 0,
+            pos_id: 0,
+            seq_len: 0,
             token_id: 0,
-            tensor: 0,
+            len: 0,
             dtype: 0,
-            present: 0,
-            non_finite: ev.has_non_finite(),
+            present,
         };
-        if let Some(x) = ev.l2 {
-            (side.l2, side.present) = (x, side.present | L2);
-        }
-        if let Some(n) = ev.nan_count {
-            (side.nan_count, side.present) = (n, side.present | NAN_COUNT);
-        }
-        if let Some(n) = ev.inf_count {
-            (side.inf_count, side.present) = (n, side.present | INF_COUNT);
-        }
-        if let Some(t) = ev.token_id {
-            (side.token_id, side.present) = (t, side.present | TOKEN_ID);
+        let fits = (|| {
+            side.line = narrow(loc.line)?;
+            side.step = narrow(ev.step)?;
+            side.pos_id = narrow(ev.pos_id)?;
+            side.seq_len = narrow(ev.seq_len)?;
+            side.token_id = narrow(token_id)?;
+            side.len = u16::try_from(loc.len).ok()?;
+            (nan_count == 0 && inf_count == 0).then_some(())
+        })();
+        if fits.is_none() {
+            side.wide = Some(Box::new(Wide {
+                line: loc.line,
+                len: loc.len,
+                step: ev.step,
+                pos_id: ev.pos_id,
+                seq_len: ev.seq_len,
+                token_id,
+                nan_count,
+                inf_count,
+                tensor: 0,
+                dtype: 0,
+            }));
         }
         side
     }
@@ -117,35 +153,86 @@ impl Side {
         (self.present & bit != 0).then_some(value)
     }
 
+    /// Where the event is in the file.
+    pub fn loc(&self) -> Loc {
+        match &self.wide {
+            Some(w) => Loc { line: w.line, offset: self.offset, len: w.len },
+            None => Loc { line: u64::from(self.line), offset: self.offset, len: u32::from(self.len) },
+        }
+    }
+    /// Line number (from 1).
+    pub fn line(&self) -> u64 {
+        self.wide.as_ref().map_or(u64::from(self.line), |w| w.line)
+    }
+    /// Decode step.
+    pub fn step(&self) -> u64 {
+        self.wide.as_ref().map_or(u64::from(self.step), |w| w.step)
+    }
+    /// Token position.
+    pub fn pos_id(&self) -> u64 {
+        self.wide.as_ref().map_or(u64::from(self.pos_id), |w| w.pos_id)
+    }
+    /// Query rows of the forward call.
+    pub fn seq_len(&self) -> u64 {
+        self.wide.as_ref().map_or(u64::from(self.seq_len), |w| w.seq_len)
+    }
+    /// Whether the event reports non-finite values.
+    pub fn non_finite(&self) -> bool {
+        self.present & NON_FINITE != 0
+    }
     /// L2 norm, when given.
     pub fn l2(&self) -> Option<f64> {
         self.get(L2, self.l2)
     }
     /// NaN count, when given.
     pub fn nan_count(&self) -> Option<u64> {
-        self.get(NAN_COUNT, self.nan_count)
+        self.get(NAN_COUNT, self.wide.as_ref().map_or(0, |w| w.nan_count))
     }
     /// Inf count, when given.
     pub fn inf_count(&self) -> Option<u64> {
-        self.get(INF_COUNT, self.inf_count)
+        self.get(INF_COUNT, self.wide.as_ref().map_or(0, |w| w.inf_count))
     }
     /// Token id, when given.
     pub fn token_id(&self) -> Option<u64> {
-        self.get(TOKEN_ID, self.token_id)
+        self.get(TOKEN_ID, self.wide.as_ref().map_or(u64::from(self.token_id), |w| w.token_id))
     }
     /// Index into [`Collected::dtypes`], when given.
     pub fn dtype(&self) -> Option<u16> {
-        self.get(DTYPE, self.dtype)
+        self.get(DTYPE, self.wide.as_ref().map_or(u16::from(self.dtype), |w| w.dtype))
     }
     /// Index into [`Collected::tensors`]: the dumped row, when the event names one.
     pub fn tensor(&self) -> Option<u32> {
-        self.get(TENSOR, self.tensor)
+        self.get(TENSOR, self.wide.as_ref().map_or(0, |w| w.tensor))
+    }
+    /// The boxed record, made from the narrow fields when there is none yet.
+    fn widen(&mut self) -> &mut Wide {
+        let (line, len, step, pos_id, seq_len, token_id, dtype) =
+            (self.line, self.len, self.step, self.pos_id, self.seq_len, self.token_id, self.dtype);
+        self.wide.get_or_insert_with(|| {
+            Box::new(Wide {
+                line: line.into(),
+                len: len.into(),
+                step: step.into(),
+                pos_id: pos_id.into(),
+                seq_len: seq_len.into(),
+                token_id: token_id.into(),
+                nan_count: 0,
+                inf_count: 0,
+                tensor: 0,
+                dtype: dtype.into(),
+            })
+        })
     }
     fn set_dtype(&mut self, i: u16) {
-        (self.dtype, self.present) = (i, self.present | DTYPE);
+        self.present |= DTYPE;
+        match (u8::try_from(i), &mut self.wide) {
+            (Ok(narrow), None) => self.dtype = narrow,
+            _ => self.widen().dtype = i,
+        }
     }
     fn set_tensor(&mut self, i: u32) {
-        (self.tensor, self.present) = (i, self.present | TENSOR);
+        self.present |= TENSOR;
+        self.widen().tensor = i;
     }
 }
 
@@ -472,8 +559,8 @@ impl Collector {
                         key,
                         phase: if candidate { visitor.candidate } else { visitor.baseline }.unwrap_or("").to_string(),
                         source,
-                        first_line: c.sides[*first as usize].loc.line,
-                        second_line: side.loc.line,
+                        first_line: c.sides[*first as usize].line(),
+                        second_line: side.line(),
                     }),
                     None => {
                         *place = Some(c.sides.len() as u32);
@@ -545,6 +632,65 @@ mod tests {
     use super::*;
     use std::io::Write;
 
+    fn event(step: u64, pos_id: u64, seq_len: u64, token_id: Option<u64>, nan: Option<u64>) -> StageTrace<'static> {
+        let line = r#"{"event":"stage_trace","prompt_id":"p","phase":"decode0","point":"q","layer":1,"step":0,"pos_id":0,"seq_len":1,"hash":7,"min":-1.5,"max":2.5,"mean":0.25,"l2":3.0}"#;
+        let mut ev: StageTrace<'static> = serde_json::from_str(line).unwrap();
+        (ev.step, ev.pos_id, ev.seq_len, ev.token_id, ev.nan_count) = (step, pos_id, seq_len, token_id, nan);
+        ev.inf_count = nan.map(|_| 0);
+        ev
+    }
+
+    /// Every value comes back as the event gave it, whether it fits the narrow fields or not.
+    #[test]
+    fn sides_keep_every_value() {
+        let big = u64::from(u32::MAX) + 1;
+        let cases = [
+            (event(3, 40, 41, Some(9), Some(0)), Loc { line: 12, offset: 1 << 40, len: 300 }, false),
+            (
+                event(3, 40, 41, None, None),
+                Loc { line: u64::from(u32::MAX), offset: 5, len: u32::from(u16::MAX) },
+                false,
+            ),
+            (event(big, 40, 41, Some(9), Some(0)), Loc { line: 12, offset: 0, len: 300 }, true),
+            (event(3, big, 41, Some(9), Some(0)), Loc { line: 12, offset: 0, len: 300 }, true),
+            (event(3, 40, u64::MAX, Some(9), Some(0)), Loc { line: 12, offset: 0, len: 300 }, true),
+            (event(3, 40, 41, Some(big), Some(0)), Loc { line: 12, offset: 0, len: 300 }, true),
+            (event(3, 40, 41, Some(9), Some(17)), Loc { line: 12, offset: 0, len: 300 }, true),
+            (event(3, 40, 41, Some(9), Some(0)), Loc { line: big, offset: 0, len: 300 }, true),
+            (event(3, 40, 41, Some(9), Some(0)), Loc { line: 12, offset: 0, len: 1 << 16 }, true),
+        ];
+        for (ev, loc, wide) in cases {
+            let mut s = Side::of(&ev, loc);
+            assert_eq!(s.wide.is_some(), wide, "{loc:?} {ev:?}");
+            let check = |s: &Side| {
+                assert_eq!(s.loc(), loc);
+                assert_eq!(s.line(), loc.line);
+                assert_eq!((s.step(), s.pos_id(), s.seq_len()), (ev.step, ev.pos_id, ev.seq_len));
+                assert_eq!((s.token_id(), s.nan_count(), s.inf_count()), (ev.token_id, ev.nan_count, ev.inf_count));
+                assert_eq!((s.hash, s.min, s.max, s.mean, s.l2()), (7, -1.5, 2.5, 0.25, Some(3.0)));
+                assert_eq!(s.non_finite(), ev.has_non_finite());
+            };
+            check(&s);
+            assert_eq!((s.dtype(), s.tensor()), (None, None));
+            // Interned names set later: small dtype indices stay narrow, tensors and large
+            // indices widen, and nothing else changes.
+            s.set_dtype(3);
+            assert_eq!((s.dtype(), s.wide.is_some()), (Some(3), wide));
+            s.set_dtype(300);
+            assert_eq!((s.dtype(), s.wide.is_some()), (Some(300), true));
+            check(&s);
+            let mut t = Side::of(&ev, loc);
+            t.set_tensor(5);
+            t.set_dtype(2);
+            assert_eq!((t.tensor(), t.dtype()), (Some(5), Some(2)));
+            check(&t);
+        }
+        let mut nan = event(0, 1, 2, None, Some(3));
+        nan.max = f64::NAN;
+        let s = Side::of(&nan, Loc { line: 1, offset: 0, len: 10 });
+        assert!(s.non_finite() && s.nan_count() == Some(3) && s.token_id().is_none());
+    }
+
     /// Pairing reuses the previous event's prompt and dtype indices when the worker saw the same
     /// names just before: with prompts and dtypes changing at irregular places, small blocks (so
     /// runs of lines start and end everywhere) and other phases in between, every side must
@@ -591,9 +737,9 @@ mod tests {
             for (side, candidate) in [(slot.baseline, false), (slot.candidate, true)] {
                 let Some(s) = side else { continue };
                 let s = &c.sides[s as usize];
-                let (prompt, layer, cand, dtype) = &want[(s.loc.line - 1) as usize / 3 * 2 + usize::from(candidate)];
+                let (prompt, layer, cand, dtype) = &want[(s.line() - 1) as usize / 3 * 2 + usize::from(candidate)];
                 assert_eq!((&c.prompts[key.prompt as usize], key.layer, candidate), (prompt, *layer, *cand));
-                assert_eq!(s.dtype().map(|d| c.dtypes[d as usize].as_str()), *dtype, "line {}", s.loc.line);
+                assert_eq!(s.dtype().map(|d| c.dtypes[d as usize].as_str()), *dtype, "line {}", s.line());
                 checked += 1;
             }
         }

@@ -40,7 +40,7 @@ pub fn evidence(a: &Analysis) -> std::io::Result<Option<report::Evidence>> {
     let (Some(b), Some(c)) = (a.base(p), a.cand(p)) else { return Ok(None) };
     let path = |cand: bool| &a.collected.source_of(cand).path;
     Ok(Some(report::Evidence {
-        baseline: report::pretty::pretty_json(&read_line_at(path(false), b.loc)?),
-        candidate: report::pretty::pretty_json(&read_line_at(path(true), c.loc)?),
+        baseline: report::pretty::pretty_json(&read_line_at(path(false), b.loc())?),
+        candidate: report::pretty::pretty_json(&read_line_at(path(true), c.loc())?),
     }))
 }

@@ -60,12 +60,12 @@ struct SideJson {
     token_id: Option<u64>,
 }
 
-fn side(s: Option<Side>) -> Option<SideJson> {
+fn side(s: Option<&Side>) -> Option<SideJson> {
     s.map(|s| SideJson {
-        line: s.loc.line,
-        step: s.step,
-        pos_id: s.pos_id,
-        seq_len: s.seq_len,
+        line: s.line(),
+        step: s.step(),
+        pos_id: s.pos_id(),
+        seq_len: s.seq_len(),
         hash: s.hash,
         min: Num(s.min),
         max: Num(s.max),
@@ -228,12 +228,12 @@ fn summary_json(a: &Analysis) -> Value {
             "point": a.collected.point_name(p.key.point),
             "layer": p.key.layer,
             "rank": p.key.rank,
-            "pos_id": b.map(|s| s.pos_id),
-            "candidate_pos_id": c.map(|s| s.pos_id),
+            "pos_id": b.map(|s| s.pos_id()),
+            "candidate_pos_id": c.map(|s| s.pos_id()),
             "baseline_hash": b.map(|s| s.hash),
             "candidate_hash": c.map(|s| s.hash),
-            "baseline_line": b.map(|s| s.loc.line),
-            "candidate_line": c.map(|s| s.loc.line),
+            "baseline_line": b.map(|s| s.line()),
+            "candidate_line": c.map(|s| s.line()),
             "status": p.status,
             "classification": p.classification,
             "stat_delta": a.delta(p),

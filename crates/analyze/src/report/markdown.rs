@@ -308,7 +308,7 @@ fn per_prompt(a: &Analysis, md: &mut String) {
     for g in &a.groups {
         let side = g.pairs.clone().find_map(|i| a.base(&a.pairs[i]).zip(a.cand(&a.pairs[i])));
         let (pos, lens) = match side {
-            Some((b, c)) => (b.pos_id.to_string(), format!("{} / {}", b.seq_len, c.seq_len)),
+            Some((b, c)) => (b.pos_id().to_string(), format!("{} / {}", b.seq_len(), c.seq_len())),
             None => ("?".into(), "?".into()),
         };
         let name = match g.rank {
@@ -354,18 +354,18 @@ fn first_failure(a: &Analysis, md: &mut String) {
         a.collected.point_name(p.key.point),
         p.key.layer,
         a.collected.prompts[p.key.prompt as usize],
-        b.pos_id,
+        b.pos_id(),
         p.key.rank.map(|r| format!(", rank {r}")).unwrap_or_default()
     );
     let _ = writeln!(
         md,
         "| Metric | {} (step={}, seq_len={}) | {} (step={}, seq_len={}) | \\|Δ\\| |\n|--------|-----------------|-----------------|-----|",
-        a.baseline_label, b.step, b.seq_len, a.candidate_label, c.step, c.seq_len
+        a.baseline_label, b.step(), b.seq_len(), a.candidate_label, c.step(), c.seq_len()
     );
     let _ = writeln!(md, "| **Hash** | {} | {} | |", b.hash, c.hash);
     let _ = writeln!(md, "| **Match** | ❌ NO | ❌ NO | |");
-    if b.pos_id != c.pos_id {
-        let _ = writeln!(md, "| **pos_id** | {} | {} | |", b.pos_id, c.pos_id);
+    if b.pos_id() != c.pos_id() {
+        let _ = writeln!(md, "| **pos_id** | {} | {} | |", b.pos_id(), c.pos_id());
     }
     let rows: [(&str, f64, f64); 3] = [("min", b.min, c.min), ("max", b.max, c.max), ("mean", b.mean, c.mean)];
     for (name, x, y) in rows {
@@ -375,13 +375,13 @@ fn first_failure(a: &Analysis, md: &mut String) {
         let _ = writeln!(md, "| l2 | {} | {} | {} |", fmt_stat(x), fmt_stat(y), delta(x, y));
     }
     for (name, f) in [("nan_count", side_nan as fn(&Side) -> Option<u64>), ("inf_count", side_inf)] {
-        let (x, y) = (f(&b), f(&c));
+        let (x, y) = (f(b), f(c));
         if x.is_some() || y.is_some() {
             let show = |v: Option<u64>| v.map_or("—".to_string(), |v| v.to_string());
             let _ = writeln!(md, "| {name} | {} | {} | |", show(x), show(y));
         }
     }
-    let _ = writeln!(md, "| line | {} | {} | |", b.loc.line, c.loc.line);
+    let _ = writeln!(md, "| line | {} | {} | |", b.line(), c.line());
     md.push('\n');
     if let Some((_, sentence)) = size_of(a, ff) {
         let _ = writeln!(md, "**Magnitude**, {sentence}.\n");
@@ -451,7 +451,7 @@ fn evidence(a: &Analysis, ev: Option<&Evidence>, md: &mut String) {
     for (phase, raw, side) in
         [(&a.baseline_label, &ev.baseline, a.base(p)), (&a.candidate_label, &ev.candidate, a.cand(p))]
     {
-        let line = side.map_or(0, |s| s.loc.line);
+        let line = side.map_or(0, |s| s.line());
         let _ = writeln!(
             md,
             "### {phase} - {point} Layer {} ({prompt}), line {line}\n```json\n{}\n```\n",
@@ -779,9 +779,9 @@ fn evidence_table(a: &Analysis, gs: &[&Group], md: &mut String) {
             Some(format!(
                 "| `{}` | {} | {} / {} | {:.3e} | {:.3e} | {inherited} |",
                 a.prompt_id(g),
-                b.pos_id,
-                b.seq_len,
-                c.seq_len,
+                b.pos_id(),
+                b.seq_len(),
+                c.seq_len(),
                 d.max_abs_lower_bound,
                 d.rel
             ))
@@ -891,7 +891,7 @@ fn appendix(a: &Analysis, md: &mut String) {
                 a.collected.prompts[p.key.prompt as usize],
                 p.key.layer,
                 a.collected.point_name(p.key.point),
-                side.map_or(0, |s| s.loc.line)
+                side.map_or(0, |s| s.line())
             );
         }
         if missing.len() > 100 {
