@@ -383,20 +383,23 @@ impl Visit for Visitor<'_> {
     type Run = Recent;
 
     fn visit<'a>(&self, record: Record<'a>, loc: Loc, recent: &mut Recent) -> Item<'a> {
-        let ev = match record {
-            Record::Stage(ev) => ev,
-            Record::Meta(meta) => return Item::Meta(meta, loc),
-            Record::Other(_) => return Item::Skip,
-        };
+        match record {
+            Record::Stage(ev) => self.visit_stage(&ev, loc, recent),
+            Record::Meta(meta) => Item::Meta(meta, loc),
+            Record::Other(_) => Item::Skip,
+        }
+    }
+
+    fn visit_stage<'a>(&self, ev: &StageTrace<'a>, loc: Loc, recent: &mut Recent) -> Item<'a> {
         let is = |p: Option<&str>| p.is_some_and(|p| eq_short(ev.phase.as_bytes(), p.as_bytes()));
         let candidate = if is(self.baseline) {
             false
         } else if is(self.candidate) {
             true
         } else {
-            return Item::OtherPhase(ev.phase);
+            return Item::OtherPhase(ev.phase.clone());
         };
-        let side = Side::of(&ev, loc);
+        let side = Side::of(ev, loc);
         let same_prompt = recent.seen && eq_short(recent.prompt.as_bytes(), ev.prompt_id.as_bytes());
         if !same_prompt {
             recent.prompt.clear();
@@ -411,11 +414,13 @@ impl Visit for Visitor<'_> {
             recent.dtype = ev.dtype.as_deref().map(str::to_string);
         }
         recent.seen = true;
+        // Names are borrowed from the line (cloning a borrowed name copies a pointer); only a
+        // name serde had to unescape is owned.
         Item::Side {
-            tensor: ev.tensor,
-            point: Point::parse(&ev.point).ok_or(ev.point),
-            prompt: if same_prompt { Cow::Borrowed("") } else { ev.prompt_id },
-            dtype: if same_dtype { None } else { ev.dtype },
+            tensor: ev.tensor.clone(),
+            point: Point::parse(&ev.point).ok_or_else(|| ev.point.clone()),
+            prompt: if same_prompt { Cow::Borrowed("") } else { ev.prompt_id.clone() },
+            dtype: if same_dtype { None } else { ev.dtype.clone() },
             same_prompt,
             same_dtype,
             layer: ev.layer,
@@ -692,9 +697,9 @@ mod tests {
     }
 
     /// Pairing reuses the previous event's prompt and dtype indices when the worker saw the same
-    /// names just before: with prompts and dtypes changing at irregular places, small blocks (so
-    /// runs of lines start and end everywhere) and other phases in between, every side must
-    /// still carry the names of its own line.
+    /// names just before: with prompts and dtypes changing at irregular places, some names
+    /// escaped (`p\u0031` is `p1`), small blocks (so runs of lines start and end everywhere) and
+    /// other phases in between, every side must still carry the names of its own line.
     #[test]
     fn names_are_right_across_runs_and_blocks() {
         let mut rng = 0x9E37_79B9_7F4A_7C15u64;
@@ -718,9 +723,11 @@ mod tests {
             }
             for phase in ["prefill_last", "decode0", "decode1"] {
                 let dt = dtype.map(|d| format!(",\"dtype\":\"{d}\"")).unwrap_or_default();
+                // Some names escaped: serde reads those lines, and their names are owned.
+                let name = if next() % 5 == 0 { format!("p\\u003{prompt}") } else { format!("p{prompt}") };
                 writeln!(
                     f,
-                    r#"{{"event":"stage_trace","prompt_id":"p{prompt}","phase":"{phase}","point":"x_in","layer":{layer},"step":0,"pos_id":1,"seq_len":2,"hash":{layer},"min":0,"max":1,"mean":0.5{dt}}}"#
+                    r#"{{"event":"stage_trace","prompt_id":"{name}","phase":"{phase}","point":"x_in","layer":{layer},"step":0,"pos_id":1,"seq_len":2,"hash":{layer},"min":0,"max":1,"mean":0.5{dt}}}"#
                 )
                 .unwrap();
                 if phase != "decode1" {

@@ -100,6 +100,35 @@ impl StageTrace<'_> {
     }
 }
 
+impl<'a> StageTrace<'a> {
+    /// An event with empty names, zero values and no optional fields (a slot to parse into).
+    pub fn empty() -> StageTrace<'a> {
+        StageTrace {
+            event: "stage_trace",
+            prompt_id: Cow::Borrowed(""),
+            phase: Cow::Borrowed(""),
+            point: Cow::Borrowed(""),
+            layer: 0,
+            step: 0,
+            pos_id: 0,
+            seq_len: 0,
+            hash: 0,
+            min: 0.0,
+            max: 0.0,
+            mean: 0.0,
+            dtype: None,
+            shape: None,
+            numel: None,
+            l2: None,
+            nan_count: None,
+            inf_count: None,
+            token_id: None,
+            rank: None,
+            tensor: None,
+        }
+    }
+}
+
 /// How a trace was made. Every field is optional; unknown fields are kept in `extra`.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 pub struct RunMeta {

@@ -532,36 +532,23 @@ fn field_bit(key: &str) -> u32 {
 }
 
 /// Parses a `stage_trace` line, or returns `None` when serde_json must decide.
+#[cfg(test)]
 pub(crate) fn parse_stage(line: &str) -> Option<StageTrace<'_>> {
+    let mut ev = StageTrace::empty();
+    parse_stage_into(line, &mut ev).map(|()| ev)
+}
+
+/// Parses a `stage_trace` line into `ev` (filled in place, not moved: the event is large and
+/// this runs for every line), or returns `None` when serde_json must decide; `ev` then holds
+/// nothing meaningful.
+pub(crate) fn parse_stage_into<'a>(line: &'a str, ev: &mut StageTrace<'a>) -> Option<()> {
     let mut c = Cursor { s: line, b: line.as_bytes(), i: 0 };
     c.eat(b'{')?;
     let mut seen = 0u32;
     let (mut prompt_id, mut phase, mut point) = (None, None, None);
     let (mut layer, mut step, mut pos_id, mut seq_len, mut hash) = (None, None, None, None, None);
     let (mut min, mut max, mut mean) = (None, None, None);
-    let mut ev = StageTrace {
-        event: "stage_trace",
-        prompt_id: Cow::Borrowed(""),
-        phase: Cow::Borrowed(""),
-        point: Cow::Borrowed(""),
-        layer: 0,
-        step: 0,
-        pos_id: 0,
-        seq_len: 0,
-        hash: 0,
-        min: 0.0,
-        max: 0.0,
-        mean: 0.0,
-        dtype: None,
-        shape: None,
-        numel: None,
-        l2: None,
-        nan_count: None,
-        inf_count: None,
-        token_id: None,
-        rank: None,
-        tensor: None,
-    };
+    *ev = StageTrace::empty();
     c.ws();
     if c.peek()? == b'}' {
         return None;
@@ -632,7 +619,7 @@ pub(crate) fn parse_stage(line: &str) -> Option<StageTrace<'_>> {
     ev.point = Cow::Borrowed(point?);
     (ev.layer, ev.step, ev.pos_id, ev.seq_len, ev.hash) = (layer?, step?, pos_id?, seq_len?, hash?);
     (ev.min, ev.max, ev.mean) = (min?, max?, mean?);
-    Some(ev)
+    Some(())
 }
 
 #[cfg(test)]

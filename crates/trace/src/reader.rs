@@ -149,6 +149,12 @@ pub trait Visit: Sync {
     type Run: Default;
     /// Called on a worker thread for every event.
     fn visit<'a>(&self, record: Record<'a>, loc: Loc, run: &mut Self::Run) -> Self::Item<'a>;
+    /// Called instead of [`Visit::visit`] for `stage_trace` events: the event by reference,
+    /// since moving it costs more than most visitors do with it. By default it is cloned and
+    /// visited.
+    fn visit_stage<'a>(&self, ev: &StageTrace<'a>, loc: Loc, run: &mut Self::Run) -> Self::Item<'a> {
+        self.visit(Record::Stage(ev.clone()), loc, run)
+    }
 }
 
 /// The visitor that hands events on unchanged.
@@ -375,18 +381,7 @@ fn parse_lines<'a, V: Visit>(
                 let last_of_file = ends_file && nl.is_none();
                 let raw = &block[pos..line_end];
                 let loc = Loc { line: line_no, offset: base_offset + pos as u64, len: raw.len() as u32 };
-                out.push(match parse_line(raw, ascii, last_of_file) {
-                    Line::Blank => Parsed::Blank,
-                    Line::Bad(msg) => Parsed::Bad(line_no, msg),
-                    Line::Event(rec) => {
-                        let kind = match rec {
-                            Record::Stage(_) => EventKind::Stage,
-                            Record::Meta(_) => EventKind::Meta,
-                            Record::Other(_) => EventKind::Other,
-                        };
-                        Parsed::Event(visitor.visit(rec, loc, &mut run), kind)
-                    }
-                });
+                out.push(parse_line(raw, ascii, last_of_file, visitor, loc, &mut run));
                 pos = line_end + 1;
                 line_no += 1;
             }
@@ -490,14 +485,6 @@ struct Tag<'a> {
     event: Option<Cow<'a, str>>,
 }
 
-/// One line, parsed.
-#[allow(clippy::large_enum_variant)]
-enum Line<'a> {
-    Blank,
-    Event(Record<'a>),
-    Bad(String),
-}
-
 /// The index of the first newline of `b` (`None` if it has none) and whether the bytes before it
 /// are all ASCII: one pass for both, 32 bytes at a time with AVX2 where the CPU has it.
 fn line_end(b: &[u8]) -> (Option<usize>, bool) {
@@ -534,11 +521,19 @@ unsafe fn line_end_avx2(b: &[u8]) -> (Option<usize>, bool) {
     (nl, ascii && b[i..nl.unwrap_or(b.len())].is_ascii())
 }
 
-/// Parses one line (without its newline); `ascii`: whether all its bytes are ASCII.
-fn parse_line(raw: &[u8], ascii: bool, last_of_file: bool) -> Line<'_> {
+/// Parses one line (without its newline) at `loc` and visits its event; `ascii`: whether all
+/// its bytes are ASCII.
+fn parse_line<'a, V: Visit>(
+    raw: &'a [u8],
+    ascii: bool,
+    last_of_file: bool,
+    visitor: &V,
+    loc: Loc,
+    run: &mut V::Run,
+) -> Parsed<V::Item<'a>> {
     let raw = raw.strip_suffix(b"\r").unwrap_or(raw);
     if raw.iter().all(u8::is_ascii_whitespace) {
-        return Line::Blank;
+        return Parsed::Blank;
     }
     let line = if ascii {
         debug_assert!(raw.is_ascii());
@@ -547,22 +542,27 @@ fn parse_line(raw: &[u8], ascii: bool, last_of_file: bool) -> Line<'_> {
     } else {
         match std::str::from_utf8(raw) {
             Ok(s) => s,
-            Err(e) => return Line::Bad(format!("not valid UTF-8 (bad byte at column {})", e.valid_up_to() + 1)),
+            Err(e) => {
+                return Parsed::Bad(loc.line, format!("not valid UTF-8 (bad byte at column {})", e.valid_up_to() + 1))
+            }
         }
     };
     let bad = |what: &str, e: serde_json::Error| {
         let truncated = last_of_file && e.classify() == serde_json::error::Category::Eof;
         let msg = json_message(&e);
-        Line::Bad(if truncated {
-            format!("truncated last line (the file ends in the middle of an event): {msg}")
-        } else {
-            format!("{what}{msg}")
-        })
+        Parsed::Bad(
+            loc.line,
+            if truncated {
+                format!("truncated last line (the file ends in the middle of an event): {msg}")
+            } else {
+                format!("{what}{msg}")
+            },
+        )
     };
     if !line.trim_start().starts_with('{') {
         return match serde_json::from_str::<serde::de::IgnoredAny>(line) {
             Err(e) => bad("", e),
-            Ok(_) => Line::Bad("not a JSON object (each line must hold one event object)".to_string()),
+            Ok(_) => Parsed::Bad(loc.line, "not a JSON object (each line must hold one event object)".to_string()),
         };
     }
     const STAGE_PREFIX: &str = r#"{"event":"stage_trace""#;
@@ -573,20 +573,26 @@ fn parse_line(raw: &[u8], ascii: bool, last_of_file: bool) -> Line<'_> {
     } else {
         match serde_json::from_str::<Tag<'_>>(line) {
             Ok(Tag { event: Some(event) }) => event,
-            Ok(Tag { event: None }) => return Line::Bad("missing field `event`".to_string()),
+            Ok(Tag { event: None }) => return Parsed::Bad(loc.line, "missing field `event`".to_string()),
             Err(e) => return bad("", e),
         }
     };
     match event.as_ref() {
-        "stage_trace" => match crate::fast::parse_stage(line).map_or_else(|| serde_json::from_str(line), Ok) {
-            Ok(ev) => Line::Event(Record::Stage(ev)),
-            Err(e) => bad("stage_trace: ", e),
-        },
+        "stage_trace" => {
+            let mut ev = StageTrace::empty();
+            if crate::fast::parse_stage_into(line, &mut ev).is_none() {
+                ev = match serde_json::from_str(line) {
+                    Ok(ev) => ev,
+                    Err(e) => return bad("stage_trace: ", e),
+                };
+            }
+            Parsed::Event(visitor.visit_stage(&ev, loc, run), EventKind::Stage)
+        }
         "run_meta" => match RunMeta::from_json(line) {
-            Ok(meta) => Line::Event(Record::Meta(Box::new(meta))),
+            Ok(meta) => Parsed::Event(visitor.visit(Record::Meta(Box::new(meta)), loc, run), EventKind::Meta),
             Err(e) => bad("run_meta: ", e),
         },
-        _ => Line::Event(Record::Other(event)),
+        _ => Parsed::Event(visitor.visit(Record::Other(event), loc, run), EventKind::Other),
     }
 }
 
