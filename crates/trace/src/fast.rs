@@ -202,6 +202,20 @@ impl<'a> Cursor<'a> {
         text.parse().ok().filter(|x: &f64| x.is_finite())
     }
 
+    /// The separator after a field's value: `true` after a comma (more fields follow), `false`
+    /// after the closing brace.
+    #[inline(always)]
+    fn separator(&mut self) -> Option<bool> {
+        self.ws();
+        let more = match self.peek()? {
+            b',' => true,
+            b'}' => false,
+            _ => return None,
+        };
+        self.i += 1;
+        Some(more)
+    }
+
     /// `null` for an optional field.
     fn null(&mut self) -> bool {
         self.ws();
@@ -538,26 +552,32 @@ pub(crate) fn parse_stage(line: &str) -> Option<StageTrace<'_>> {
     parse_stage_into(line, &mut ev).map(|()| ev)
 }
 
-/// Parses a `stage_trace` line into `ev` (filled in place, not moved: the event is large and
-/// this runs for every line), or returns `None` when serde_json must decide; `ev` then holds
-/// nothing meaningful.
+/// Parses a `stage_trace` line into `ev`, an empty slot ([`StageTrace::empty`]; filled in place,
+/// not moved: the event is large and this runs for every line), or returns `None` when
+/// serde_json must decide; `ev` then holds nothing meaningful.
 pub(crate) fn parse_stage_into<'a>(line: &'a str, ev: &mut StageTrace<'a>) -> Option<()> {
+    const PREFIX: &[u8] = br#"{"event":"stage_trace""#;
     let mut c = Cursor { s: line, b: line.as_bytes(), i: 0 };
-    c.eat(b'{')?;
-    let mut seen = 0u32;
     let (mut prompt_id, mut phase, mut point) = (None, None, None);
     let (mut layer, mut step, mut pos_id, mut seq_len, mut hash) = (None, None, None, None, None);
     let (mut min, mut max, mut mean) = (None, None, None);
-    *ev = StageTrace::empty();
-    c.ws();
-    if c.peek()? == b'}' {
-        return None;
-    }
     // Writers put the fields in the same order on every line, usually this crate's order: the
     // name after the previous field's is tried first with one comparison, and only on a miss is
     // the name scanned and looked up.
-    let mut next = 0usize;
-    loop {
+    let (mut seen, mut next) = (0u32, 0usize);
+    let mut more = true;
+    if c.b.get(..PREFIX.len()).is_some_and(|start| eq_short(start, PREFIX)) {
+        // The usual start, the event field first, read as one word comparison.
+        (c.i, seen, next) = (PREFIX.len(), 1, 1);
+        more = c.separator()?;
+    } else {
+        c.eat(b'{')?;
+        c.ws();
+        if c.peek()? == b'}' {
+            return None;
+        }
+    }
+    while more {
         let bit = if c.field_key_is(next) {
             next as u32
         } else {
@@ -600,15 +620,7 @@ pub(crate) fn parse_stage_into<'a>(line: &'a str, ev: &mut StageTrace<'a>) -> Op
             20 => ev.tensor = c.opt(|c| c.string())?.map(Cow::Borrowed),
             _ => c.skip(0)?,
         }
-        c.ws();
-        match c.peek()? {
-            b',' => c.i += 1,
-            b'}' => {
-                c.i += 1;
-                break;
-            }
-            _ => return None,
-        }
+        more = c.separator()?;
     }
     c.ws();
     if c.i != c.b.len() {
