@@ -181,7 +181,8 @@ fn f16_dot_products_are_bitwise_the_f32_ones() {
 }
 
 /// The four-row GEMV kernels give each row the bits of the one-row dot product, f32 and f16
-/// rows, both orders, lengths around the lane size.
+/// rows (f16: the AVX-512 kernel where the CPU has it, and the 256-bit one), both orders,
+/// lengths around the lane size.
 #[test]
 fn four_row_dot_products_are_bitwise_one_row() {
     use super::reduce::DotOrder;
@@ -193,9 +194,12 @@ fn four_row_dot_products_are_bitwise_one_row() {
         for order in [DotOrder::Lanes8, DotOrder::Blocked] {
             let got = order.f32_x4(&a, std::array::from_fn(|j| rows[j].as_slice()));
             let got16 = order.f16_x4(&a, std::array::from_fn(|j| half_rows[j].as_slice()));
+            let got16_256 = order.f16_x4_256(&a, std::array::from_fn(|j| half_rows[j].as_slice()));
             for j in 0..4 {
                 assert_eq!(got[j].to_bits(), order.f32(&a, &rows[j]).to_bits(), "{order:?} f32 n={n} row {j}");
-                assert_eq!(got16[j].to_bits(), order.f16(&a, &half_rows[j]).to_bits(), "{order:?} f16 n={n} row {j}");
+                let want16 = order.f16(&a, &half_rows[j]).to_bits();
+                assert_eq!(got16[j].to_bits(), want16, "{order:?} f16 n={n} row {j}");
+                assert_eq!(got16_256[j].to_bits(), want16, "{order:?} f16, 256-bit, n={n} row {j}");
             }
         }
     }

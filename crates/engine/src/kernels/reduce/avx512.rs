@@ -22,10 +22,12 @@ pub(super) const ROWS: usize = 6;
 /// Outputs per parallel task (two panels).
 const TILE: usize = 32;
 
-/// Whether the CPU has AVX-512 F (and F16C, which the f16 packing uses; every AVX-512 CPU has
-/// it). Detected once, then cached.
+/// Whether the CPU has AVX-512 F (and F16C and AVX2, which the f16 kernels use; every AVX-512
+/// CPU has them). Detected once, then cached.
 pub(super) fn available() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("f16c")
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("f16c")
+        && std::arch::is_x86_feature_detected!("avx2")
 }
 
 /// `par_matmul_blocked` with the AVX-512 kernel: the same bits. The caller checks
@@ -341,4 +343,49 @@ unsafe fn accumulate_chunk<'v, const W: usize>(
         // SAFETY: as for the loads.
         unsafe { _mm512_storeu_ps(acc.as_mut_ptr().add(c + 16 * k), *r) };
     }
+}
+
+/// [`super::dot_lanes8`] of `a` with four f16 rows at once (the GEMV order): two rows share a
+/// register, row `2p` in its low eight lanes and row `2p + 1` in its high eight, so every row
+/// keeps its own eight lanes, multiplied then added as the scalar code does, with half the
+/// instructions of the 256-bit version. The lanes are then summed in `lanes8_sum`'s tree and the
+/// tail inputs added in order. `w` points at four rows of at least `n` values, `a` holds at least
+/// `n`.
+#[target_feature(enable = "avx512f,avx2,f16c")]
+pub(super) unsafe fn dot_lanes8_x4_f16(a: &[f32], w: [*const half::f16; 4], n: usize) -> [f32; 4] {
+    let full = n / 8 * 8;
+    let mut acc = [_mm512_setzero_ps(); 2];
+    let mut i = 0;
+    while i < full {
+        // SAFETY: i + 8 <= n: within `a` and within every row (the caller's contract).
+        unsafe {
+            super::prefetch_rows(w, i);
+            let a8 = _mm256_loadu_ps(a.as_ptr().add(i));
+            let a16 = _mm512_castpd_ps(_mm512_insertf64x4::<1>(
+                _mm512_castpd256_pd512(_mm256_castps_pd(a8)),
+                _mm256_castps_pd(a8),
+            ));
+            for (p, c) in acc.iter_mut().enumerate() {
+                let lo = _mm_loadu_si128(w[2 * p].add(i).cast());
+                let hi = _mm_loadu_si128(w[2 * p + 1].add(i).cast());
+                let w16 = _mm512_cvtph_ps(_mm256_inserti128_si256::<1>(_mm256_castsi128_si256(lo), hi));
+                *c = _mm512_add_ps(*c, _mm512_mul_ps(a16, w16));
+            }
+        }
+        i += 8;
+    }
+    let mut lanes = [[0.0f32; 16]; 2];
+    for (l, c) in lanes.iter_mut().zip(acc) {
+        // SAFETY: `l` holds sixteen f32.
+        unsafe { _mm512_storeu_ps(l.as_mut_ptr(), c) };
+    }
+    std::array::from_fn(|r| {
+        let l = &lanes[r / 2][8 * (r % 2)..8 * (r % 2) + 8];
+        let mut s = super::lanes8_sum([l[0], l[1], l[2], l[3], l[4], l[5], l[6], l[7]]);
+        for (j, &x) in a.iter().enumerate().take(n).skip(full) {
+            // SAFETY: j < n, within row r.
+            s += x * unsafe { *w[r].add(j) }.to_f32();
+        }
+        s
+    })
 }
