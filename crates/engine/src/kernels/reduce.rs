@@ -184,25 +184,26 @@ fn row_len<T>(a: &[f32], w: &[&[T]; 4]) -> usize {
     w.iter().fold(a.len(), |m, r| m.min(r.len()))
 }
 
-/// How far ahead of its reads a GEMV asks for each of its four rows' f16 weights: 2 KiB. Rows
-/// follow one another in memory, so past a row's end this is the start of the next; the hardware
-/// prefetcher alone left a decode step at two thirds of the memory's streaming rate (single
-/// thread: 94 → 108–115 tok/s on SmolLM2 with this; 1 KiB ahead was slower than none, 4 and
-/// 8 KiB less good).
+/// How far ahead of its reads a GEMV asks for each of its four rows' weights: 2 KiB. Rows follow
+/// one another in memory, so past a row's end this is the start of the next; the hardware
+/// prefetcher alone left a decode step at two thirds of the memory's streaming rate (f16,
+/// single thread: 94 → 108–115 tok/s on SmolLM2 with this; 1 KiB ahead was slower than none, 4
+/// and 8 KiB less good).
 #[cfg(target_arch = "x86_64")]
-const PREFETCH_F16: usize = 1024;
+const PREFETCH_BYTES: usize = 2048;
 
-/// Asks for the cache lines `PREFETCH_F16` values ahead of value `i` of four f16 rows, once per
-/// 32 values (one cache line of each row).
+/// Asks for the cache lines [`PREFETCH_BYTES`] ahead of value `i` of four rows, once per cache
+/// line of each row (the kernels step through `i` in multiples of 4 values).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
-fn prefetch_rows(w: [*const half::f16; 4], i: usize) {
+fn prefetch_rows<T>(w: [*const T; 4], i: usize) {
     use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-    if i.is_multiple_of(32) {
+    let per_line = 64 / std::mem::size_of::<T>();
+    if i.is_multiple_of(per_line) {
         for r in w {
             // SAFETY: a prefetch reads nothing the program sees and never faults; the address
             // is only computed (wrapping_add), not dereferenced.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(r.wrapping_add(i + PREFETCH_F16).cast()) };
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(r.wrapping_add(i).cast::<u8>().wrapping_add(PREFETCH_BYTES).cast()) };
         }
     }
 }
@@ -312,7 +313,10 @@ mod avx {
             blocked_x4(
                 a,
                 n,
-                |i| (_mm256_loadu2_m128(w[1].add(i), w[0].add(i)), _mm256_loadu2_m128(w[3].add(i), w[2].add(i))),
+                |i| {
+                    super::prefetch_rows(w, i);
+                    (_mm256_loadu2_m128(w[1].add(i), w[0].add(i)), _mm256_loadu2_m128(w[3].add(i), w[2].add(i)))
+                },
                 |r, j| *w[r].add(j),
             )
         }
@@ -430,7 +434,19 @@ mod avx {
     #[target_feature(enable = "avx,f16c")]
     pub(super) unsafe fn dot_lanes8_x4(a: &[f32], w: [*const f32; 4], n: usize) -> [f32; 4] {
         // SAFETY: the caller's pointers hold `n` values each.
-        unsafe { lanes8_x4(a, n, |r, i| _mm256_loadu_ps(w[r].add(i)), |r, j| *w[r].add(j)) }
+        unsafe {
+            lanes8_x4(
+                a,
+                n,
+                |r, i| {
+                    if r == 0 {
+                        super::prefetch_rows(w, i);
+                    }
+                    _mm256_loadu_ps(w[r].add(i))
+                },
+                |r, j| *w[r].add(j),
+            )
+        }
     }
 
     /// [`super::dot_lanes8`] of `a` with four rows at once: each row keeps its own eight lanes in
