@@ -75,6 +75,14 @@ pub enum AnalyzeError {
     },
 }
 
+const _: () = {
+    let mut i = 0;
+    while i < PairStatus::ALL.len() {
+        assert!(PairStatus::ALL[i].index() == i, "PairStatus::ALL lists each status at its index");
+        i += 1;
+    }
+};
+
 /// How one pair compares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
@@ -94,6 +102,28 @@ pub enum PairStatus {
 }
 
 impl PairStatus {
+    /// Every status, each at its [`PairStatus::index`].
+    pub const ALL: [PairStatus; 6] = [
+        PairStatus::Pass,
+        PairStatus::Drift,
+        PairStatus::NumericFault,
+        PairStatus::Misaligned,
+        PairStatus::MissingBaseline,
+        PairStatus::MissingCandidate,
+    ];
+
+    /// Position in [`PairStatus::ALL`] (a new status fails to compile here until it is listed).
+    pub const fn index(self) -> usize {
+        match self {
+            PairStatus::Pass => 0,
+            PairStatus::Drift => 1,
+            PairStatus::NumericFault => 2,
+            PairStatus::Misaligned => 3,
+            PairStatus::MissingBaseline => 4,
+            PairStatus::MissingCandidate => 5,
+        }
+    }
+
     /// Whether the pair counts as a failure (complete pairs that are not bitwise equal).
     pub fn is_failure(self) -> bool {
         matches!(self, PairStatus::Drift | PairStatus::NumericFault | PairStatus::Misaligned)
@@ -636,16 +666,19 @@ struct Classes {
 
 impl Default for Classes {
     fn default() -> Self {
-        Classes { known: vec![0; Point::ALL.len() * Self::STATUSES], other: FxHashMap::default() }
+        Classes { known: vec![0; Point::ALL.len() * PairStatus::ALL.len()], other: FxHashMap::default() }
     }
 }
 
 impl Classes {
-    const STATUSES: usize = 6;
+    /// Where a point of the vocabulary and a status count in `known`.
+    fn slot(p: Point, status: PairStatus) -> usize {
+        p.index() * PairStatus::ALL.len() + status.index()
+    }
 
     fn add(&mut self, point: PointId, status: PairStatus, n: u64) {
         match point {
-            PointId::Known(p) => self.known[p.index() * Self::STATUSES + status as usize] += n,
+            PointId::Known(p) => self.known[Self::slot(p, status)] += n,
             PointId::Other(_) => *self.other.entry((point, status)).or_insert(0) += n,
         }
     }
@@ -661,23 +694,15 @@ impl Classes {
 
     /// The classes with a non-zero count.
     fn into_vec(self) -> Vec<((PointId, PairStatus), u64)> {
-        let statuses = [
-            PairStatus::Pass,
-            PairStatus::Drift,
-            PairStatus::NumericFault,
-            PairStatus::Misaligned,
-            PairStatus::MissingBaseline,
-            PairStatus::MissingCandidate,
-        ];
-        const { assert!(Classes::STATUSES == 6) };
-        let known = &self.known;
-        let known = Point::ALL.iter().flat_map(|&p| {
-            statuses.iter().filter_map(move |&st| {
-                let n = known[p.index() * Self::STATUSES + st as usize];
+        let Classes { known, other } = self;
+        let classes = Point::ALL.iter().flat_map(|&p| PairStatus::ALL.iter().map(move |&st| (p, st)));
+        classes
+            .filter_map(|(p, st)| {
+                let n = known[Self::slot(p, st)];
                 (n > 0).then_some(((PointId::Known(p), st), n))
             })
-        });
-        known.collect::<Vec<_>>().into_iter().chain(self.other).collect()
+            .chain(other)
+            .collect()
     }
 }
 

@@ -162,7 +162,7 @@ impl Side {
     }
     /// Line number (from 1).
     pub fn line(&self) -> u64 {
-        self.wide.as_ref().map_or(u64::from(self.line), |w| w.line)
+        self.loc().line
     }
     /// Decode step.
     pub fn step(&self) -> u64 {
