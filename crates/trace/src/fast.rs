@@ -326,6 +326,9 @@ fn string_stop(b: &[u8], mut i: usize) -> usize {
     i
 }
 
+/// Eight ASCII '0' bytes: XOR or subtract it to turn digit bytes into their values.
+const ZEROS: u64 = 0x3030_3030_3030_3030;
+
 /// The eight bytes at `i` as a little-endian word; past the end of `b` the word holds zero
 /// bytes (not digits, so digit runs stop there).
 #[inline(always)]
@@ -348,7 +351,7 @@ fn load8(b: &[u8], i: usize) -> u64 {
 /// only disturb the bytes above a non-digit, so the lowest flagged byte is exact.
 #[inline(always)]
 fn digit_run(w: u64) -> usize {
-    let t = w ^ 0x3030_3030_3030_3030;
+    let t = w ^ ZEROS;
     let not_digit = (t.wrapping_add(0x7676_7676_7676_7676) | t) & 0x8080_8080_8080_8080;
     (not_digit.trailing_zeros() / 8) as usize
 }
@@ -361,7 +364,7 @@ fn parse_run(w: u64, k: usize) -> u64 {
     if k == 8 {
         parse_eight(w)
     } else {
-        parse_eight((w << (8 * (8 - k))) | (0x3030_3030_3030_3030 >> (8 * k)))
+        parse_eight((w << (8 * (8 - k))) | (ZEROS >> (8 * k)))
     }
 }
 
@@ -379,7 +382,7 @@ const POW10_U64: [u64; 20] = {
 /// The value of eight ASCII digits, the first in the lowest byte: digits are combined in pairs,
 /// then pairs of pairs, then halves (each step fits its lane, so no carry crosses lanes).
 fn parse_eight(w: u64) -> u64 {
-    let w = w - 0x3030_3030_3030_3030;
+    let w = w - ZEROS;
     let w = (w * 10 + (w >> 8)) & 0x00FF_00FF_00FF_00FF;
     let w = (w * 100 + (w >> 16)) & 0x0000_FFFF_0000_FFFF;
     (w * 10_000 + (w >> 32)) & 0xFFFF_FFFF
@@ -409,7 +412,7 @@ impl Decimal {
         let mut significant = k as u32;
         if self.mantissa == 0 {
             // Leading zeros are not significant: count the '0' bytes before the first other digit.
-            let non_zero = (w ^ 0x3030_3030_3030_3030) | (u64::MAX << (8 * k - 1) << 1);
+            let non_zero = (w ^ ZEROS) | (u64::MAX << (8 * k - 1) << 1);
             significant -= non_zero.trailing_zeros() / 8;
         }
         self.significant += significant;
@@ -552,11 +555,19 @@ pub(crate) fn parse_stage(line: &str) -> Option<StageTrace<'_>> {
     parse_stage_into(line, &mut ev).map(|()| ev)
 }
 
+/// How writers usually start a `stage_trace` line: the event field first, no whitespace.
+const STAGE_PREFIX: &[u8] = br#"{"event":"stage_trace""#;
+
+/// Whether `line` starts with [`STAGE_PREFIX`] (three word comparisons).
+#[inline(always)]
+pub(crate) fn starts_as_stage(line: &[u8]) -> bool {
+    line.get(..STAGE_PREFIX.len()).is_some_and(|start| eq_short(start, STAGE_PREFIX))
+}
+
 /// Parses a `stage_trace` line into `ev`, an empty slot ([`StageTrace::empty`]; filled in place,
 /// not moved: the event is large and this runs for every line), or returns `None` when
 /// serde_json must decide; `ev` then holds nothing meaningful.
 pub(crate) fn parse_stage_into<'a>(line: &'a str, ev: &mut StageTrace<'a>) -> Option<()> {
-    const PREFIX: &[u8] = br#"{"event":"stage_trace""#;
     let mut c = Cursor { s: line, b: line.as_bytes(), i: 0 };
     let (mut prompt_id, mut phase, mut point) = (None, None, None);
     let (mut layer, mut step, mut pos_id, mut seq_len, mut hash) = (None, None, None, None, None);
@@ -566,9 +577,9 @@ pub(crate) fn parse_stage_into<'a>(line: &'a str, ev: &mut StageTrace<'a>) -> Op
     // the name scanned and looked up.
     let (mut seen, mut next) = (0u32, 0usize);
     let mut more = true;
-    if c.b.get(..PREFIX.len()).is_some_and(|start| eq_short(start, PREFIX)) {
+    if starts_as_stage(c.b) {
         // The usual start, the event field first, read as one word comparison.
-        (c.i, seen, next) = (PREFIX.len(), 1, 1);
+        (c.i, seen, next) = (STAGE_PREFIX.len(), 1, 1);
         more = c.separator()?;
     } else {
         c.eat(b'{')?;

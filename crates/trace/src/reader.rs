@@ -565,10 +565,7 @@ fn parse_line<'a, V: Visit>(
             Ok(_) => Parsed::Bad(loc.line, "not a JSON object (each line must hold one event object)".to_string()),
         };
     }
-    const STAGE_PREFIX: &str = r#"{"event":"stage_trace""#;
-    let event: Cow<'_, str> = if line.len() >= STAGE_PREFIX.len()
-        && crate::fast::eq_short(&line.as_bytes()[..STAGE_PREFIX.len()], STAGE_PREFIX.as_bytes())
-    {
+    let event: Cow<'_, str> = if crate::fast::starts_as_stage(line.as_bytes()) {
         Cow::Borrowed("stage_trace")
     } else {
         match serde_json::from_str::<Tag<'_>>(line) {
