@@ -309,32 +309,24 @@ mod avx {
     #[target_feature(enable = "avx,f16c,fma")]
     pub(super) unsafe fn dot_blocked_x4(a: &[f32], w: [*const f32; 4], n: usize) -> [f32; 4] {
         // SAFETY: the caller's pointers hold `n` values each.
-        unsafe {
-            blocked_x4(
-                a,
-                n,
-                |i| {
-                    super::prefetch_rows(w, i);
-                    (_mm256_loadu2_m128(w[1].add(i), w[0].add(i)), _mm256_loadu2_m128(w[3].add(i), w[2].add(i)))
-                },
-                |r, j| *w[r].add(j),
-            )
-        }
+        unsafe { blocked_x4(a, w, n, |p, q| _mm256_loadu2_m128(q, p), |p| *p) }
     }
 
     /// [`super::dot_blocked`] of `a` with four rows at once: one register holds the four lanes of
     /// two rows (low half, high half), so each fused multiply-add advances two rows, each exactly
     /// as the scalar code does; block sums are added up in registers while blocks are whole
-    /// multiples of four. `pairs(i)` gives values `i..i + 4` of rows 0 and 1, and of rows 2 and 3,
-    /// each pair in one register; `value(r, j)` gives value `j` of row `r`. `a` holds `n` values,
-    /// and so does every row. (F16C too, so that the f16 version's widening inlines here.)
+    /// multiples of four. `pair(p, q)` gives the four values at `p` (low half) and at `q` (high
+    /// half) in one register; `value(p)` gives the value at `p`. `w` points at four rows of at
+    /// least `n` values, read ahead ([`super::prefetch_rows`]); `a` holds at least `n`. (F16C too,
+    /// so that the f16 version's widening inlines here.)
     #[target_feature(enable = "avx,f16c,fma")]
     #[inline]
-    pub(super) unsafe fn blocked_x4(
+    pub(super) unsafe fn blocked_x4<T>(
         a: &[f32],
+        w: [*const T; 4],
         n: usize,
-        pairs: impl Fn(usize) -> (__m256, __m256),
-        value: impl Fn(usize, usize) -> f32,
+        pair: impl Fn(*const T, *const T) -> __m256,
+        value: impl Fn(*const T) -> f32,
     ) -> [f32; 4] {
         let mut tv = _mm256_setzero_ps();
         let mut total = [0.0f32; 4];
@@ -345,9 +337,15 @@ mod avx {
             let (mut acc01, mut acc23) = (_mm256_setzero_ps(), _mm256_setzero_ps());
             let mut i = b;
             while i < full {
+                super::prefetch_rows(w, i);
                 // SAFETY: i + 4 <= n, within `a` and each row; unaligned loads.
-                let av = unsafe { _mm256_broadcast_ps(&_mm_loadu_ps(a.as_ptr().add(i))) };
-                let (w01, w23) = pairs(i);
+                let (av, w01, w23) = unsafe {
+                    (
+                        _mm256_broadcast_ps(&_mm_loadu_ps(a.as_ptr().add(i))),
+                        pair(w[0].add(i), w[1].add(i)),
+                        pair(w[2].add(i), w[3].add(i)),
+                    )
+                };
                 acc01 = _mm256_fmadd_ps(av, w01, acc01);
                 acc23 = _mm256_fmadd_ps(av, w23, acc23);
                 i += 4;
@@ -369,7 +367,8 @@ mod avx {
                     let q = &l[4 * r..4 * r + 4];
                     let mut block = (q[0] + q[1]) + (q[2] + q[3]);
                     for (j, &x) in a.iter().enumerate().take(end).skip(full) {
-                        block += x * value(r, j);
+                        // SAFETY: j < n, within row r.
+                        block += x * value(unsafe { w[r].add(j) });
                     }
                     *t += block;
                 }
@@ -434,41 +433,32 @@ mod avx {
     #[target_feature(enable = "avx,f16c")]
     pub(super) unsafe fn dot_lanes8_x4(a: &[f32], w: [*const f32; 4], n: usize) -> [f32; 4] {
         // SAFETY: the caller's pointers hold `n` values each.
-        unsafe {
-            lanes8_x4(
-                a,
-                n,
-                |r, i| {
-                    if r == 0 {
-                        super::prefetch_rows(w, i);
-                    }
-                    _mm256_loadu_ps(w[r].add(i))
-                },
-                |r, j| *w[r].add(j),
-            )
-        }
+        unsafe { lanes8_x4(a, w, n, |p| _mm256_loadu_ps(p), |p| *p) }
     }
 
     /// [`super::dot_lanes8`] of `a` with four rows at once: each row keeps its own eight lanes in
-    /// one register, multiplied then added as the scalar code does. `load(r, i)` gives values
-    /// `i..i + 8` of row `r` in a register; `value(r, j)` gives value `j` of row `r`. `a` holds
-    /// `n` values, and so does every row. (F16C too, so that the f16 version's widening inlines.)
+    /// one register, multiplied then added as the scalar code does. `load(p)` gives the eight
+    /// values at `p` in a register; `value(p)` gives the value at `p`. `w` points at four rows of
+    /// at least `n` values, read ahead ([`super::prefetch_rows`]); `a` holds at least `n`. (F16C
+    /// too, so that the f16 version's widening inlines.)
     #[target_feature(enable = "avx,f16c")]
     #[inline]
-    pub(super) unsafe fn lanes8_x4(
+    pub(super) unsafe fn lanes8_x4<T>(
         a: &[f32],
+        w: [*const T; 4],
         n: usize,
-        load: impl Fn(usize, usize) -> __m256,
-        value: impl Fn(usize, usize) -> f32,
+        load: impl Fn(*const T) -> __m256,
+        value: impl Fn(*const T) -> f32,
     ) -> [f32; 4] {
         let full = n / 8 * 8;
         let mut acc = [_mm256_setzero_ps(); 4];
         let mut i = 0;
         while i < full {
-            // SAFETY: i + 8 <= n, within `a`; unaligned load.
+            super::prefetch_rows(w, i);
+            // SAFETY: i + 8 <= n, within `a` and every row; unaligned loads.
             let av = unsafe { _mm256_loadu_ps(a.as_ptr().add(i)) };
-            for (r, c) in acc.iter_mut().enumerate() {
-                *c = _mm256_add_ps(*c, _mm256_mul_ps(av, load(r, i)));
+            for (c, p) in acc.iter_mut().zip(w) {
+                *c = _mm256_add_ps(*c, _mm256_mul_ps(av, load(unsafe { p.add(i) })));
             }
             i += 8;
         }
@@ -479,7 +469,8 @@ mod avx {
             unsafe { _mm256_storeu_ps(l.as_mut_ptr(), c) };
             let mut s = super::lanes8_sum(l);
             for (j, &x) in a.iter().enumerate().take(n).skip(full) {
-                s += x * value(r, j);
+                // SAFETY: j < n, within row r.
+                s += x * value(unsafe { w[r].add(j) });
             }
             *o = s;
         }
@@ -524,19 +515,7 @@ mod f16c {
     #[target_feature(enable = "avx,f16c")]
     pub(super) unsafe fn dot_lanes8_x4(a: &[f32], w: [*const f16; 4], n: usize) -> [f32; 4] {
         // SAFETY: the caller's pointers hold `n` values each.
-        unsafe {
-            super::avx::lanes8_x4(
-                a,
-                n,
-                |r, i| {
-                    if r == 0 {
-                        super::prefetch_rows(w, i);
-                    }
-                    _mm256_cvtph_ps(_mm_loadu_si128(w[r].add(i).cast()))
-                },
-                |r, j| (*w[r].add(j)).to_f32(),
-            )
-        }
+        unsafe { super::avx::lanes8_x4(a, w, n, |p| _mm256_cvtph_ps(_mm_loadu_si128(p.cast())), |p| (*p).to_f32()) }
     }
 
     /// [`super::dot_blocked`] of four f16 rows at once (see [`super::avx::blocked_x4`]), widened
@@ -553,17 +532,7 @@ mod f16c {
             }
         };
         // SAFETY: the caller's pointers hold `n` values each.
-        unsafe {
-            super::avx::blocked_x4(
-                a,
-                n,
-                |i| {
-                    super::prefetch_rows(w, i);
-                    (pair(w[0].add(i), w[1].add(i)), pair(w[2].add(i), w[3].add(i)))
-                },
-                |r, j| (*w[r].add(j)).to_f32(),
-            )
-        }
+        unsafe { super::avx::blocked_x4(a, w, n, pair, |p| (*p).to_f32()) }
     }
 }
 
