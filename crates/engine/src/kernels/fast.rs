@@ -1,8 +1,7 @@
 //! Shape-dependent kernels, as production engines choose them (see the module docs).
 
 use super::reduce::{
-    par_attention, par_attention_plan, par_matmul, par_matmul_blocked, rmsnorm_with, sumsq_blocked128, sumsq_lanes8,
-    DotOrder, KvHead, KvPlan,
+    par_attention_plan, par_matmul, par_matmul_blocked, rmsnorm_with, sumsq_blocked128, sumsq_lanes8, DotOrder, KvPlan,
 };
 use super::{AttnShape, Kernels};
 use crate::weights::Matrix;
@@ -46,11 +45,8 @@ impl Kernels for Fast {
         if rows == 1 {
             // Flash-decoding: the keys in `decode_splits(ctx)` ranges, each reduced on its own,
             // then the partial softmax states combined.
-            let (stride, scale) = (shape.kv_dim(), shape.scale());
-            par_attention(q, rows, pos0, shape, out, |qh, off, ctx, o| {
-                let plan = KvPlan::Splits(ctx.div_ceil(decode_splits(ctx)));
-                plan.attend(qh, &KvHead { k, v, stride, off }, ctx, scale, o)
-            });
+            let ctx = pos0 + 1;
+            par_attention_plan(q, rows, pos0, k, v, shape, KvPlan::Splits(ctx.div_ceil(decode_splits(ctx))), out);
         } else {
             // Flash attention: one pass over KV tiles with an online softmax.
             par_attention_plan(q, rows, pos0, k, v, shape, KvPlan::Tiles(PREFILL_KV_TILE), out);

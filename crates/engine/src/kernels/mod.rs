@@ -17,7 +17,9 @@
 //! F16C and FMA, and AVX-512 where present, detected at run time) compute exactly those orders,
 //! as the tests check bit for bit: with AVX-512 the GEMM runs blocks of 6 rows × 16 outputs on
 //! weights packed per panel, and prefill attention runs blocks of 16 query rows per head over
-//! keys transposed once, so that a register holds sixteen keys' lanes. The GEMM order's lanes use
+//! keys transposed once, so that a register holds sixteen keys' lanes. A decode step's attention
+//! reads each cached key and value once for all the query heads that share it (grouped-query
+//! attention), its (KV head, split) pairs in parallel. The GEMM order's lanes use
 //! fused multiply-adds: FMA instructions where the CPU has them, the correctly rounded software
 //! `mul_add` elsewhere, the same bits on every target (slowly without FMA). The other orders
 //! multiply, then add. The softmax and SiLU use the engine's own exponential ([`exp`]), not the C

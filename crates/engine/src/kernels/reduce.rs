@@ -208,6 +208,29 @@ fn prefetch_rows<T>(w: [*const T; 4], i: usize) {
     }
 }
 
+/// How many keys ahead of its reads a decode step asks for keys (and it asks for the values of
+/// the keys it reads, which it needs once the chunk's scores are known).
+const KEYS_AHEAD: usize = 8;
+
+/// Asks for the cache lines of `n` values from `p` on (a hint: never faults, reads nothing).
+#[inline(always)]
+fn prefetch_span(p: *const f32, n: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let (start, bytes) = (p.cast::<u8>(), n * 4);
+        let mut at = 0;
+        while at < bytes {
+            // SAFETY: a prefetch reads nothing the program sees and never faults; the address is
+            // only computed (wrapping_add), not dereferenced.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(at).cast()) };
+            at += 64;
+        }
+        // SAFETY: as above.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(bytes.saturating_sub(1)).cast()) };
+    }
+}
+
 /// Sums eight lanes in [`dot_lanes8`]'s tree.
 #[inline(always)]
 fn lanes8_sum(l: [f32; 8]) -> f32 {
@@ -434,6 +457,49 @@ mod avx {
     pub(super) unsafe fn dot_lanes8_x4(a: &[f32], w: [*const f32; 4], n: usize) -> [f32; 4] {
         // SAFETY: the caller's pointers hold `n` values each.
         unsafe { lanes8_x4(a, w, n, |p| _mm256_loadu_ps(p), |p| *p) }
+    }
+
+    /// [`super::dot_lanes8`] of `Q` queries with four keys, each key read once for all of them
+    /// (the query heads of one KV head in grouped-query attention): every (query, key) pair keeps
+    /// its own eight lanes in one register, multiplied then added as the scalar code does, then
+    /// summed in `lanes8_sum`'s tree with the tail inputs in order. `keys` point at four rows of
+    /// at least `n` values; every query holds at least `n`.
+    #[target_feature(enable = "avx")]
+    #[inline]
+    pub(super) unsafe fn dots_lanes8_q<const Q: usize>(
+        qs: [&[f32]; Q],
+        keys: [*const f32; 4],
+        n: usize,
+    ) -> [[f32; 4]; Q] {
+        let full = n / 8 * 8;
+        let mut acc = [[_mm256_setzero_ps(); 4]; Q];
+        let mut i = 0;
+        while i < full {
+            // SAFETY: i + 8 <= n, within every key and every query; unaligned loads.
+            let kv = keys.map(|p| unsafe { _mm256_loadu_ps(p.add(i)) });
+            for (a, q) in acc.iter_mut().zip(qs) {
+                let qv = unsafe { _mm256_loadu_ps(q.as_ptr().add(i)) };
+                for (c, k) in a.iter_mut().zip(kv) {
+                    *c = _mm256_add_ps(*c, _mm256_mul_ps(qv, k));
+                }
+            }
+            i += 8;
+        }
+        let mut out = [[0.0f32; 4]; Q];
+        for ((o, a), q) in out.iter_mut().zip(acc).zip(qs) {
+            for (r, (o, c)) in o.iter_mut().zip(a).enumerate() {
+                let mut l = [0.0f32; 8];
+                // SAFETY: `l` holds eight f32.
+                unsafe { _mm256_storeu_ps(l.as_mut_ptr(), c) };
+                let mut s = super::lanes8_sum(l);
+                for (j, &x) in q.iter().enumerate().take(n).skip(full) {
+                    // SAFETY: j < n, within key r.
+                    s += x * unsafe { *keys[r].add(j) };
+                }
+                *o = s;
+            }
+        }
+        out
     }
 
     /// [`super::dot_lanes8`] of `a` with four rows at once: each row keeps its own eight lanes in
@@ -796,7 +862,21 @@ pub struct KvHead<'a> {
     pub off: usize,
 }
 
+impl<'a> KvHead<'a> {
+    /// Key `j` (`d` values).
+    fn key(&self, j: usize, d: usize) -> &'a [f32] {
+        &self.k[j * self.stride + self.off..][..d]
+    }
+
+    /// The values of keys `j0..`: the closure's `jj` gives key `j0 + jj`'s `d` values.
+    fn values(&self, j0: usize, d: usize) -> impl Fn(usize) -> &'a [f32] + use<'a> {
+        let (v, stride, off) = (self.v, self.stride, self.off);
+        move |jj| &v[(j0 + jj) * stride + off..][..d]
+    }
+}
+
 /// Running softmax state of one query head: max score, sum of exponentials, weighted values.
+#[derive(Debug, Clone)]
 pub struct Softmax {
     pub m: f32,
     pub l: f32,
@@ -811,8 +891,8 @@ impl Softmax {
     /// Folds in the keys `[j0, j1)`: scores first, then their max, then exponentials and values
     /// in order, rescaling what was accumulated before when the max grows.
     pub fn absorb(&mut self, q: &[f32], kv: &KvHead<'_>, j0: usize, j1: usize, scale: f32) {
-        let (d, stride, off) = (q.len(), kv.stride, kv.off);
-        let key = |j: usize| &kv.k[j * stride + off..j * stride + off + d];
+        let d = q.len();
+        let key = |j: usize| kv.key(j, d);
         let mut scores: Vec<f32> = Vec::with_capacity(j1 - j0);
         // Scores in the GEMV order (eight lanes), four keys at a time; the same function for
         // every query length, so it never tells prefill from decode.
@@ -828,10 +908,20 @@ impl Softmax {
     /// [`Softmax::absorb`] of keys `j0..j0 + scores.len()` whose scaled scores are given (and
     /// are overwritten with their exponentials).
     pub fn absorb_scores(&mut self, scores: &mut [f32], kv: &KvHead<'_>, j0: usize) {
-        let (d, stride, off, vals) = (self.acc.len(), kv.stride, kv.off, kv.v);
+        let d = self.acc.len();
+        if self.weigh(scores) {
+            accumulate_values(&mut self.acc, scores, kv.values(j0, d));
+        }
+    }
+
+    /// The first half of [`Softmax::absorb_scores`]: the new max, the rescaled state, the
+    /// scores' exponentials (written over them) and their sum. What is left is adding the
+    /// values weighted by the exponentials; false when no key counts (every score -∞), and
+    /// then nothing is left to do.
+    fn weigh(&mut self, scores: &mut [f32]) -> bool {
         let m_new = scores.iter().fold(self.m, |m, &s| m.max(s));
         if m_new == f32::NEG_INFINITY {
-            return;
+            return false;
         }
         // When the max stays, the factor is exp(0) = 1 and leaves every bit as it was.
         if m_new != self.m {
@@ -850,9 +940,8 @@ impl Softmax {
         for &p in scores.iter() {
             self.l += p;
         }
-        let value = |jj: usize| &vals[(j0 + jj) * stride + off..(j0 + jj) * stride + off + d];
-        accumulate_values(&mut self.acc, scores, value);
         self.m = m_new;
+        true
     }
 
     /// Merges another partial state (of keys after this one's).
@@ -960,9 +1049,10 @@ impl PlanState {
 }
 
 /// Causal attention of `rows` query rows (positions `pos0..`) under `plan`, every row the same
-/// bits as [`KvPlan::attend`] gives it alone. With AVX-512, blocks of query rows of one head
-/// share each chunk of keys, transposed once so that scores are computed for sixteen keys at a
-/// time; elsewhere row by row.
+/// bits as [`KvPlan::attend`] gives it alone. One row (a decode step) runs
+/// [`decode_attention`]: the query heads of a KV head read each key once, and the splits run in
+/// parallel. With AVX-512, blocks of query rows of one head share each chunk of keys,
+/// transposed once so that scores are computed for sixteen keys at a time; elsewhere row by row.
 #[allow(clippy::too_many_arguments)]
 pub fn par_attention_plan(
     q: &[f32],
@@ -974,14 +1064,187 @@ pub fn par_attention_plan(
     plan: KvPlan,
     out: &mut [f32],
 ) {
+    if rows == 1 {
+        return decode_attention(q, pos0, k, v, shape, plan, out);
+    }
     #[cfg(target_arch = "x86_64")]
-    if avx512::available() && rows > 1 {
+    if avx512::available() {
         return attention_blocks(q, rows, pos0, k, v, shape, plan, out);
     }
     let (stride, scale) = (shape.kv_dim(), shape.scale());
     par_attention(q, rows, pos0, shape, out, |qh, off, ctx, o| {
         plan.attend(qh, &KvHead { k, v, stride, off }, ctx, scale, o)
     });
+}
+
+/// Attention of one query row (a decode step) under `plan`, every head the bits
+/// [`KvPlan::attend`] gives it alone. The query heads of one KV head read each key and value
+/// once together ([`absorb_group`]); under a split plan the (KV head, split) pairs run in
+/// parallel and each head merges its splits' states in order afterwards; under a tiled plan a
+/// KV head's tiles fold in turn, one task per KV head.
+#[allow(clippy::too_many_arguments)]
+fn decode_attention(
+    q: &[f32],
+    pos0: usize,
+    k: &[f32],
+    v: &[f32],
+    shape: super::AttnShape,
+    plan: KvPlan,
+    out: &mut [f32],
+) {
+    use rayon::prelude::*;
+    let (d, group) = (shape.head_dim, shape.n_heads / shape.n_kv_heads.max(1));
+    let (stride, scale, ctx) = (shape.kv_dim(), shape.scale(), pos0 + 1);
+    assert_eq!(q.len(), shape.n_heads * d, "attention q is not [1, n_heads * head_dim]");
+    let (chunk, chunks) = (plan.chunk(), ctx.div_ceil(plan.chunk()));
+    let per_task = match plan {
+        KvPlan::Tiles(_) => chunks,
+        KvPlan::Splits(_) => 1,
+    };
+    let tasks = chunks.div_ceil(per_task);
+    let parts: Vec<Vec<Softmax>> = (0..shape.n_kv_heads * tasks)
+        .into_par_iter()
+        .map(|t| {
+            let (g, c0) = (t / tasks, t % tasks * per_task);
+            let kv = KvHead { k, v, stride, off: g * d };
+            let qs: Vec<&[f32]> = q[g * group * d..(g + 1) * group * d].chunks_exact(d).collect();
+            let mut states: Vec<Softmax> = qs.iter().map(|_| Softmax::new(d)).collect();
+            for c in c0..(c0 + per_task).min(chunks) {
+                absorb_group(&mut states, &qs, &kv, c * chunk, ((c + 1) * chunk).min(ctx), scale);
+            }
+            states
+        })
+        .collect();
+    for (h, o) in out.chunks_exact_mut(d).enumerate().take(shape.n_heads) {
+        let (g, i) = (h / group, h % group);
+        let mut state = PlanState::new(plan, d);
+        for part in &parts[g * tasks..(g + 1) * tasks] {
+            state.fold(|st| st.clone_from(&part[i]));
+        }
+        state.total.finish(o);
+    }
+}
+
+/// [`Softmax::absorb`] of keys `[j0, j1)` for the query heads `qs` that share the KV head `kv`
+/// (grouped-query attention), `states[h]` being `qs[h]`'s: each key and each value is read once
+/// for the whole group, and every head gets the bits of its own `absorb`.
+fn absorb_group(states: &mut [Softmax], qs: &[&[f32]], kv: &KvHead<'_>, j0: usize, j1: usize, scale: f32) {
+    let (n, d) = (j1.saturating_sub(j0), qs.first().map_or(0, |q| q.len()));
+    if n == 0 {
+        return;
+    }
+    let mut scores = vec![0.0f32; qs.len() * n];
+    group_scores(qs, kv, j0, j1, scale, &mut scores);
+    let mut live: Vec<(&mut [f32], &[f32])> = Vec::with_capacity(qs.len());
+    for (st, s) in states.iter_mut().zip(scores.chunks_exact_mut(n)) {
+        if st.weigh(s) {
+            live.push((&mut st.acc, s));
+        }
+    }
+    accumulate_values_group(&mut live, kv.values(j0, d));
+}
+
+/// The scaled scores of the query heads `qs` with keys `[j0, j1)` of `kv`, head `h`'s in
+/// `scores[h · n..(h + 1) · n]` (`n = j1 - j0`), each what [`Softmax::absorb`] computes: the GEMV
+/// order, four keys at a time read once for up to three heads, the last keys one by one.
+fn group_scores(qs: &[&[f32]], kv: &KvHead<'_>, j0: usize, j1: usize, scale: f32, scores: &mut [f32]) {
+    let (n, d) = (j1 - j0, qs.first().map_or(0, |q| q.len()));
+    for (b, block) in qs.chunks(3).enumerate() {
+        let mut j = j0;
+        while j + 4 <= j1 {
+            if b == 0 {
+                for jj in j..j + 4 {
+                    prefetch_span(kv.k.as_ptr().wrapping_add((jj + KEYS_AHEAD) * kv.stride + kv.off), d);
+                    prefetch_span(kv.v.as_ptr().wrapping_add(jj * kv.stride + kv.off), d);
+                }
+            }
+            let dots = dots_lanes8_group(block, [j, j + 1, j + 2, j + 3].map(|j| kv.key(j, d)));
+            for (h, dots) in dots.iter().enumerate().take(block.len()) {
+                let at = (3 * b + h) * n + j - j0;
+                for (s, x) in scores[at..at + 4].iter_mut().zip(dots) {
+                    *s = x * scale;
+                }
+            }
+            j += 4;
+        }
+        for (h, q) in block.iter().enumerate() {
+            for j in j..j1 {
+                scores[(3 * b + h) * n + j - j0] = dot_lanes8(q, kv.key(j, d)) * scale;
+            }
+        }
+    }
+}
+
+/// [`dot_lanes8`] of up to three queries (`qs`) with four keys, `out[h][r]` for query `h` and
+/// key `r`, each key read once (AVX or AVX-512 registers where the CPU has them).
+fn dots_lanes8_group(qs: &[&[f32]], keys: [&[f32]; 4]) -> [[f32; 4]; 3] {
+    #[cfg(target_arch = "x86_64")]
+    let wide = avx512::available();
+    #[cfg(not(target_arch = "x86_64"))]
+    let wide = false;
+    dots_lanes8_group_in(qs, keys, wide)
+}
+
+/// [`dots_lanes8_group`], with AVX-512 registers only when `wide` (so that tests on AVX-512
+/// machines also check what other CPUs run); `wide` requires AVX-512.
+pub(crate) fn dots_lanes8_group_in(qs: &[&[f32]], keys: [&[f32]; 4], wide: bool) -> [[f32; 4]; 3] {
+    let mut out = [[0.0f32; 4]; 3];
+    #[cfg(target_arch = "x86_64")]
+    if has_vector_units() {
+        let n = qs.iter().fold(keys.iter().fold(usize::MAX, |m, k| m.min(k.len())), |m, q| m.min(q.len()));
+        let p = keys.map(|k| k.as_ptr());
+        let wide = wide && avx512::available();
+        // SAFETY: the CPU has the features of the kernel called (checked above); every key and
+        // every query holds at least `n` values.
+        unsafe {
+            match qs {
+                [a] if wide => out[..1].copy_from_slice(&avx512::dots_lanes8_q([a], p, n)),
+                [a] => out[..1].copy_from_slice(&avx::dots_lanes8_q([a], p, n)),
+                [a, b] if wide => out[..2].copy_from_slice(&avx512::dots_lanes8_q([a, b], p, n)),
+                [a, b] => out[..2].copy_from_slice(&avx::dots_lanes8_q([a, b], p, n)),
+                [a, b, c] if wide => out.copy_from_slice(&avx512::dots_lanes8_q([a, b, c], p, n)),
+                [a, b, c] => out.copy_from_slice(&avx::dots_lanes8_q([a, b, c], p, n)),
+                _ => panic!("dots_lanes8_group takes one to three queries"),
+            }
+        }
+        return out;
+    }
+    let _ = wide;
+    for (o, q) in out.iter_mut().zip(qs) {
+        *o = keys.map(|k| dot_lanes8(q, k));
+    }
+    out
+}
+
+/// [`accumulate_values`] for several query heads over the same values: `acc += ps[j] · value(j)`
+/// for each `(acc, ps)` of `heads`, every value row read once per block of up to four heads
+/// where the CPU has AVX-512; each head the bits of its own call.
+fn accumulate_values_group<'v>(heads: &mut [(&mut [f32], &[f32])], value: impl Fn(usize) -> &'v [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if avx512::available() {
+        for block in heads.chunks_mut(4) {
+            // SAFETY: the CPU has AVX-512 (checked above); `kv.values` rows hold `d` values.
+            unsafe {
+                match block {
+                    [a] => avx512::accumulate_values_q([&mut *a.0], [a.1], &value),
+                    [a, b] => avx512::accumulate_values_q([&mut *a.0, &mut *b.0], [a.1, b.1], &value),
+                    [a, b, c] => {
+                        avx512::accumulate_values_q([&mut *a.0, &mut *b.0, &mut *c.0], [a.1, b.1, c.1], &value)
+                    }
+                    [a, b, c, e] => avx512::accumulate_values_q(
+                        [&mut *a.0, &mut *b.0, &mut *c.0, &mut *e.0],
+                        [a.1, b.1, c.1, e.1],
+                        &value,
+                    ),
+                    _ => {}
+                }
+            }
+        }
+        return;
+    }
+    for (acc, ps) in heads.iter_mut() {
+        accumulate_values(acc, ps, &value);
+    }
 }
 
 /// [`par_attention_plan`] in blocks of query rows per head, with AVX-512 scores.

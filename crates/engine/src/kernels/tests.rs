@@ -252,6 +252,21 @@ fn vector_kernels_match_the_plain_orders() {
             }
         }
     }
+    // Attention scores of one to three query heads with four keys read once, both widths.
+    for n in [1, 7, 8, 9, 16, 64, 67, 128] {
+        let qs: Vec<Vec<f32>> = (0..3).map(|h| data(n, 50 + h)).collect();
+        let keys: Vec<Vec<f32>> = (0..4).map(|r| data(n, 60 + r)).collect();
+        for heads in 1..=3 {
+            let q: Vec<&[f32]> = qs[..heads].iter().map(|q| q.as_slice()).collect();
+            for wide in [false, true] {
+                let got = super::reduce::dots_lanes8_group_in(&q, std::array::from_fn(|r| keys[r].as_slice()), wide);
+                for (h, r) in (0..heads).flat_map(|h| (0..4).map(move |r| (h, r))) {
+                    let want = dot_lanes8(&qs[h], &keys[r]).to_bits();
+                    assert_eq!(got[h][r].to_bits(), want, "grouped scores n={n} heads={heads} wide={wide} ({h}, {r})");
+                }
+            }
+        }
+    }
     // Both GEMM kernels (the dispatcher picks AVX-512's 6 × 16 blocks where the CPU has them),
     // around their block sizes: rows past a multiple of 4 and of 6, outputs past 4, 16 and a
     // tile of 32, k with tails of 1 to 3 and short last blocks.
@@ -290,15 +305,19 @@ fn vector_kernels_match_the_plain_orders() {
 }
 
 /// Attention of many query rows (blocks of rows sharing transposed key chunks where the CPU has
-/// AVX-512) gives every row the bits of its own walk, for both plans, head sizes around the
-/// eight lanes, grouped heads, chunk sizes around the sixteen-key groups, and cached prefixes.
+/// AVX-512), and of one row (the query heads of a KV head sharing each key, splits in
+/// parallel), gives every row and head the bits of its own walk: both plans, head sizes around
+/// the eight lanes and the sixteen-value registers, one to seven query heads per KV head (blocks
+/// of three and four heads and their remainders), chunk sizes around the four- and sixteen-key
+/// groups, and cached prefixes.
 #[test]
 fn blocked_attention_is_bitwise_each_row_alone() {
     use super::reduce::{par_attention_plan, KvHead, KvPlan};
-    for (d, heads, kv_heads) in [(64, 9, 3), (67, 2, 1), (5, 4, 4), (16, 2, 2)] {
+    let shapes = [(64, 9, 3), (67, 2, 1), (5, 4, 4), (16, 2, 2), (80, 8, 2), (33, 5, 1), (48, 14, 2), (128, 7, 1)];
+    for (d, heads, kv_heads) in shapes {
         let shape = AttnShape { n_heads: heads, n_kv_heads: kv_heads, head_dim: d };
-        for plan in [KvPlan::Tiles(32), KvPlan::Splits(64), KvPlan::Tiles(7), KvPlan::Splits(17)] {
-            for (rows, pos0) in [(2, 0), (17, 0), (40, 5), (3, 37)] {
+        for plan in [KvPlan::Tiles(32), KvPlan::Splits(64), KvPlan::Tiles(7), KvPlan::Splits(17), KvPlan::Splits(4)] {
+            for (rows, pos0) in [(2, 0), (17, 0), (40, 5), (3, 37), (1, 0), (1, 6), (1, 63), (1, 64), (1, 130)] {
                 let (q, k, v) = attn_case(rows, pos0, shape);
                 let mut got = vec![f32::NAN; rows * heads * d];
                 par_attention_plan(&q, rows, pos0, &k, &v, shape, plan, &mut got);

@@ -345,6 +345,89 @@ unsafe fn accumulate_chunk<'v, const W: usize>(
     }
 }
 
+/// [`super::avx::dots_lanes8_q`] compiled for AVX-512, whose 32 registers hold the `4Q`
+/// accumulators without spilling. The caller's contract is that function's.
+#[target_feature(enable = "avx512f,avx512vl")]
+pub(super) unsafe fn dots_lanes8_q<const Q: usize>(qs: [&[f32]; Q], keys: [*const f32; 4], n: usize) -> [[f32; 4]; Q] {
+    // SAFETY: the caller's contract.
+    unsafe { super::avx::dots_lanes8_q(qs, keys, n) }
+}
+
+/// [`accumulate_values`] for `Q` query heads over the same values (the heads of one KV head),
+/// each value row read once for all of them: `accs[h] += ps[h][j] · value(j)` for every key `j`
+/// in order, every element its own chain (multiply, then add), the same bits as `Q` calls of
+/// [`accumulate_values`]. Every `accs[h]` has the same length `d`, every `ps[h]` the same
+/// length, and `value(j)` holds at least `d` values.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn accumulate_values_q<'v, const Q: usize>(
+    mut accs: [&mut [f32]; Q],
+    ps: [&[f32]; Q],
+    value: &impl Fn(usize) -> &'v [f32],
+) {
+    let d = accs.first().map_or(0, |a| a.len());
+    let n = ps.first().map_or(0, |p| p.len());
+    assert!(accs.iter().all(|a| a.len() == d) && ps.iter().all(|p| p.len() == n), "heads of unequal sizes");
+    let mut c = 0;
+    // SAFETY (each call): c + 16 · W <= d; W · Q <= 16 registers of accumulators.
+    while d - c >= 64 {
+        unsafe { accumulate_chunk_q::<4, Q>(&mut accs, c, &ps, value) };
+        c += 64;
+    }
+    if d - c >= 32 {
+        unsafe { accumulate_chunk_q::<2, Q>(&mut accs, c, &ps, value) };
+        c += 32;
+    }
+    if d - c >= 16 {
+        unsafe { accumulate_chunk_q::<1, Q>(&mut accs, c, &ps, value) };
+        c += 16;
+    }
+    if c < d {
+        for (acc, ps) in accs.iter_mut().zip(ps) {
+            for (j, &p) in ps.iter().enumerate() {
+                for (a, &x) in acc[c..].iter_mut().zip(&value(j)[c..d]) {
+                    *a += p * x;
+                }
+            }
+        }
+    }
+}
+
+/// [`accumulate_chunk`] for `Q` heads: `W` registers of every head's accumulator, each value
+/// register loaded once and used by every head. The caller guarantees `c + 16W <= d`, the
+/// length of every accumulator, and that `value(j)` holds at least `d` values.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn accumulate_chunk_q<'v, const W: usize, const Q: usize>(
+    accs: &mut [&mut [f32]; Q],
+    c: usize,
+    ps: &[&[f32]; Q],
+    value: &impl Fn(usize) -> &'v [f32],
+) {
+    let d = accs.first().map_or(0, |a| a.len());
+    assert!(c + 16 * W <= d, "chunk past the accumulator");
+    // SAFETY: c + 16W <= d, every accumulator's length (asserted, and by the caller).
+    let mut regs: [[__m512; W]; Q] =
+        std::array::from_fn(|h| std::array::from_fn(|k| unsafe { _mm512_loadu_ps(accs[h].as_ptr().add(c + 16 * k)) }));
+    let n = ps.first().map_or(0, |p| p.len());
+    for j in 0..n {
+        let row = &value(j)[..d];
+        // SAFETY: c + 16k + 16 <= d = row.len().
+        let vs: [__m512; W] = std::array::from_fn(|k| unsafe { _mm512_loadu_ps(row.as_ptr().add(c + 16 * k)) });
+        for (r, p) in regs.iter_mut().zip(ps) {
+            let pv = _mm512_set1_ps(p[j]);
+            for (r, &v) in r.iter_mut().zip(&vs) {
+                *r = _mm512_add_ps(*r, _mm512_mul_ps(pv, v));
+            }
+        }
+    }
+    for (acc, r) in accs.iter_mut().zip(&regs) {
+        for (k, r) in r.iter().enumerate() {
+            // SAFETY: as for the loads.
+            unsafe { _mm512_storeu_ps(acc.as_mut_ptr().add(c + 16 * k), *r) };
+        }
+    }
+}
+
 /// [`super::dot_lanes8`] of `a` with four f16 rows at once (the GEMV order): two rows share a
 /// register, row `2p` in its low eight lanes and row `2p + 1` in its high eight, so every row
 /// keeps its own eight lanes, multiplied then added as the scalar code does, with half the
