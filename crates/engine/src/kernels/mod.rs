@@ -17,7 +17,8 @@
 //! F16C and FMA, and AVX-512 where present, detected at run time) compute exactly those orders,
 //! as the tests check bit for bit: with AVX-512 the GEMM runs blocks of 6 rows × 16 outputs on
 //! weights packed per panel, and prefill attention runs blocks of 16 query rows per head over
-//! keys transposed once, so that a register holds sixteen keys' lanes. A decode step's attention
+//! keys transposed once, so that a register holds sixteen keys' lanes, three rows share each key
+//! register, and the rows' softmax steps run side by side. A decode step's attention
 //! reads each cached key and value once for all the query heads that share it (grouped-query
 //! attention), its (KV head, split) pairs in parallel. The GEMM order's lanes use
 //! fused multiply-adds: FMA instructions where the CPU has them, the correctly rounded software

@@ -1289,35 +1289,61 @@ fn attention_blocks(
             // The KV head starting at `off` is the transposed block number off / d.
             let kt = &kt[off * w..(off + d) * w];
             let (r0, r1) = (b * QB, ((b + 1) * QB).min(rows));
-            let mut states: Vec<PlanState> = (r0..r1).map(|_| PlanState::new(plan, d)).collect();
-            let mut scores = vec![0.0f32; chunk.div_ceil(16) * 16];
+            let wc = chunk.div_ceil(16) * 16;
+            let mut total = BlockStates::new(r1 - r0, d);
+            let mut part = BlockStates::new(r1 - r0, d);
+            // Sixteen rows of scores whatever the block's rows (the sums read all of them).
+            let mut tile = vec![0.0f32; QB * wc];
+            let mut n = vec![0usize; r1 - r0];
             let last_ctx = pos0 + r1;
             let mut j0 = 0;
             while j0 < last_ctx {
                 let j1 = (j0 + chunk).min(last_ctx);
-                for (r, state) in (r0..r1).zip(states.iter_mut()) {
-                    let ctx = pos0 + r + 1;
-                    if ctx <= j0 {
-                        continue;
-                    }
-                    let n = j1.min(ctx) - j0;
-                    let qh = &q[(r * heads + h) * d..(r * heads + h + 1) * d];
+                for (r, n) in (r0..r1).zip(n.iter_mut()) {
+                    *n = j1.min(pos0 + r + 1).saturating_sub(j0);
+                }
+                // The rows with keys in this chunk (a suffix of the block), three at a time.
+                let first = n.iter().position(|&n| n > 0).unwrap_or(n.len());
+                let mut i = first;
+                while i < n.len() {
+                    let take = (n.len() - i).min(3);
+                    let query = |k: usize| &q[((r0 + i + k) * heads + h) * d..][..d];
+                    // The widest row's groups (the others' extra scores are never read).
+                    let groups = n[i..i + take].iter().max().map_or(0, |n| n.div_ceil(16));
+                    let out = &mut tile[i * wc..];
                     // SAFETY: the CPU has AVX-512 (checked by the caller); from column j0, the
-                    // rows of `kt` hold j0 + 16 · ceil(n / 16) <= keys + 16 <= w values, and
-                    // `scores` holds 16 · ceil(n / 16).
-                    unsafe { avx512::dots_lanes8_t(qh, &kt[j0..], w, n.div_ceil(16), &mut scores) };
-                    let s = &mut scores[..n];
-                    for x in s.iter_mut() {
-                        *x *= scale;
+                    // rows of `kt` hold j0 + 16 · groups <= keys + 16 <= w values, and the tile
+                    // rows from `i` hold wc >= 16 · groups each.
+                    unsafe {
+                        match take {
+                            3 => avx512::dots_lanes8_t(
+                                [query(0), query(1), query(2)],
+                                &kt[j0..],
+                                w,
+                                groups,
+                                scale,
+                                out,
+                                wc,
+                            ),
+                            2 => avx512::dots_lanes8_t([query(0), query(1)], &kt[j0..], w, groups, scale, out, wc),
+                            _ => avx512::dots_lanes8_t([query(0)], &kt[j0..], w, groups, scale, out, wc),
+                        }
                     }
-                    state.fold(|st| st.absorb_scores(s, &kv, j0));
+                    i += take;
+                }
+                // SAFETY (both calls): the CPU has AVX-512 (checked by the caller).
+                match plan {
+                    KvPlan::Tiles(_) => unsafe { total.absorb(&mut tile, wc, &n, &kv, j0) },
+                    KvPlan::Splits(_) => unsafe {
+                        part.reset();
+                        part.absorb(&mut tile, wc, &n, &kv, j0);
+                        total.merge(&part);
+                    },
                 }
                 j0 = j1;
             }
             let mut o = vec![0.0f32; (r1 - r0) * d];
-            for (state, oc) in states.iter().zip(o.chunks_mut(d)) {
-                state.total.finish(oc);
-            }
+            total.finish(&mut o);
             o
         })
         .collect();
@@ -1326,6 +1352,150 @@ fn attention_blocks(
         for (i, oc) in o.chunks(d).enumerate() {
             let r = b * QB + i;
             out[(r * heads + h) * d..(r * heads + h + 1) * d].copy_from_slice(oc);
+        }
+    }
+}
+
+/// The softmax states of a block of query rows of one head, folded a chunk of keys at a time
+/// with the rows' work side by side: one call of the exponential for the whole block, the sums
+/// of exponentials as independent chains, and the values read once for up to four rows. Every
+/// row keeps exactly the operations of its own [`Softmax`] (see [`BlockStates::absorb`]).
+#[cfg(target_arch = "x86_64")]
+struct BlockStates {
+    d: usize,
+    m: Vec<f32>,
+    l: Vec<f32>,
+    /// `[rows, d]`.
+    acc: Vec<f32>,
+    /// Scratch for exponentials of per-row values.
+    c: Vec<f32>,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl BlockStates {
+    fn new(rows: usize, d: usize) -> BlockStates {
+        BlockStates {
+            d,
+            m: vec![f32::NEG_INFINITY; rows],
+            l: vec![0.0; rows],
+            acc: vec![0.0; rows * d],
+            c: vec![0.0; 2 * rows],
+        }
+    }
+
+    /// Back to the empty state of [`BlockStates::new`].
+    fn reset(&mut self) {
+        self.m.fill(f32::NEG_INFINITY);
+        self.l.fill(0.0);
+        self.acc.fill(0.0);
+    }
+
+    /// [`Softmax::absorb_scores`] for every row at once: row `i`'s scaled scores of keys
+    /// `j0..j0 + n[i]` are `tile[i · w..][..n[i]]` (overwritten; rows with `n[i] = 0` are left
+    /// as they are). The tile has sixteen rows of `w`, those past the block's rows all zeros. Each row's operations are its `Softmax`'s: the new max (max is exact, so
+    /// its grouping cannot matter but for the sign of a zero max, which no result depends on),
+    /// the rescaling by `exp(m - m_new)` where the max grew, the exponentials of `s - m_new`,
+    /// their sum in key order, then the values in key order.
+    /// (AVX-512, so that the loops over rows and keys are compiled for its registers: the
+    /// caller checks [`avx512::available`].)
+    #[target_feature(enable = "avx512f")]
+    unsafe fn absorb(&mut self, tile: &mut [f32], w: usize, n: &[usize], kv: &KvHead<'_>, j0: usize) {
+        let (d, rows) = (self.d, self.m.len());
+        assert!(rows <= 16 && tile.len() >= 16 * w, "a block has at most sixteen rows of scores");
+        let mut m_new = vec![f32::NEG_INFINITY; rows];
+        let mut live = vec![false; rows];
+        for i in 0..rows {
+            // SAFETY: the CPU has AVX-512 (the caller's contract).
+            m_new[i] = unsafe { avx512::max_fold(self.m[i], &tile[i * w..][..n[i]]) };
+            live[i] = n[i] > 0 && m_new[i] != f32::NEG_INFINITY;
+            // exp(0) = 1 where the max stays: that row is then not rescaled at all.
+            self.c[i] = if live[i] && m_new[i] != self.m[i] { self.m[i] - m_new[i] } else { 0.0 };
+        }
+        exp_in_place(&mut self.c[..rows]);
+        for i in (0..rows).filter(|&i| live[i] && m_new[i] != self.m[i]) {
+            let c = self.c[i];
+            self.l[i] *= c;
+            for a in &mut self.acc[i * d..(i + 1) * d] {
+                *a *= c;
+            }
+        }
+        for i in 0..rows {
+            let s = &mut tile[i * w..(i + 1) * w];
+            let k = if live[i] { n[i] } else { 0 };
+            for x in &mut s[..k] {
+                *x -= m_new[i];
+            }
+        }
+        exp_in_place(&mut tile[..rows * w]);
+        // Past a row's keys the weights are zero, and adding +0 leaves a sum (never -0) as it is.
+        for i in 0..rows {
+            let k = if live[i] { n[i] } else { 0 };
+            tile[i * w + k..(i + 1) * w].fill(0.0);
+        }
+        // The sums as sixteen independent chains (the tile's rows past `rows` are zeros).
+        let mut l = [0.0f32; 16];
+        l[..rows].copy_from_slice(&self.l);
+        for j in 0..w {
+            for (i, l) in l.iter_mut().enumerate() {
+                *l += tile[i * w + j];
+            }
+        }
+        self.l.copy_from_slice(&l[..rows]);
+        // The values: up to four rows share each value row over the keys they all have, then
+        // each row's own last keys.
+        let value = kv.values(j0, d);
+        let mut heads: Vec<(&mut [f32], &[f32])> = Vec::with_capacity(4);
+        let live_rows: Vec<usize> = (0..rows).filter(|&i| live[i]).collect();
+        let mut accs: Vec<Option<&mut [f32]>> = self.acc.chunks_exact_mut(d).map(Some).collect();
+        for group in live_rows.chunks(4) {
+            let common = group.iter().map(|&i| n[i]).min().unwrap_or(0);
+            heads.clear();
+            for &i in group {
+                if let Some(acc) = accs[i].take() {
+                    heads.push((acc, &tile[i * w..][..common]));
+                }
+            }
+            accumulate_values_group(&mut heads, &value);
+            for (&i, (acc, _)) in group.iter().zip(heads.iter_mut()) {
+                if n[i] > common {
+                    accumulate_values(acc, &tile[i * w + common..i * w + n[i]], kv.values(j0 + common, d));
+                }
+            }
+        }
+        for i in (0..rows).filter(|&i| live[i]) {
+            self.m[i] = m_new[i];
+        }
+    }
+
+    /// [`Softmax::merge`] of every row of `other` (states of keys after this one's). (AVX-512,
+    /// as [`BlockStates::absorb`].)
+    #[target_feature(enable = "avx512f")]
+    unsafe fn merge(&mut self, other: &BlockStates) {
+        let (d, rows) = (self.d, self.m.len());
+        let live: Vec<bool> = other.m.iter().map(|&m| m != f32::NEG_INFINITY).collect();
+        let m: Vec<f32> = self.m.iter().zip(&other.m).map(|(&a, &b)| a.max(b)).collect();
+        for i in 0..rows {
+            let (a, b) = if live[i] { (self.m[i] - m[i], other.m[i] - m[i]) } else { (0.0, 0.0) };
+            self.c[i] = a;
+            self.c[rows + i] = b;
+        }
+        exp_in_place(&mut self.c[..2 * rows]);
+        for i in (0..rows).filter(|&i| live[i]) {
+            let (ca, cb) = (self.c[i], self.c[rows + i]);
+            self.l[i] = self.l[i] * ca + other.l[i] * cb;
+            for (a, &b) in self.acc[i * d..(i + 1) * d].iter_mut().zip(&other.acc[i * d..(i + 1) * d]) {
+                *a = *a * ca + b * cb;
+            }
+            self.m[i] = m[i];
+        }
+    }
+
+    /// Writes every row's `acc / l` into `out` (`[rows, d]`).
+    fn finish(&self, out: &mut [f32]) {
+        for ((o, a), &l) in out.chunks_exact_mut(self.d).zip(self.acc.chunks_exact(self.d)).zip(&self.l) {
+            for (o, &a) in o.iter_mut().zip(a) {
+                *o = a / l;
+            }
         }
     }
 }

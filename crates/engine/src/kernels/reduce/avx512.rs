@@ -254,35 +254,76 @@ fn block_sums(a: [__m512; 4]) -> __m512 {
     pair(pair(a[0], a[1]), pair(a[2], a[3]))
 }
 
-/// Attention scores of one query with sixteen keys at a time, each exactly [`super::dot_lanes8`]:
-/// the eight lanes become eight registers of sixteen keys (multiplied, then added), summed in
-/// `lanes8_sum`'s tree, then the tail inputs in order. `kt` holds transposed keys: row `i`
-/// (starting every `w` values) holds input `i` of each key; `out` gets the first `16 · groups`
-/// keys' dots.
+/// Attention scores of `R` queries with sixteen keys at a time, each exactly
+/// [`super::dot_lanes8`] times `scale` (rounded once more): the eight lanes become eight
+/// registers of sixteen keys (multiplied, then added), summed in `lanes8_sum`'s tree, then the
+/// tail inputs in order; each key register is loaded once for the `R` queries. `kt` holds
+/// transposed keys: row `i` (starting every `w` values) holds input `i` of each key. Query `r`'s
+/// first `16 · groups` scaled dots go to `out[r · stride..]`.
 #[target_feature(enable = "avx512f")]
-pub(super) unsafe fn dots_lanes8_t(q: &[f32], kt: &[f32], w: usize, groups: usize, out: &mut [f32]) {
-    let d = q.len();
+pub(super) unsafe fn dots_lanes8_t<const R: usize>(
+    qs: [&[f32]; R],
+    kt: &[f32],
+    w: usize,
+    groups: usize,
+    scale: f32,
+    out: &mut [f32],
+    stride: usize,
+) {
+    let d = qs.first().map_or(0, |q| q.len());
     let fits = d == 0 || (d - 1) * w + 16 * groups <= kt.len();
-    assert!(fits && out.len() >= 16 * groups, "key tile too small");
+    let room = R == 0 || (R - 1) * stride + 16 * groups <= out.len();
+    assert!(fits && room && qs.iter().all(|q| q.len() == d), "key tile too small");
     let full = d / 8 * 8;
     for g in 0..groups {
         let col = 16 * g;
         // SAFETY (loads): i < d, so i · w + col + 16 <= (d - 1) · w + 16 · groups (asserted).
         let key = |i: usize| unsafe { _mm512_loadu_ps(kt.as_ptr().add(i * w + col)) };
-        let mut acc = [_mm512_setzero_ps(); 8];
+        let mut acc = [[_mm512_setzero_ps(); 8]; R];
         for i in (0..full).step_by(8) {
-            for (l, a) in acc.iter_mut().enumerate() {
-                *a = _mm512_add_ps(*a, _mm512_mul_ps(_mm512_set1_ps(q[i + l]), key(i + l)));
+            for l in 0..8 {
+                let k = key(i + l);
+                for (a, q) in acc.iter_mut().zip(qs) {
+                    // SAFETY: i + l < full <= d = q.len().
+                    let x = _mm512_set1_ps(unsafe { *q.get_unchecked(i + l) });
+                    a[l] = _mm512_add_ps(a[l], _mm512_mul_ps(x, k));
+                }
             }
         }
         let sum = |x: __m512, y: __m512| _mm512_add_ps(x, y);
-        let mut s = sum(sum(sum(acc[0], acc[4]), sum(acc[2], acc[6])), sum(sum(acc[1], acc[5]), sum(acc[3], acc[7])));
-        for (i, &x) in q.iter().enumerate().skip(full) {
-            s = _mm512_add_ps(s, _mm512_mul_ps(_mm512_set1_ps(x), key(i)));
+        for (r, (a, q)) in acc.iter().zip(qs).enumerate() {
+            let mut s = sum(sum(sum(a[0], a[4]), sum(a[2], a[6])), sum(sum(a[1], a[5]), sum(a[3], a[7])));
+            for (i, &x) in q.iter().enumerate().skip(full) {
+                s = _mm512_add_ps(s, _mm512_mul_ps(_mm512_set1_ps(x), key(i)));
+            }
+            // SAFETY: r · stride + col + 16 <= out.len() (asserted).
+            unsafe {
+                _mm512_storeu_ps(out.as_mut_ptr().add(r * stride + col), _mm512_mul_ps(s, _mm512_set1_ps(scale)))
+            };
         }
-        // SAFETY: col + 16 <= out.len() (asserted).
-        unsafe { _mm512_storeu_ps(out.as_mut_ptr().add(col), s) };
     }
+}
+
+/// `s.iter().fold(m, f32::max)` for a non-NaN `m`: sixteen running maxima, then their maximum.
+/// The same value: a NaN score is skipped either way (the register's running maximum is kept),
+/// and the maximum of non-NaN values does not depend on their grouping (but for the sign of a
+/// zero, which no caller's result depends on).
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn max_fold(m: f32, s: &[f32]) -> f32 {
+    let mut acc = _mm512_set1_ps(m);
+    let whole = s.len() / 16 * 16;
+    for c in (0..whole).step_by(16) {
+        // SAFETY: c + 16 <= s.len(). `max_ps(x, acc)` gives acc where x is NaN.
+        acc = _mm512_max_ps(unsafe { _mm512_loadu_ps(s.as_ptr().add(c)) }, acc);
+    }
+    let rest = (s.len() - whole) as u32;
+    if rest > 0 {
+        let k: __mmask16 = ((1u32 << rest) - 1) as u16;
+        // SAFETY: the masked load reads only the `rest` values left.
+        let x = unsafe { _mm512_maskz_loadu_ps(k, s.as_ptr().add(whole)) };
+        acc = _mm512_mask_max_ps(acc, k, x, acc);
+    }
+    _mm512_reduce_max_ps(acc)
 }
 
 /// [`super::accumulate_values`] with AVX-512: up to 128 elements of `acc` held in registers
@@ -471,4 +512,37 @@ pub(super) unsafe fn dot_lanes8_x4_f16(a: &[f32], w: [*const half::f16; 4], n: u
         }
         s
     })
+}
+
+#[cfg(test)]
+mod tests {
+    /// The vector maximum is the scalar fold's value: NaN scores skipped, -∞ kept as a start,
+    /// every tail length of the masked last register.
+    #[test]
+    fn max_fold_is_the_scalar_fold() {
+        if !super::available() {
+            return;
+        }
+        let mut x = 0x9e37_79b9u32;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x as f32 / u32::MAX as f32) * 8.0 - 4.0
+        };
+        for n in 0..70 {
+            let mut s: Vec<f32> = (0..n).map(|_| next()).collect();
+            for (i, v) in s.iter_mut().enumerate() {
+                if i % 5 == 3 {
+                    *v = f32::NAN;
+                }
+            }
+            for m in [f32::NEG_INFINITY, -1.0, 0.5, 10.0] {
+                let want = s.iter().fold(m, |a, &b| a.max(b));
+                // SAFETY: the CPU has AVX-512 (checked above).
+                let got = unsafe { super::max_fold(m, &s) };
+                assert_eq!(got, want, "n={n} m={m}");
+            }
+        }
+    }
 }
