@@ -53,34 +53,34 @@ mod avx512 {
     use super::{C, HI, LO};
     use std::arch::x86_64::*;
 
-    /// [`super::exp`] of the values in whole groups of eight; returns how many were done.
-    /// Four groups per step: each is a long chain of dependent operations, four keep the
-    /// vector units busy.
+    /// [`super::exp`] of the values in whole groups of eight; returns how many were done. Each
+    /// group is a long chain of dependent operations, so many run side by side: sixteen per step
+    /// (0.93 → 0.65 ns a value against four, 512 values at a time), then four, then one.
     #[target_feature(enable = "avx512f,avx")]
     pub(super) unsafe fn exp_in_place(xs: &mut [f32]) -> usize {
-        let mut quads = xs.chunks_exact_mut(32);
-        for c in &mut quads {
-            // SAFETY: `c` holds thirty-two f32; unaligned accesses.
-            unsafe {
-                let p = c.as_mut_ptr();
-                let (x0, x1, x2, x3) = (
-                    _mm256_loadu_ps(p),
-                    _mm256_loadu_ps(p.add(8)),
-                    _mm256_loadu_ps(p.add(16)),
-                    _mm256_loadu_ps(p.add(24)),
-                );
-                let (y0, y1, y2, y3) = (exp8(x0), exp8(x1), exp8(x2), exp8(x3));
-                _mm256_storeu_ps(p, y0);
-                _mm256_storeu_ps(p.add(8), y1);
-                _mm256_storeu_ps(p.add(16), y2);
-                _mm256_storeu_ps(p.add(24), y3);
+        // SAFETY: the CPU has AVX-512 (the caller's contract).
+        let rest = unsafe { groups::<16>(xs) };
+        let rest = unsafe { groups::<4>(rest) };
+        unsafe { groups::<1>(rest) };
+        xs.len() / 8 * 8
+    }
+
+    /// [`exp8`] of the values in steps of `G` groups of eight side by side; returns the values
+    /// left over.
+    #[target_feature(enable = "avx512f,avx")]
+    #[inline]
+    unsafe fn groups<const G: usize>(xs: &mut [f32]) -> &mut [f32] {
+        let mut steps = xs.chunks_exact_mut(8 * G);
+        for c in &mut steps {
+            let p = c.as_mut_ptr();
+            // SAFETY: `c` holds 8G f32; unaligned accesses.
+            let x: [__m256; G] = std::array::from_fn(|g| unsafe { _mm256_loadu_ps(p.add(8 * g)) });
+            for (g, y) in x.map(|x| exp8(x)).iter().enumerate() {
+                // SAFETY: as for the loads.
+                unsafe { _mm256_storeu_ps(p.add(8 * g), *y) };
             }
         }
-        for c in quads.into_remainder().chunks_exact_mut(8) {
-            // SAFETY: `c` holds eight f32; unaligned accesses.
-            unsafe { _mm256_storeu_ps(c.as_mut_ptr(), exp8(_mm256_loadu_ps(c.as_ptr()))) };
-        }
-        xs.len() / 8 * 8
+        steps.into_remainder()
     }
 
     /// Eight lanes of [`super::exp`]: the same operations in the same order.
@@ -144,6 +144,14 @@ mod tests {
         exp_in_place(&mut ys);
         for (&x, &y) in xs.iter().zip(&ys) {
             assert_eq!(y.to_bits(), exp(x).to_bits(), "exp({x:e})");
+        }
+        // Every way of splitting a slice into steps of sixteen, four and one group and a tail.
+        for n in [1, 7, 8, 31, 32, 33, 95, 127, 128, 129, 161, 200, 383] {
+            let mut ys = xs[1000..1000 + n].to_vec();
+            exp_in_place(&mut ys);
+            for (&x, &y) in xs[1000..].iter().zip(&ys) {
+                assert_eq!(y.to_bits(), exp(x).to_bits(), "exp({x:e}) in a slice of {n}");
+            }
         }
         let mut nan = [f32::NAN; 9];
         exp_in_place(&mut nan);
