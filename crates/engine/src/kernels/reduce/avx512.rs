@@ -41,13 +41,14 @@ pub(super) fn par_matmul(x: &[f32], rows: usize, w: &crate::weights::Matrix, out
     assert_eq!(x.len(), rows * k, "matmul input is not [rows, in]");
     assert_eq!(out.len(), rows * n, "matmul output is not [rows, out]");
     let xrow = |r: usize| x[r * k..(r + 1) * k].as_ptr();
-    // The cache lines of weight row `o` (each line start within the row's bytes).
+    // The cache lines of the weight rows: `per_row` each, line `line` of row `o` at `line_at`.
     let (base, size) = match &w.data {
         Storage::F32(v) => (v.as_ptr() as usize, 4),
         Storage::F16(v) => (v.as_ptr() as usize, 2),
         Storage::BF16(v) => (v.as_ptr() as usize, 2),
     };
-    let row_lines = |o: usize| (0..k * size).step_by(64).map(move |b| base + o * k * size + b);
+    let per_row = (k * size).div_ceil(64);
+    let line_at = |o: usize, line: usize| base + o * k * size + line * 64;
     // Each task writes its own columns of `out` (tiles are disjoint), through this address.
     let out_at = out.as_mut_ptr() as usize;
     (0..n.div_ceil(TILE)).into_par_iter().for_each(|t| {
@@ -64,29 +65,25 @@ pub(super) fn par_matmul(x: &[f32], rows: usize, w: &crate::weights::Matrix, out
                     // come from memory while this one computes: a share of their cache
                     // lines is prefetched before each block of rows.
                     let next = o0 + p0 + PANEL;
-                    let lines = (next..(next + PANEL).min(n)).flat_map(&row_lines);
-                    let lines: Vec<usize> = lines.collect();
+                    let count = (next + PANEL).min(n).saturating_sub(next) * per_row;
                     let blocks = rows.div_ceil(ROWS);
                     for (b, r) in (0..rows).step_by(ROWS).enumerate() {
-                        for &line in &lines[b * lines.len() / blocks..(b + 1) * lines.len() / blocks] {
+                        for line in b * count / blocks..(b + 1) * count / blocks {
+                            let at = line_at(next + line / per_row, line % per_row);
                             // SAFETY: a prefetch is a hint; the address lies within the weights.
-                            unsafe { _mm_prefetch::<_MM_HINT_T0>(line as *const i8) };
+                            unsafe { _mm_prefetch::<_MM_HINT_T0>(at as *const i8) };
                         }
                         let mr = (rows - r).min(ROWS);
                         // Missing rows repeat the last one (every element is its own dot
                         // product); missing outputs are zero weights, dropped below.
                         let xs = std::array::from_fn(|i| xrow(r + i.min(mr - 1)));
-                        let mut acc = [[0.0f32; PANEL]; ROWS];
+                        let at = (out_at as *mut f32).wrapping_add(r * n + o0 + p0);
                         // SAFETY: the CPU has AVX-512 (the caller checked); every row of `x`
-                        // holds `k` values, and `packed` is the panel of `k` inputs.
-                        unsafe { panel_dot(xs, packed, k, tail, &mut acc) };
-                        for (i, a) in acc.iter().enumerate().take(mr) {
-                            let at = (r + i) * n + o0 + p0;
-                            // SAFETY: row r + i < rows and columns o0 + p0 + nr <= o1 <= n lie
-                            // within `out` (rows · n values, asserted); no other task writes
-                            // columns o0..o1, and `out` is borrowed until every task is done.
-                            unsafe { std::ptr::copy_nonoverlapping(a.as_ptr(), (out_at as *mut f32).add(at), nr) };
-                        }
+                        // holds `k` values, and `packed` is the panel of `k` inputs. Rows
+                        // r..r + mr < rows and columns o0 + p0..o0 + p0 + nr <= o1 <= n lie
+                        // within `out` (rows · n values, asserted); no other task writes
+                        // columns o0..o1, and `out` is borrowed until every task is done.
+                        unsafe { panel_dot(xs, packed, k, tail, Block { at, stride: n, rows: mr, cols: nr }) };
                     }
                 }
             };
@@ -168,18 +165,22 @@ fn pack_with<T>(wt: &[T], k: usize, width: usize, p0: usize, dst: &mut [f32], co
     }
 }
 
+/// Where [`panel_dot`] writes: the first `rows` of its rows and `cols` of its outputs, row `r`'s
+/// at `at + r · stride`.
+struct Block {
+    at: *mut f32,
+    stride: usize,
+    rows: usize,
+    cols: usize,
+}
+
 /// [`super::dot_blocked`] of [`ROWS`] input rows with the [`PANEL`] outputs of a packed panel,
-/// into `out[r][j]`. `xs` point at rows of `k` values; `panel` is [`pack_panel`]'s for `k`
-/// inputs; `tail(j, u)` gives input `u` of output `j` for the inputs past the last whole step
-/// of four (the last block's tail, finished in scalar code as the order says).
+/// into `out` (the caller guarantees that its rows and columns are writable). `xs` point at
+/// rows of `k` values; `panel` is [`pack_panel`]'s for `k` inputs; `tail(j, u)` gives input `u`
+/// of output `j` for the inputs past the last whole step of four (the last block's tail,
+/// finished in scalar code as the order says).
 #[target_feature(enable = "avx512f")]
-unsafe fn panel_dot(
-    xs: [*const f32; ROWS],
-    panel: &[f32],
-    k: usize,
-    tail: impl Fn(usize, usize) -> f32,
-    out: &mut [[f32; PANEL]; ROWS],
-) {
+unsafe fn panel_dot(xs: [*const f32; ROWS], panel: &[f32], k: usize, tail: impl Fn(usize, usize) -> f32, out: Block) {
     assert!(panel.len() >= k / 4 * 64, "panel too short for k = {k}");
     let mut total = [_mm512_setzero_ps(); ROWS];
     let mut b = 0;
@@ -236,9 +237,10 @@ unsafe fn panel_dot(
         }
         b = end;
     }
-    for (o, t) in out.iter_mut().zip(total) {
-        // SAFETY: a row of `out` holds sixteen f32.
-        unsafe { _mm512_storeu_ps(o.as_mut_ptr(), t) };
+    let cols: __mmask16 = if out.cols >= PANEL { u16::MAX } else { (1u16 << out.cols) - 1 };
+    for (r, t) in total.iter().enumerate().take(out.rows) {
+        // SAFETY: the caller's contract: `cols` values of row r < out.rows are writable there.
+        unsafe { _mm512_mask_storeu_ps(out.at.wrapping_add(r * out.stride), cols, *t) };
     }
 }
 
