@@ -500,20 +500,27 @@ pub(super) unsafe fn dot_lanes8_x4_f16(a: &[f32], w: [*const half::f16; 4], n: u
         }
         i += 8;
     }
+    // Each row's eight lanes summed in `lanes8_sum`'s tree inside the register (lane l + 4 onto
+    // lane l, then lane 2 onto 0 and 3 onto 1, then lane 1 onto 0): the row sums land in lanes
+    // 0 and 8.
+    let sums = acc.map(|c| {
+        let c = _mm512_add_ps(c, _mm512_shuffle_f32x4::<0b10_11_00_01>(c, c));
+        let c = _mm512_add_ps(c, _mm512_shuffle_ps::<0b01_00_11_10>(c, c));
+        _mm512_add_ps(c, _mm512_shuffle_ps::<0b10_11_00_01>(c, c))
+    });
     let mut lanes = [[0.0f32; 16]; 2];
-    for (l, c) in lanes.iter_mut().zip(acc) {
+    for (l, c) in lanes.iter_mut().zip(sums) {
         // SAFETY: `l` holds sixteen f32.
         unsafe { _mm512_storeu_ps(l.as_mut_ptr(), c) };
     }
-    std::array::from_fn(|r| {
-        let l = &lanes[r / 2][8 * (r % 2)..8 * (r % 2) + 8];
-        let mut s = super::lanes8_sum([l[0], l[1], l[2], l[3], l[4], l[5], l[6], l[7]]);
+    let mut out = [lanes[0][0], lanes[0][8], lanes[1][0], lanes[1][8]];
+    for (r, s) in out.iter_mut().enumerate() {
         for (j, &x) in a.iter().enumerate().take(n).skip(full) {
             // SAFETY: j < n, within row r.
-            s += x * unsafe { *w[r].add(j) }.to_f32();
+            *s += x * unsafe { *w[r].add(j) }.to_f32();
         }
-        s
-    })
+    }
+    out
 }
 
 #[cfg(test)]
