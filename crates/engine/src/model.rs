@@ -224,12 +224,7 @@ impl Model {
             round_to(&mut up, dt);
             trace(run, Point::Up, l, &up, c.ffn);
 
-            // act = silu(gate) * up, in place of `gate` (e^-gate in `act`, the engine's exp).
-            act.iter_mut().zip(&gate).for_each(|(e, g)| *e = -g);
-            exp_in_place(&mut act);
-            for ((g, u), e) in gate.iter_mut().zip(&up).zip(&act) {
-                *g = *g / (1.0 + e) * u;
-            }
+            silu_mul(&mut gate, &up, &mut act);
             round_to(&mut gate, dt);
             trace(run, Point::Act, l, &gate, c.ffn);
 
@@ -272,6 +267,29 @@ impl Model {
         }
         (0..seqs.len()).map(|i| logits[i * head.rows..(i + 1) * head.rows].to_vec()).collect()
     }
+}
+
+/// `gate = silu(gate) · up`, elementwise (`act` receives `e^-gate`, the engine's exponential):
+/// `gate / (1 + e^-gate) · up`. Large calls (a prefill) run in parallel chunks; every element
+/// gets the same operations either way.
+fn silu_mul(gate: &mut [f32], up: &[f32], act: &mut [f32]) {
+    use rayon::prelude::*;
+    /// Elements per parallel chunk; smaller calls (a decode step) run on the calling thread.
+    const CHUNK: usize = 16 * 1024;
+    let one = |gate: &mut [f32], up: &[f32], act: &mut [f32]| {
+        act.iter_mut().zip(gate.iter()).for_each(|(e, g)| *e = -g);
+        exp_in_place(act);
+        for ((g, u), e) in gate.iter_mut().zip(up).zip(act.iter()) {
+            *g = *g / (1.0 + e) * u;
+        }
+    };
+    if gate.len() < 2 * CHUNK {
+        return one(gate, up, act);
+    }
+    gate.par_chunks_mut(CHUNK)
+        .zip(up.par_chunks(CHUNK))
+        .zip(act.par_chunks_mut(CHUNK))
+        .for_each(|((g, u), a)| one(g, u, a));
 }
 
 /// Rotary position embeddings for rows at positions `pos0..pos0 + rows`: their cosines and sines,
