@@ -214,7 +214,7 @@ pub fn resolve_model(spec: &str) -> Result<(Loaded, String)> {
                 bail!("SmolLM2 is not in the cache ({dir}); fetch it with `bash scripts/fetch-smollm2.sh`");
             };
             let loaded = load(&path)?;
-            Ok((loaded, "SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to f32)".into()))
+            Ok((loaded, "SmolLM2-135M-Instruct (Q4_1 GGUF)".into()))
         }
         path => {
             let p = Path::new(path);

@@ -2,8 +2,11 @@
 //!
 //! Matrices keep the 16-bit type of their file (F16, BF16): the kernels widen each row to f32
 //! exactly as they read it, so a model computes the same bits as with f32 weights while holding
-//! half the memory and streaming half the bytes per decode step. Quantized types are dequantized
-//! to f32 at load.
+//! half the memory and streaming half the bytes per decode step. The ggml blocks Q4_1 and Q8_0
+//! are kept packed too (32 values per block, 5 and 8.5 bits a value): the kernels dequantize a
+//! row to the f32 values ggml's formula gives (`q · d + m`, `q · d`, multiplied then added) as
+//! they read it, so the bits are those of the same matrix dequantized at load. Other quantized
+//! types are dequantized to f32 at load.
 
 use std::borrow::Cow;
 
@@ -18,6 +21,174 @@ pub enum Storage {
     F16(Vec<f16>),
     /// bfloat16.
     BF16(Vec<bf16>),
+    /// ggml's Q4_1 blocks (rows are whole blocks).
+    Q4_1(Vec<BlockQ4_1>),
+    /// ggml's Q8_0 blocks (rows are whole blocks).
+    Q8_0(Vec<BlockQ8_0>),
+}
+
+/// Values per quantized block.
+pub const BLOCK: usize = 32;
+
+/// 32 values of ggml's Q4_1: value `j` is `q_j · d + m` (in f32: `d` and `m` widened, multiplied
+/// then added), `q_j` the low nibble of `qs[j]` for `j < 16`, the high nibble of `qs[j - 16]`
+/// after.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BlockQ4_1 {
+    /// Scale.
+    pub d: f16,
+    /// Minimum.
+    pub m: f16,
+    /// Nibbles.
+    pub qs: [u8; 16],
+}
+
+/// 32 values of ggml's Q8_0: value `j` is `qs[j] · d` in f32.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BlockQ8_0 {
+    /// Scale.
+    pub d: f16,
+    /// Signed quants.
+    pub qs: [i8; 32],
+}
+
+impl BlockQ4_1 {
+    /// Bytes of a block in a GGUF file.
+    pub const BYTES: usize = 20;
+
+    /// The block stored at the start of `b` (at least [`BlockQ4_1::BYTES`] bytes).
+    pub fn from_bytes(b: &[u8]) -> BlockQ4_1 {
+        let mut qs = [0u8; 16];
+        qs.copy_from_slice(&b[4..20]);
+        BlockQ4_1 { d: f16::from_le_bytes([b[0], b[1]]), m: f16::from_le_bytes([b[2], b[3]]), qs }
+    }
+
+    /// The 32 values.
+    pub fn values(&self, out: &mut [f32; BLOCK]) {
+        let (d, m) = (self.d.to_f32(), self.m.to_f32());
+        for (j, &q) in self.qs.iter().enumerate() {
+            out[j] = f32::from(q & 0x0f) * d + m;
+            out[j + 16] = f32::from(q >> 4) * d + m;
+        }
+    }
+}
+
+impl BlockQ8_0 {
+    /// Bytes of a block in a GGUF file.
+    pub const BYTES: usize = 34;
+
+    /// The block stored at the start of `b` (at least [`BlockQ8_0::BYTES`] bytes).
+    pub fn from_bytes(b: &[u8]) -> BlockQ8_0 {
+        let mut qs = [0i8; 32];
+        for (q, &x) in qs.iter_mut().zip(&b[2..34]) {
+            *q = x as i8;
+        }
+        BlockQ8_0 { d: f16::from_le_bytes([b[0], b[1]]), qs }
+    }
+
+    /// The 32 values.
+    pub fn values(&self, out: &mut [f32; BLOCK]) {
+        let d = self.d.to_f32();
+        for (o, &q) in out.iter_mut().zip(&self.qs) {
+            *o = f32::from(q) * d;
+        }
+    }
+}
+
+/// Writes values `a..b` of a sequence of blocks into `dst` (of length `b - a`): whole blocks
+/// with AVX-512 where the CPU has it (the same operations, sixteen values per register).
+fn dequantize<B: Vectored>(blocks: &[B], a: usize, b: usize, dst: &mut [f32], values: impl Fn(&B, &mut [f32; BLOCK])) {
+    #[cfg(target_arch = "x86_64")]
+    if a.is_multiple_of(BLOCK) && b.is_multiple_of(BLOCK) && avx512_blocks() {
+        // SAFETY: the CPU has AVX-512 (checked above).
+        unsafe { dequantize_avx512(&blocks[a / BLOCK..b / BLOCK], dst) };
+        return;
+    }
+    dequantize_plain(blocks, a, b, dst, values)
+}
+
+/// Whole blocks into `dst`, with the blocks' AVX-512 `values` inlined in one loop.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn dequantize_avx512<B: Vectored>(blocks: &[B], dst: &mut [f32]) {
+    for (blk, out) in blocks.iter().zip(dst.chunks_exact_mut(BLOCK)) {
+        // SAFETY: the CPU has AVX-512 (the caller's contract); `out` holds a block's values.
+        unsafe { blk.values_avx512(out) };
+    }
+}
+
+/// Whether the CPU has AVX-512 F (checked once, then cached by std).
+#[cfg(target_arch = "x86_64")]
+fn avx512_blocks() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+}
+
+/// A block type with an AVX-512 version of its `values`.
+trait Vectored {
+    /// `values` of the block into `out` (at least 32 values), sixteen at a time.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn values_avx512(&self, out: &mut [f32]);
+}
+
+impl Vectored for BlockQ4_1 {
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn values_avx512(&self, out: &mut [f32]) {
+        use std::arch::x86_64::*;
+        assert!(out.len() >= BLOCK, "a block has 32 values");
+        let (d, m) = (_mm512_set1_ps(self.d.to_f32()), _mm512_set1_ps(self.m.to_f32()));
+        // SAFETY: `qs` holds sixteen bytes; `out` at least 32 f32 (asserted).
+        unsafe {
+            let q = _mm_loadu_si128(self.qs.as_ptr().cast());
+            let mask = _mm_set1_epi8(0x0f);
+            let (lo, hi) = (_mm_and_si128(q, mask), _mm_and_si128(_mm_srli_epi16::<4>(q), mask));
+            let value = |n: __m128i| _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(n)), d), m);
+            _mm512_storeu_ps(out.as_mut_ptr(), value(lo));
+            _mm512_storeu_ps(out.as_mut_ptr().add(16), value(hi));
+        }
+    }
+}
+
+impl Vectored for BlockQ8_0 {
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn values_avx512(&self, out: &mut [f32]) {
+        use std::arch::x86_64::*;
+        assert!(out.len() >= BLOCK, "a block has 32 values");
+        let d = _mm512_set1_ps(self.d.to_f32());
+        // SAFETY: `qs` holds 32 bytes; `out` at least 32 f32 (asserted).
+        unsafe {
+            for h in 0..2 {
+                let q = _mm_loadu_si128(self.qs.as_ptr().add(16 * h).cast());
+                let v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), d);
+                _mm512_storeu_ps(out.as_mut_ptr().add(16 * h), v);
+            }
+        }
+    }
+}
+
+/// [`dequantize`] one value at a time, as the blocks' `values` define them.
+fn dequantize_plain<B>(blocks: &[B], a: usize, b: usize, dst: &mut [f32], values: impl Fn(&B, &mut [f32; BLOCK])) {
+    let mut buf = [0.0f32; BLOCK];
+    let mut at = a;
+    while at < b {
+        let (k, off) = (at / BLOCK, at % BLOCK);
+        let take = (BLOCK - off).min(b - at);
+        let out = &mut dst[at - a..at - a + take];
+        if off == 0 && take == BLOCK {
+            let out: &mut [f32; BLOCK] = out.try_into().expect("a whole block");
+            values(&blocks[k], out);
+        } else {
+            values(&blocks[k], &mut buf);
+            out.copy_from_slice(&buf[off..off + take]);
+        }
+        at += take;
+    }
 }
 
 impl Storage {
@@ -27,6 +198,8 @@ impl Storage {
             Storage::F32(v) => v.len(),
             Storage::F16(v) => v.len(),
             Storage::BF16(v) => v.len(),
+            Storage::Q4_1(v) => v.len() * BLOCK,
+            Storage::Q8_0(v) => v.len() * BLOCK,
         }
     }
 
@@ -35,11 +208,25 @@ impl Storage {
         self.len() == 0
     }
 
-    /// Bytes per value.
-    pub fn value_bytes(&self) -> usize {
+    /// Bytes the values of `cols` take (`cols` a whole number of blocks for block types): the
+    /// length of a matrix row in memory.
+    pub fn row_bytes(&self, cols: usize) -> usize {
         match self {
-            Storage::F32(_) => 4,
-            Storage::F16(_) | Storage::BF16(_) => 2,
+            Storage::F32(_) => cols * 4,
+            Storage::F16(_) | Storage::BF16(_) => cols * 2,
+            Storage::Q4_1(_) => cols / BLOCK * BlockQ4_1::BYTES,
+            Storage::Q8_0(_) => cols / BLOCK * BlockQ8_0::BYTES,
+        }
+    }
+
+    /// Where the values start in memory.
+    pub fn as_ptr(&self) -> *const u8 {
+        match self {
+            Storage::F32(v) => v.as_ptr().cast(),
+            Storage::F16(v) => v.as_ptr().cast(),
+            Storage::BF16(v) => v.as_ptr().cast(),
+            Storage::Q4_1(v) => v.as_ptr().cast(),
+            Storage::Q8_0(v) => v.as_ptr().cast(),
         }
     }
 
@@ -49,6 +236,8 @@ impl Storage {
             Storage::F32(_) => "f32",
             Storage::F16(_) => "f16",
             Storage::BF16(_) => "bf16",
+            Storage::Q4_1(_) => "q4_1",
+            Storage::Q8_0(_) => "q8_0",
         }
     }
 
@@ -70,6 +259,8 @@ impl Storage {
             Storage::F32(v) => dst.copy_from_slice(&v[a..b]),
             Storage::F16(v) => widen_f16(&v[a..b], dst),
             Storage::BF16(v) => widen_bf16(&v[a..b], dst),
+            Storage::Q4_1(v) => dequantize(v, a, b, dst, BlockQ4_1::values),
+            Storage::Q8_0(v) => dequantize(v, a, b, dst, BlockQ8_0::values),
         }
     }
 
@@ -82,6 +273,8 @@ impl Storage {
             Storage::F32(v) => Storage::F32(g(v, rows, cols)),
             Storage::F16(v) => Storage::F16(g(v, rows, cols)),
             Storage::BF16(v) => Storage::BF16(g(v, rows, cols)),
+            Storage::Q4_1(v) => Storage::Q4_1(g(v, rows, cols / BLOCK)),
+            Storage::Q8_0(v) => Storage::Q8_0(g(v, rows, cols / BLOCK)),
         }
     }
 }
@@ -143,9 +336,12 @@ impl Matrix {
         Matrix::from_storage(rows, cols, Storage::F32(data))
     }
 
-    /// Wraps data of shape `[rows, cols]` in any storage type.
+    /// Wraps data of shape `[rows, cols]` in any storage type (for block types, `cols` a
+    /// multiple of the block).
     pub fn from_storage(rows: usize, cols: usize, data: Storage) -> Matrix {
         assert_eq!(data.len(), rows * cols, "matrix data does not match its shape");
+        let blocks = matches!(data, Storage::Q4_1(_) | Storage::Q8_0(_));
+        assert!(!blocks || cols.is_multiple_of(BLOCK), "rows of blocks must be whole blocks");
         Matrix { rows, cols, data }
     }
 
@@ -202,7 +398,7 @@ impl Matrix {
 
     /// Bytes the values take in memory.
     pub fn bytes(&self) -> usize {
-        self.data.len() * self.data.value_bytes()
+        self.rows * self.data.row_bytes(self.cols)
     }
 }
 
@@ -285,6 +481,48 @@ impl Weights {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Q4_1 and Q8_0 blocks dequantize to ggml's formula, value by value, on the vector path
+    /// (whole blocks) and the plain one (ranges that cut blocks), for every nibble and byte and
+    /// for scales and minima that are zero, subnormal, large, infinite or NaN.
+    #[test]
+    fn blocks_dequantize_to_the_formula() {
+        let specials = [0.0, -0.0, 1.0, -0.5, 6.1e-5, 3.0e-8, 65504.0, f32::INFINITY, f32::NAN, 0.0123];
+        let mut q4 = Vec::new();
+        let mut q8 = Vec::new();
+        for (i, &d) in specials.iter().enumerate() {
+            for (j, &m) in specials.iter().enumerate() {
+                let qs: [u8; 16] = std::array::from_fn(|t| (t * 17 + i * 3 + j) as u8);
+                q4.push(BlockQ4_1 { d: f16::from_f32(d), m: f16::from_f32(m), qs });
+            }
+            q8.push(BlockQ8_0 {
+                d: f16::from_f32(d),
+                qs: std::array::from_fn(|t| (t as i32 * 8 - 128 + i as i32) as i8),
+            });
+        }
+        let same = |a: f32, b: f32| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
+        let want4: Vec<f32> = q4
+            .iter()
+            .flat_map(|b| {
+                let (d, m) = (b.d.to_f32(), b.m.to_f32());
+                let lo = b.qs.map(|q| f32::from(q & 15) * d + m);
+                let hi = b.qs.map(|q| f32::from(q >> 4) * d + m);
+                lo.into_iter().chain(hi)
+            })
+            .collect();
+        let want8: Vec<f32> = q8.iter().flat_map(|b| b.qs.map(|q| f32::from(q) * b.d.to_f32())).collect();
+        for (storage, want) in [(Storage::Q4_1(q4), want4), (Storage::Q8_0(q8), want8)] {
+            let n = storage.len();
+            assert_eq!(n, want.len());
+            for (a, b) in [(0, n), (32, 96), (5, 70), (31, 33), (64, 64)] {
+                let mut got = vec![0.0f32; b - a];
+                storage.widen_into(a, b, &mut got);
+                for (i, (g, w)) in got.iter().zip(&want[a..b]).enumerate() {
+                    assert!(same(*g, *w), "{} value {}: {g} vs {w}", storage.type_name(), a + i);
+                }
+            }
+        }
+    }
 
     /// Every f16 and bf16 bit pattern widens to the value `half` gives (NaNs stay NaN).
     #[test]

@@ -104,18 +104,29 @@ fn gguf_f32_round_trips_bit_for_bit() {
 }
 
 #[test]
-fn gguf_f16_bf16_and_q8_0_dequantize_close_to_the_source() {
+fn gguf_16_bit_and_block_types_dequantize_close_to_the_source() {
     let dir = tempfile::tempdir().unwrap();
     let model = default_model();
-    // Relative error budgets of one rounding (f16, bf16) and of 8-bit blocks (Q8_0).
-    for (dtype, budget) in [(GgmlDType::F16, 1e-3), (GgmlDType::BF16, 8e-3), (GgmlDType::Q8_0, 1e-2)] {
+    // Relative error budgets of one rounding (f16, bf16), of 8-bit blocks (Q8_0) and of 4- and
+    // 5-bit ones (Q4_1, Q5_0).
+    let cases = [
+        (GgmlDType::F16, 1e-3),
+        (GgmlDType::BF16, 8e-3),
+        (GgmlDType::Q8_0, 1e-2),
+        (GgmlDType::Q4_1, 0.15),
+        (GgmlDType::Q5_0, 0.1),
+    ];
+    for (dtype, budget) in cases {
         let path = dir.path().join("tiny.gguf");
         write_gguf(&path, &model, "llama", dtype, None);
         let loaded = load_gguf(&path).unwrap_or_else(|e| panic!("{dtype:?}: {e}"));
-        // F16 and BF16 stay 16-bit in memory; quantized blocks are dequantized to f32.
+        // F16 and BF16 stay 16-bit in memory, Q4_1 and Q8_0 stay blocks; other quantized types
+        // are dequantized to f32.
         let kept = match dtype {
             GgmlDType::F16 => "f16",
             GgmlDType::BF16 => "bf16",
+            GgmlDType::Q4_1 => "q4_1",
+            GgmlDType::Q8_0 => "q8_0",
             _ => "f32",
         };
         assert_eq!(loaded.model.weights.layers[2].w_up.data.type_name(), kept, "{dtype:?}");
@@ -229,6 +240,52 @@ fn safetensors_f32_checkpoint_computes_the_same_bits() {
     let loaded = load_hf(dir.path()).unwrap();
     let (a, b) = (loaded.model.weights.layers[0].wq.values(), model.weights.layers[0].wq.values());
     assert!(a.iter().zip(b.iter()).all(|(x, y)| *x == half::bf16::from_f32(*y).to_f32()));
+}
+
+/// Q4_1 and Q8_0 matrices kept as blocks hold the values candle's reader dequantizes, bit for
+/// bit (q and k rows after the loader's un-permutation too), take their blocks' bytes, and a
+/// model computes exactly what it computes with those values in f32: prefill and decode, both
+/// profiles.
+#[test]
+fn block_weights_stay_packed_and_compute_the_same_bits() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = default_model();
+    for (dtype, name, block_bytes) in [(GgmlDType::Q4_1, "q4_1", 20), (GgmlDType::Q8_0, "q8_0", 34)] {
+        let path = dir.path().join("tiny.gguf");
+        write_gguf(&path, &model, "llama", dtype, None);
+        let packed = load_gguf(&path).unwrap().model;
+        let mut file = std::fs::File::open(&path).unwrap();
+        let content = gguf_file::Content::read(&mut file).unwrap();
+        let mut candle = |tensor: &str| -> Vec<f32> {
+            let q = content.tensor(&mut file, tensor, &Device::Cpu).unwrap();
+            q.dequantize(&Device::Cpu).unwrap().flatten_all().unwrap().to_vec1().unwrap()
+        };
+        let l = &packed.weights.layers[1];
+        for (tensor, m) in [("blk.1.ffn_up.weight", &l.w_up), ("blk.1.ffn_down.weight", &l.w_down)] {
+            assert_eq!(m.data.type_name(), name);
+            assert_eq!(m.bytes(), m.rows * m.cols / 32 * block_bytes);
+            let (got, want) = (m.values(), candle(tensor));
+            assert!(got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()), "{name} {tensor}");
+        }
+        let wq = candle("blk.1.attn_q.weight");
+        let back = converter_permute(&l.wq.to_f32(), packed.config.head_dim);
+        assert_eq!(
+            back.values().iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+            wq.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        );
+        let wide = Model { weights: packed.weights.to_f32(), config: packed.config.clone() };
+        for profile in [Profile::Fast, Profile::Invariant] {
+            let bits = |m: &Model| {
+                let mut cache = KvCache::new(&m.config);
+                let mut run = Run { kernels: profile.kernels(), dtype: DType::F32, trace_rows: vec![], tracer: None };
+                let mut out: Vec<u32> =
+                    m.forward(&[10, 20, 30, 40, 50], &mut cache, &mut run).iter().map(|x| x.to_bits()).collect();
+                out.extend(m.forward(&[60], &mut cache, &mut run).iter().map(|x| x.to_bits()));
+                out
+            };
+            assert_eq!(bits(&packed), bits(&wide), "{name}, {}", profile.as_str());
+        }
+    }
 }
 
 /// 16-bit weights stay 16-bit in memory (half the bytes) and compute exactly what the same

@@ -205,6 +205,54 @@ fn four_row_dot_products_are_bitwise_one_row() {
     }
 }
 
+/// Random Q4_1 and Q8_0 blocks: every nibble and byte value, scales and minima of both signs
+/// and of very different sizes.
+fn blocks(n: usize, seed: u32) -> (Vec<crate::weights::BlockQ4_1>, Vec<crate::weights::BlockQ8_0>) {
+    use crate::weights::{BlockQ4_1, BlockQ8_0};
+    use half::f16;
+    let v = data(n * 36, seed);
+    let byte = |x: f32| (x.to_bits() >> 7) as u8;
+    let scale = |x: f32, y: f32| f16::from_f32(x * 10f32.powi((y * 6.0) as i32 - 3));
+    let q4 = (0..n)
+        .map(|b| BlockQ4_1 {
+            d: scale(v[36 * b], v[36 * b + 1]),
+            m: scale(v[36 * b + 2], v[36 * b + 3]),
+            qs: std::array::from_fn(|j| byte(v[36 * b + 4 + j])),
+        })
+        .collect();
+    let q8 = (0..n)
+        .map(|b| BlockQ8_0 {
+            d: scale(v[36 * b], v[36 * b + 1]),
+            qs: std::array::from_fn(|j| byte(v[36 * b + 4 + j]) as i8),
+        })
+        .collect();
+    (q4, q8)
+}
+
+/// Matrices kept as Q4_1 and Q8_0 blocks give every kernel, GEMV and GEMM, both profiles, the
+/// bits of the same matrices dequantized to f32 (as they were at load before blocks were kept).
+#[test]
+fn block_matrices_compute_the_bits_of_their_dequantized_values() {
+    use crate::weights::Storage;
+    for (n, k) in [(1, 32), (5, 64), (17, 576), (33, 96), (70, 160)] {
+        let (q4, q8) = blocks(n * k / 32, n as u32);
+        for packed in [Storage::Q4_1(q4), Storage::Q8_0(q8)] {
+            let name = packed.type_name();
+            let w = Matrix::from_storage(n, k, packed);
+            let wide = w.to_f32();
+            for rows in [1, 3, 7] {
+                let x = data(rows * k, 77);
+                for kern in [&Fast as &dyn Kernels, &Invariant] {
+                    let (mut got, mut want) = (vec![f32::NAN; rows * n], vec![f32::NAN; rows * n]);
+                    kern.matmul(&x, rows, &w, &mut got);
+                    kern.matmul(&x, rows, &wide, &mut want);
+                    assert_eq!(bits(&got), bits(&want), "{name} {} rows={rows} n={n} k={k}", kern.name());
+                }
+            }
+        }
+    }
+}
+
 /// The attention's value accumulation gives the plain loop's bits, for head sizes around the
 /// register widths (8 and 16) and the 64 and 128 values held in registers.
 #[test]

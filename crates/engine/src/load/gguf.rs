@@ -1,6 +1,7 @@
 //! GGUF v2/v3 (`general.architecture = llama`) through candle's reader, which handles the
 //! container and dequantizes every ggml type (F32, Q4_0, Q4_1, Q5_x, Q8_0, K-quants) to f32;
-//! F16 and BF16 matrices are kept in 16 bits (the kernels widen them exactly).
+//! F16 and BF16 matrices are kept in 16 bits (the kernels widen them exactly), and Q4_1 and Q8_0
+//! matrices as their blocks (the kernels dequantize them to the same f32 values as they read).
 //!
 //! llama.cpp's converter permutes the rows of each head of `attn_q` and `attn_k` so that RoPE
 //! rotates adjacent pairs `(2i, 2i+1)`. The loader puts them back into Hugging Face's order
@@ -22,7 +23,16 @@ use crate::config::{Config, RopeLayout};
 use crate::error::EngineError;
 use crate::model::Model;
 use crate::tokenizer::Tokenizer;
-use crate::weights::{LayerWeights, Storage, Weights};
+use crate::weights::{BlockQ4_1, BlockQ8_0, LayerWeights, Storage, Weights, BLOCK};
+
+/// The storage types a matrix is kept in as the file has it.
+#[derive(Debug, Clone, Copy)]
+enum Kept {
+    F16,
+    BF16,
+    Q4_1,
+    Q8_0,
+}
 
 struct Gguf<'a> {
     path: &'a Path,
@@ -60,15 +70,21 @@ impl Gguf<'_> {
         arr.iter().map(|v| v.to_string().cloned().map_err(|e| self.bad(key, e))).collect()
     }
 
-    /// Reads a matrix: F16 and BF16 data stay in 16 bits, other types are dequantized to f32.
+    /// Reads a matrix: F16 and BF16 data stay in 16 bits, Q4_1 and Q8_0 blocks stay packed
+    /// (when the rows are whole blocks), other types are dequantized to f32.
     fn matrix_data(&mut self, name: &str) -> Result<(Vec<usize>, Storage), EngineError> {
-        let dtype = self.content.tensor_infos.get(name).map(|t| t.ggml_dtype);
+        let info = self.content.tensor_infos.get(name);
+        let dtype = info.map(|t| t.ggml_dtype);
+        // ggml's shapes list the row length first.
+        let whole_blocks = info.and_then(|t| t.shape.dims().last().copied()).is_some_and(|c| c % BLOCK == 0);
         let keep = match dtype {
-            Some(GgmlDType::F16) => Some(false),
-            Some(GgmlDType::BF16) => Some(true),
+            Some(GgmlDType::F16) => Some(Kept::F16),
+            Some(GgmlDType::BF16) => Some(Kept::BF16),
+            Some(GgmlDType::Q4_1) if whole_blocks => Some(Kept::Q4_1),
+            Some(GgmlDType::Q8_0) if whole_blocks => Some(Kept::Q8_0),
             _ => None,
         };
-        let Some(is_bf16) = keep else {
+        let Some(kept) = keep else {
             let (shape, values) = self.tensor(name)?;
             return Ok((shape, Storage::F32(values)));
         };
@@ -80,10 +96,11 @@ impl Gguf<'_> {
         let shape = q.shape().dims().to_vec();
         let bytes = q.data().map_err(|e| err(format!("cannot read {dtype:?} data: {e}")))?;
         let pairs = bytes.chunks_exact(2).map(|b| [b[0], b[1]]);
-        let data = if is_bf16 {
-            Storage::BF16(pairs.map(bf16::from_le_bytes).collect())
-        } else {
-            Storage::F16(pairs.map(f16::from_le_bytes).collect())
+        let data = match kept {
+            Kept::BF16 => Storage::BF16(pairs.map(bf16::from_le_bytes).collect()),
+            Kept::F16 => Storage::F16(pairs.map(f16::from_le_bytes).collect()),
+            Kept::Q4_1 => Storage::Q4_1(bytes.chunks_exact(BlockQ4_1::BYTES).map(BlockQ4_1::from_bytes).collect()),
+            Kept::Q8_0 => Storage::Q8_0(bytes.chunks_exact(BlockQ8_0::BYTES).map(BlockQ8_0::from_bytes).collect()),
         };
         if data.len() != shape.iter().product::<usize>() {
             return Err(err(format!("{} values for shape {shape:?}", data.len())));

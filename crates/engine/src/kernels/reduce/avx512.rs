@@ -42,13 +42,9 @@ pub(super) fn par_matmul(x: &[f32], rows: usize, w: &crate::weights::Matrix, out
     assert_eq!(out.len(), rows * n, "matmul output is not [rows, out]");
     let xrow = |r: usize| x[r * k..(r + 1) * k].as_ptr();
     // The cache lines of the weight rows: `per_row` each, line `line` of row `o` at `line_at`.
-    let (base, size) = match &w.data {
-        Storage::F32(v) => (v.as_ptr() as usize, 4),
-        Storage::F16(v) => (v.as_ptr() as usize, 2),
-        Storage::BF16(v) => (v.as_ptr() as usize, 2),
-    };
-    let per_row = (k * size).div_ceil(64);
-    let line_at = |o: usize, line: usize| base + o * k * size + line * 64;
+    let (base, row_bytes) = (w.data.as_ptr() as usize, w.data.row_bytes(k));
+    let per_row = row_bytes.div_ceil(64);
+    let line_at = |o: usize, line: usize| base + o * row_bytes + line * 64;
     // Each task writes its own columns of `out` (tiles are disjoint), through this address.
     let out_at = out.as_mut_ptr() as usize;
     (0..n.div_ceil(TILE)).into_par_iter().for_each(|t| {
@@ -93,11 +89,11 @@ pub(super) fn par_matmul(x: &[f32], rows: usize, w: &crate::weights::Matrix, out
             });
         };
         // f32 and f16 rows are packed straight from the weights (f16 widened on the way);
-        // bf16 rows through the widened copy of the tile.
+        // bf16 and block rows through the widened (dequantized) copy of the tile.
         match &w.data {
             Storage::F32(v) => tile(Rows::F32(&v[o0 * k..o1 * k])),
             Storage::F16(v) => tile(Rows::F16(&v[o0 * k..o1 * k])),
-            Storage::BF16(_) => w.with_rows_f32(o0, o1, |wt| tile(Rows::F32(wt))),
+            Storage::BF16(_) | Storage::Q4_1(_) | Storage::Q8_0(_) => w.with_rows_f32(o0, o1, |wt| tile(Rows::F32(wt))),
         }
     });
 }
