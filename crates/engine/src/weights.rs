@@ -100,7 +100,7 @@ impl BlockQ8_0 {
 fn dequantize<B: Vectored>(blocks: &[B], a: usize, b: usize, dst: &mut [f32], values: impl Fn(&B, &mut [f32; BLOCK])) {
     #[cfg(target_arch = "x86_64")]
     if a.is_multiple_of(BLOCK) && b.is_multiple_of(BLOCK) && avx512_blocks() {
-        // SAFETY: the CPU has AVX-512 (checked above).
+        // SAFETY: the CPU has AVX-512 and F16C (checked above).
         unsafe { dequantize_avx512(&blocks[a / BLOCK..b / BLOCK], dst) };
         return;
     }
@@ -109,7 +109,7 @@ fn dequantize<B: Vectored>(blocks: &[B], a: usize, b: usize, dst: &mut [f32], va
 
 /// Whole blocks into `dst`, with the blocks' AVX-512 `values` inlined in one loop.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
+#[target_feature(enable = "avx512f,f16c")]
 unsafe fn dequantize_avx512<B: Vectored>(blocks: &[B], dst: &mut [f32]) {
     for (blk, out) in blocks.iter().zip(dst.chunks_exact_mut(BLOCK)) {
         // SAFETY: the CPU has AVX-512 (the caller's contract); `out` holds a block's values.
@@ -117,10 +117,10 @@ unsafe fn dequantize_avx512<B: Vectored>(blocks: &[B], dst: &mut [f32]) {
     }
 }
 
-/// Whether the CPU has AVX-512 F (checked once, then cached by std).
+/// Whether the CPU has AVX-512 F and F16C (checked once, then cached by std).
 #[cfg(target_arch = "x86_64")]
 fn avx512_blocks() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f")
+    std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("f16c")
 }
 
 /// A block type with an AVX-512 version of its `values`.
@@ -128,19 +128,22 @@ trait Vectored {
     /// `values` of the block into `out` (at least 32 values), sixteen at a time.
     ///
     /// # Safety
-    /// The CPU has AVX-512 F.
+    /// The CPU has AVX-512 F and F16C.
     #[cfg(target_arch = "x86_64")]
     unsafe fn values_avx512(&self, out: &mut [f32]);
 }
 
 impl Vectored for BlockQ4_1 {
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,f16c")]
     #[inline]
     unsafe fn values_avx512(&self, out: &mut [f32]) {
         use std::arch::x86_64::*;
         assert!(out.len() >= BLOCK, "a block has 32 values");
-        let (d, m) = (_mm512_set1_ps(self.d.to_f32()), _mm512_set1_ps(self.m.to_f32()));
+        // d and m widened together (F16C, exact), then each broadcast.
+        let bits = u32::from(self.d.to_bits()) | u32::from(self.m.to_bits()) << 16;
+        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32));
+        let (d, m) = (_mm512_broadcastss_ps(dm), _mm512_broadcastss_ps(_mm_movehdup_ps(dm)));
         // SAFETY: `qs` holds sixteen bytes; `out` at least 32 f32 (asserted).
         unsafe {
             let q = _mm_loadu_si128(self.qs.as_ptr().cast());
@@ -155,12 +158,12 @@ impl Vectored for BlockQ4_1 {
 
 impl Vectored for BlockQ8_0 {
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx512f")]
+    #[target_feature(enable = "avx512f,f16c")]
     #[inline]
     unsafe fn values_avx512(&self, out: &mut [f32]) {
         use std::arch::x86_64::*;
         assert!(out.len() >= BLOCK, "a block has 32 values");
-        let d = _mm512_set1_ps(self.d.to_f32());
+        let d = _mm512_broadcastss_ps(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(self.d.to_bits()))));
         // SAFETY: `qs` holds 32 bytes; `out` at least 32 f32 (asserted).
         unsafe {
             for h in 0..2 {
