@@ -242,6 +242,16 @@ fn safetensors_f32_checkpoint_computes_the_same_bits() {
     assert!(a.iter().zip(b.iter()).all(|(x, y)| *x == half::bf16::from_f32(*y).to_f32()));
 }
 
+/// The logits' bits of a five-token prefill and one decode step under `profile`.
+fn forward_bits(m: &Model, profile: Profile) -> Vec<u32> {
+    let mut cache = KvCache::new(&m.config);
+    let mut run = Run { kernels: profile.kernels(), dtype: DType::F32, trace_rows: vec![], tracer: None };
+    let mut out: Vec<u32> =
+        m.forward(&[10, 20, 30, 40, 50], &mut cache, &mut run).iter().map(|x| x.to_bits()).collect();
+    out.extend(m.forward(&[60], &mut cache, &mut run).iter().map(|x| x.to_bits()));
+    out
+}
+
 /// Q4_1 and Q8_0 matrices kept as blocks hold the values candle's reader dequantizes, bit for
 /// bit (q and k rows after the loader's un-permutation too), take their blocks' bytes, and a
 /// model computes exactly what it computes with those values in f32: prefill and decode, both
@@ -275,15 +285,7 @@ fn block_weights_stay_packed_and_compute_the_same_bits() {
         );
         let wide = Model { weights: packed.weights.to_f32(), config: packed.config.clone() };
         for profile in [Profile::Fast, Profile::Invariant] {
-            let bits = |m: &Model| {
-                let mut cache = KvCache::new(&m.config);
-                let mut run = Run { kernels: profile.kernels(), dtype: DType::F32, trace_rows: vec![], tracer: None };
-                let mut out: Vec<u32> =
-                    m.forward(&[10, 20, 30, 40, 50], &mut cache, &mut run).iter().map(|x| x.to_bits()).collect();
-                out.extend(m.forward(&[60], &mut cache, &mut run).iter().map(|x| x.to_bits()));
-                out
-            };
-            assert_eq!(bits(&packed), bits(&wide), "{name}, {}", profile.as_str());
+            assert_eq!(forward_bits(&packed, profile), forward_bits(&wide, profile), "{name}, {}", profile.as_str());
         }
     }
 }
@@ -303,15 +305,7 @@ fn sixteen_bit_weights_stay_packed_and_compute_the_same_bits() {
         let wide = Model { weights: packed.weights.to_f32(), config: packed.config.clone() };
         assert_eq!(wide.weights.layers[0].wq.data.type_name(), "f32");
         for profile in [Profile::Fast, Profile::Invariant] {
-            let bits = |m: &Model| {
-                let mut cache = KvCache::new(&m.config);
-                let mut run = Run { kernels: profile.kernels(), dtype: DType::F32, trace_rows: vec![], tracer: None };
-                let mut out: Vec<u32> =
-                    m.forward(&[10, 20, 30, 40, 50], &mut cache, &mut run).iter().map(|x| x.to_bits()).collect();
-                out.extend(m.forward(&[60], &mut cache, &mut run).iter().map(|x| x.to_bits()));
-                out
-            };
-            assert_eq!(bits(&packed), bits(&wide), "{name}, {}", profile.as_str());
+            assert_eq!(forward_bits(&packed, profile), forward_bits(&wide, profile), "{name}, {}", profile.as_str());
         }
     }
 }

@@ -1141,7 +1141,6 @@ pub fn par_attention_plan(
 /// once together ([`absorb_group`]); under a split plan the (KV head, split) pairs run in
 /// parallel and each head merges its splits' states in order afterwards; under a tiled plan a
 /// KV head's tiles fold in turn, one task per KV head.
-#[allow(clippy::too_many_arguments)]
 fn decode_attention(
     q: &[f32],
     pos0: usize,
