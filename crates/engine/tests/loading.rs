@@ -168,6 +168,19 @@ fn gguf_errors_name_the_file_and_the_tensor() {
     let e = load_gguf(&path).unwrap_err().to_string();
     assert!(e.contains("m.gguf: not a readable GGUF file"), "{e}");
 
+    // A q matrix with rows shorter than the config's hidden size (f32, and blocks): an error
+    // naming the tensor and both shapes, not a panic in the un-permutation.
+    let mut narrow = model.clone();
+    let (rows, cols) = (model.weights.layers[1].wq.rows, model.config.hidden / 2);
+    narrow.weights.layers[1].wq = Matrix::new(rows, cols, vec![0.5; rows * cols]);
+    for dtype in [GgmlDType::F32, GgmlDType::Q8_0] {
+        write_gguf(&path, &narrow, "llama", dtype, None);
+        let e = load_gguf(&path).unwrap_err().to_string();
+        let want =
+            format!("tensor `blk.1.attn_q.weight`: shape [{rows}, {cols}], expected [{rows}, {}]", model.config.hidden);
+        assert!(e.contains("m.gguf") && e.contains(&want), "{dtype:?}: {e}");
+    }
+
     std::fs::write(&path, b"not a gguf at all").unwrap();
     assert!(load_gguf(&path).unwrap_err().to_string().contains("not a readable GGUF file"));
     let missing = dir.path().join("none.gguf");

@@ -218,6 +218,8 @@ const KEYS_AHEAD: usize = 16;
 /// Asks for the cache lines of `n` values from `p` on (a hint: never faults, reads nothing).
 #[inline(always)]
 fn prefetch_span(p: *const f32, n: usize) {
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, n);
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
@@ -237,6 +239,8 @@ fn prefetch_span(p: *const f32, n: usize) {
 /// Asks for the cache lines of the `n` bytes from `p` on (a hint: never faults, reads nothing).
 #[inline(always)]
 fn prefetch_bytes(p: *const u8, n: usize) {
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, n);
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
@@ -638,8 +642,8 @@ pub fn par_matmul(x: &[f32], rows: usize, w: &crate::weights::Matrix, out: &mut 
         .map(|t| {
             let (o0, o1) = (t * tile_len, ((t + 1) * tile_len).min(n));
             if rows == 1 {
-                // GEMV: f16 rows are read in place; other rows one at a time (bf16 widened into a
-                // buffer that stays in L1).
+                // GEMV: f16 and f32 rows are read in place, block rows dequantized four at a time
+                // into a buffer, bf16 rows one at a time (widened into a buffer that stays in L1).
                 match &w.data {
                     crate::weights::Storage::F16(v) => {
                         let row = |o: usize| &v[o * k..(o + 1) * k];
@@ -1450,12 +1454,12 @@ impl BlockStates {
 
     /// [`Softmax::absorb_scores`] for every row at once: row `i`'s scaled scores of keys
     /// `j0..j0 + n[i]` are `tile[i · w..][..n[i]]` (overwritten; rows with `n[i] = 0` are left
-    /// as they are). The tile has sixteen rows of `w`, those past the block's rows all zeros. Each row's operations are its `Softmax`'s: the new max (max is exact, so
-    /// its grouping cannot matter but for the sign of a zero max, which no result depends on),
-    /// the rescaling by `exp(m - m_new)` where the max grew, the exponentials of `s - m_new`,
-    /// their sum in key order, then the values in key order.
-    /// (AVX-512, so that the loops over rows and keys are compiled for its registers: the
-    /// caller checks [`avx512::available`].)
+    /// as they are). The tile has sixteen rows of `w`, those past the block's rows all zeros.
+    /// Each row's operations are its `Softmax`'s: the new max (max is exact, so its grouping
+    /// cannot matter but for the sign of a zero max, which no result depends on), the rescaling
+    /// by `exp(m - m_new)` where the max grew, the exponentials of `s - m_new`, their sum in key
+    /// order, then the values in key order. (AVX-512, so that the loops over rows and keys are
+    /// compiled for its registers: the caller checks [`avx512::available`].)
     #[target_feature(enable = "avx512f")]
     unsafe fn absorb(&mut self, tile: &mut [f32], w: usize, n: &[usize], kv: &KvHead<'_>, j0: usize) {
         let (d, rows) = (self.d, self.m.len());

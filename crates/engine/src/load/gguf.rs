@@ -75,7 +75,7 @@ impl Gguf<'_> {
     fn matrix_data(&mut self, name: &str) -> Result<(Vec<usize>, Storage), EngineError> {
         let info = self.content.tensor_infos.get(name);
         let dtype = info.map(|t| t.ggml_dtype);
-        // ggml's shapes list the row length first.
+        // candle gives shapes row-major (it reverses ggml's order): the row length comes last.
         let whole_blocks = info.and_then(|t| t.shape.dims().last().copied()).is_some_and(|c| c % BLOCK == 0);
         let keep = match dtype {
             Some(GgmlDType::F16) => Some(Kept::F16),
@@ -188,7 +188,9 @@ pub fn load_gguf(path: &Path) -> Result<Loaded, EngineError> {
     // q/k: back from the converter's per-head permutation to Hugging Face's row order.
     let mat_hf = |g: &mut Gguf<'_>, name: &str, rows: usize| {
         let (shape, mut data) = g.matrix_data(name)?;
-        if shape.len() == 2 && shape[0] == rows && rows.is_multiple_of(c.head_dim) && c.head_dim.is_multiple_of(2) {
+        // Only a matrix of the expected shape is un-permuted; `matrix` reports any other.
+        let expected = shape.len() == 2 && shape[0] == rows && shape[1] == c.hidden;
+        if expected && rows.is_multiple_of(c.head_dim) && c.head_dim.is_multiple_of(2) {
             data = data.gather_rows(&unpermuted_order(rows, c.head_dim), c.hidden);
         }
         matrix(path, name, &shape, data, rows, c.hidden)

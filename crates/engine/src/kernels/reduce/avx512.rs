@@ -9,7 +9,11 @@
 //!   additions give every output its `(l0 + l1) + (l2 + l3)` with the sixteen block sums in
 //!   output order.
 //! - Attention scores in the GEMV order ([`super::dot_lanes8`]) over transposed keys, sixteen
-//!   keys per register ([`dots_lanes8_t`]), and the value sums ([`accumulate_values`]).
+//!   keys per register, up to three query rows per pass ([`dots_lanes8_t`]); a decode step's
+//!   scores for the query heads of one KV head ([`dots_lanes8_q`]); the value sums
+//!   ([`accumulate_values`], and [`accumulate_values_q`] for several heads over the same
+//!   values); the maximum of a row of scores ([`max_fold`]).
+//! - The GEMV order of four f16 rows, two per register ([`dot_lanes8_x4_f16`]).
 
 use std::arch::x86_64::*;
 
@@ -22,10 +26,11 @@ pub(super) const ROWS: usize = 6;
 /// Outputs per parallel task (two panels).
 const TILE: usize = 32;
 
-/// Whether the CPU has AVX-512 F (and F16C and AVX2, which the f16 kernels use; every AVX-512
-/// CPU has them). Detected once, then cached.
+/// Whether the CPU has AVX-512 F and VL (and F16C and AVX2, which the f16 kernels use; every
+/// AVX-512 CPU but the Xeon Phi has them all). Detected once, then cached.
 pub(super) fn available() -> bool {
     std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512vl")
         && std::arch::is_x86_feature_detected!("f16c")
         && std::arch::is_x86_feature_detected!("avx2")
 }
@@ -76,7 +81,7 @@ pub(super) fn par_matmul(x: &[f32], rows: usize, w: &crate::weights::Matrix, out
                         let at = (out_at as *mut f32).wrapping_add(r * n + o0 + p0);
                         // SAFETY: the CPU has AVX-512 (the caller checked); every row of `x`
                         // holds `k` values, and `packed` is the panel of `k` inputs. Rows
-                        // r..r + mr < rows and columns o0 + p0..o0 + p0 + nr <= o1 <= n lie
+                        // r..r + mr <= rows and columns o0 + p0..o0 + p0 + nr <= o1 <= n lie
                         // within `out` (rows · n values, asserted); no other task writes
                         // columns o0..o1, and `out` is borrowed until every task is done.
                         unsafe { panel_dot(xs, packed, k, tail, Block { at, stride: n, rows: mr, cols: nr }) };
