@@ -215,27 +215,6 @@ fn prefetch_rows<T>(w: [*const T; 4], i: usize) {
 /// 32 keys 1.29–1.31 (two threads); single thread 3.4, 2.2, 2.1, 2.0, 2.1 ms.
 const KEYS_AHEAD: usize = 16;
 
-/// Asks for the cache lines of `n` values from `p` on (a hint: never faults, reads nothing).
-#[inline(always)]
-fn prefetch_span(p: *const f32, n: usize) {
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (p, n);
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let (start, bytes) = (p.cast::<u8>(), n * 4);
-        let mut at = 0;
-        while at < bytes {
-            // SAFETY: a prefetch reads nothing the program sees and never faults; the address is
-            // only computed (wrapping_add), not dereferenced.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(at).cast()) };
-            at += 64;
-        }
-        // SAFETY: as above.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(bytes.saturating_sub(1)).cast()) };
-    }
-}
-
 /// Asks for the cache lines of the `n` bytes from `p` on (a hint: never faults, reads nothing).
 #[inline(always)]
 fn prefetch_bytes(p: *const u8, n: usize) {
@@ -647,22 +626,33 @@ pub fn par_matmul(x: &[f32], rows: usize, w: &crate::weights::Matrix, out: &mut 
                 match &w.data {
                     crate::weights::Storage::F16(v) => {
                         let row = |o: usize| &v[o * k..(o + 1) * k];
-                        return gemv_x4(o0, o1, row, |r| order.f16(x, r), |r| order.f16_x4(x, r));
+                        return gemv_x4(o0, o1, |os| order.f16_x4(x, os.map(row)), |o| order.f16(x, row(o)));
                     }
                     crate::weights::Storage::F32(v) => {
                         let row = |o: usize| &v[o * k..(o + 1) * k];
-                        return gemv_x4(o0, o1, row, |r| order.f32(x, r), |r| order.f32_x4(x, r));
+                        return gemv_x4(o0, o1, |os| order.f32_x4(x, os.map(row)), |o| order.f32(x, row(o)));
                     }
                     crate::weights::Storage::Q4_1(_) | crate::weights::Storage::Q8_0(_) => {
-                        // Blocks dequantized four rows at a time into a buffer that stays in L1,
-                        // each row's bytes asked for two rows ahead of its stream.
+                        // Blocks dequantized into buffers that stay in L1, each row's bytes asked
+                        // for two rows ahead of its stream.
                         let (base, row_bytes) = (w.data.as_ptr(), w.data.row_bytes(k));
                         let fill = |o: usize, dst: &mut [f32]| {
                             let ahead = base.wrapping_add((o + 2).min(n - 1) * row_bytes);
                             prefetch_bytes(ahead, row_bytes);
                             w.data.widen_into(o * k, (o + 1) * k, dst)
                         };
-                        return gemv_x4_filled(o0, o1, k, fill, |r| order.f32(x, r), |r| order.f32_x4(x, r));
+                        let (mut four, mut one) = (vec![0.0f32; 4 * k], vec![0.0f32; k]);
+                        let rows4 = |os: [usize; 4]| {
+                            for (j, o) in os.into_iter().enumerate() {
+                                fill(o, &mut four[j * k..(j + 1) * k]);
+                            }
+                            order.f32_x4(x, std::array::from_fn(|j| &four[j * k..(j + 1) * k]))
+                        };
+                        let row1 = |o: usize| {
+                            fill(o, &mut one);
+                            order.f32(x, &one)
+                        };
+                        return gemv_x4(o0, o1, rows4, row1);
                     }
                     crate::weights::Storage::BF16(_) => {}
                 }
@@ -701,56 +691,27 @@ fn gemv_tiles_give_every_thread_the_same_rows() {
     }
 }
 
-/// The GEMV results of rows `o0..o1`, four rows per call of `four`. The four rows of a call are a
+/// The GEMV results of rows `o0..o1`: `four(rows)` gives the dot products of four rows, `one(row)`
+/// of one (the rows left over). The four rows of a call are a
 /// quarter of the range apart: four adjacent rows (1 KiB apart) read side by side ran at half the
 /// speed of one row on the development machine (the hardware prefetcher follows distant streams
 /// better); far apart they beat it.
-fn gemv_x4<'w, T: 'w>(
+fn gemv_x4(
     o0: usize,
     o1: usize,
-    row: impl Fn(usize) -> &'w [T],
-    one: impl Fn(&[T]) -> f32,
-    four: impl Fn([&[T]; 4]) -> [f32; 4],
+    mut four: impl FnMut([usize; 4]) -> [f32; 4],
+    mut one: impl FnMut(usize) -> f32,
 ) -> Vec<f32> {
     let q = (o1 - o0) / 4;
     let mut part = vec![0.0f32; o1 - o0];
     for o in o0..o0 + q {
-        let r = four(std::array::from_fn(|j| row(o + j * q)));
+        let r = four(std::array::from_fn(|j| o + j * q));
         for (j, v) in r.into_iter().enumerate() {
             part[o - o0 + j * q] = v;
         }
     }
     for o in o0 + 4 * q..o1 {
-        part[o - o0] = one(row(o));
-    }
-    part
-}
-
-/// [`gemv_x4`] for rows made on the way (dequantized blocks): `fill(o, dst)` writes row `o`'s `k`
-/// values into a buffer of four rows, which the dot products then read.
-fn gemv_x4_filled(
-    o0: usize,
-    o1: usize,
-    k: usize,
-    fill: impl Fn(usize, &mut [f32]),
-    one: impl Fn(&[f32]) -> f32,
-    four: impl Fn([&[f32]; 4]) -> [f32; 4],
-) -> Vec<f32> {
-    let q = (o1 - o0) / 4;
-    let mut part = vec![0.0f32; o1 - o0];
-    let mut buf = vec![0.0f32; 4 * k];
-    for o in o0..o0 + q {
-        for (j, dst) in buf.chunks_exact_mut(k.max(1)).enumerate().take(4) {
-            fill(o + j * q, &mut dst[..k]);
-        }
-        let r = four(std::array::from_fn(|j| &buf[j * k..(j + 1) * k]));
-        for (j, v) in r.into_iter().enumerate() {
-            part[o - o0 + j * q] = v;
-        }
-    }
-    for o in o0 + 4 * q..o1 {
-        fill(o, &mut buf[..k]);
-        part[o - o0] = one(&buf[..k]);
+        part[o - o0] = one(o);
     }
     part
 }
@@ -988,11 +949,7 @@ impl Softmax {
         }
         // When the max stays, the factor is exp(0) = 1 and leaves every bit as it was.
         if m_new != self.m {
-            let c = exp(self.m - m_new);
-            self.l *= c;
-            for a in &mut self.acc {
-                *a *= c;
-            }
+            rescale(&mut self.l, &mut self.acc, exp(self.m - m_new));
         }
         // The exponentials, then their sum in order (one loop of each: the sum's chain no longer
         // waits on a call per key).
@@ -1013,19 +970,40 @@ impl Softmax {
             return;
         }
         let m = self.m.max(other.m);
-        let (ca, cb) = (exp(self.m - m), exp(other.m - m));
-        self.l = self.l * ca + other.l * cb;
-        for (a, &b) in self.acc.iter_mut().zip(&other.acc) {
-            *a = *a * ca + b * cb;
-        }
+        combine(&mut self.l, &mut self.acc, other.l, &other.acc, [exp(self.m - m), exp(other.m - m)]);
         self.m = m;
     }
 
     /// Writes `acc / l`.
     pub fn finish(&self, out: &mut [f32]) {
-        for (o, &a) in out.iter_mut().zip(&self.acc) {
-            *o = a / self.l;
-        }
+        divide(out, &self.acc, self.l);
+    }
+}
+
+/// A softmax state's sum and weighted values times `c` (the max grew: `c = exp(m - m_new)`).
+#[inline(always)]
+fn rescale(l: &mut f32, acc: &mut [f32], c: f32) {
+    *l *= c;
+    for a in acc {
+        *a *= c;
+    }
+}
+
+/// Another state's sum and weighted values merged into a state's, each side times its factor:
+/// `[ca, cb] = [exp(m - m_max), exp(m_other - m_max)]`.
+#[inline(always)]
+fn combine(l: &mut f32, acc: &mut [f32], other_l: f32, other_acc: &[f32], [ca, cb]: [f32; 2]) {
+    *l = *l * ca + other_l * cb;
+    for (a, &b) in acc.iter_mut().zip(other_acc) {
+        *a = *a * ca + b * cb;
+    }
+}
+
+/// `out = acc / l`: the attention output of a finished softmax state.
+#[inline(always)]
+fn divide(out: &mut [f32], acc: &[f32], l: f32) {
+    for (o, &a) in out.iter_mut().zip(acc) {
+        *o = a / l;
     }
 }
 
@@ -1216,8 +1194,9 @@ fn group_scores(qs: &[&[f32]], kv: &KvHead<'_>, j0: usize, j1: usize, scale: f32
         while j + 4 <= j1 {
             if b == 0 {
                 for jj in j..j + 4 {
-                    prefetch_span(kv.k.as_ptr().wrapping_add((jj + KEYS_AHEAD) * kv.stride + kv.off), d);
-                    prefetch_span(kv.v.as_ptr().wrapping_add(jj * kv.stride + kv.off), d);
+                    let (key, value) = ((jj + KEYS_AHEAD) * kv.stride + kv.off, jj * kv.stride + kv.off);
+                    prefetch_bytes(kv.k.as_ptr().wrapping_add(key).cast(), 4 * d);
+                    prefetch_bytes(kv.v.as_ptr().wrapping_add(value).cast(), 4 * d);
                 }
             }
             let dots = dots_lanes8_group(block, [j, j + 1, j + 2, j + 3].map(|j| kv.key(j, d)));
@@ -1323,8 +1302,8 @@ fn attention_blocks(
     out: &mut [f32],
 ) {
     use rayon::prelude::*;
-    /// Query rows per block.
-    const QB: usize = 16;
+    /// Query rows per block: as many as a block's softmax states hold side by side.
+    const QB: usize = BlockStates::ROWS;
     let (d, heads) = (shape.head_dim, shape.n_heads);
     let (stride, scale) = (shape.kv_dim(), shape.scale());
     let chunk = plan.chunk();
@@ -1429,21 +1408,18 @@ struct BlockStates {
     l: Vec<f32>,
     /// `[rows, d]`.
     acc: Vec<f32>,
-    /// Scratch for exponentials of per-row values.
-    c: Vec<f32>,
 }
 
 #[cfg(target_arch = "x86_64")]
 impl BlockStates {
+    /// The empty states of `rows` rows (at most [`BlockStates::ROWS`]) of `d` values.
     fn new(rows: usize, d: usize) -> BlockStates {
-        BlockStates {
-            d,
-            m: vec![f32::NEG_INFINITY; rows],
-            l: vec![0.0; rows],
-            acc: vec![0.0; rows * d],
-            c: vec![0.0; 2 * rows],
-        }
+        assert!(rows <= Self::ROWS, "a block has at most sixteen rows");
+        BlockStates { d, m: vec![f32::NEG_INFINITY; rows], l: vec![0.0; rows], acc: vec![0.0; rows * d] }
     }
+
+    /// Rows of a block at most.
+    const ROWS: usize = 16;
 
     /// Back to the empty state of [`BlockStates::new`].
     fn reset(&mut self) {
@@ -1463,23 +1439,18 @@ impl BlockStates {
     #[target_feature(enable = "avx512f")]
     unsafe fn absorb(&mut self, tile: &mut [f32], w: usize, n: &[usize], kv: &KvHead<'_>, j0: usize) {
         let (d, rows) = (self.d, self.m.len());
-        assert!(rows <= 16 && tile.len() >= 16 * w, "a block has at most sixteen rows of scores");
-        let mut m_new = vec![f32::NEG_INFINITY; rows];
-        let mut live = vec![false; rows];
+        assert!(tile.len() >= Self::ROWS * w, "a tile has sixteen rows of scores");
+        let (mut m_new, mut live, mut c) = ([f32::NEG_INFINITY; Self::ROWS], [false; Self::ROWS], [0.0; Self::ROWS]);
         for i in 0..rows {
             // SAFETY: the CPU has AVX-512 (the caller's contract).
             m_new[i] = unsafe { avx512::max_fold(self.m[i], &tile[i * w..][..n[i]]) };
             live[i] = n[i] > 0 && m_new[i] != f32::NEG_INFINITY;
             // exp(0) = 1 where the max stays: that row is then not rescaled at all.
-            self.c[i] = if live[i] && m_new[i] != self.m[i] { self.m[i] - m_new[i] } else { 0.0 };
+            c[i] = if live[i] && m_new[i] != self.m[i] { self.m[i] - m_new[i] } else { 0.0 };
         }
-        exp_in_place(&mut self.c[..rows]);
+        exp_in_place(&mut c[..rows]);
         for i in (0..rows).filter(|&i| live[i] && m_new[i] != self.m[i]) {
-            let c = self.c[i];
-            self.l[i] *= c;
-            for a in &mut self.acc[i * d..(i + 1) * d] {
-                *a *= c;
-            }
+            rescale(&mut self.l[i], &mut self.acc[i * d..(i + 1) * d], c[i]);
         }
         for i in 0..rows {
             let s = &mut tile[i * w..(i + 1) * w];
@@ -1495,7 +1466,7 @@ impl BlockStates {
             tile[i * w + k..(i + 1) * w].fill(0.0);
         }
         // The sums as sixteen independent chains (the tile's rows past `rows` are zeros).
-        let mut l = [0.0f32; 16];
+        let mut l = [0.0f32; Self::ROWS];
         l[..rows].copy_from_slice(&self.l);
         for j in 0..w {
             for (i, l) in l.iter_mut().enumerate() {
@@ -1534,20 +1505,17 @@ impl BlockStates {
     #[target_feature(enable = "avx512f")]
     unsafe fn merge(&mut self, other: &BlockStates) {
         let (d, rows) = (self.d, self.m.len());
-        let live: Vec<bool> = other.m.iter().map(|&m| m != f32::NEG_INFINITY).collect();
-        let m: Vec<f32> = self.m.iter().zip(&other.m).map(|(&a, &b)| a.max(b)).collect();
-        for i in 0..rows {
-            let (a, b) = if live[i] { (self.m[i] - m[i], other.m[i] - m[i]) } else { (0.0, 0.0) };
-            self.c[i] = a;
-            self.c[rows + i] = b;
+        // Per row the factors [exp(m - m_max), exp(m_other - m_max)], exponentials in one call.
+        let (mut c, mut m) = ([[0.0f32; 2]; Self::ROWS], [0.0f32; Self::ROWS]);
+        let live = |i: usize| other.m[i] != f32::NEG_INFINITY;
+        for i in (0..rows).filter(|&i| live(i)) {
+            m[i] = self.m[i].max(other.m[i]);
+            c[i] = [self.m[i] - m[i], other.m[i] - m[i]];
         }
-        exp_in_place(&mut self.c[..2 * rows]);
-        for i in (0..rows).filter(|&i| live[i]) {
-            let (ca, cb) = (self.c[i], self.c[rows + i]);
-            self.l[i] = self.l[i] * ca + other.l[i] * cb;
-            for (a, &b) in self.acc[i * d..(i + 1) * d].iter_mut().zip(&other.acc[i * d..(i + 1) * d]) {
-                *a = *a * ca + b * cb;
-            }
+        exp_in_place(c[..rows].as_flattened_mut());
+        for i in (0..rows).filter(|&i| live(i)) {
+            let (acc, other_acc) = (&mut self.acc[i * d..(i + 1) * d], &other.acc[i * d..(i + 1) * d]);
+            combine(&mut self.l[i], acc, other.l[i], other_acc, c[i]);
             self.m[i] = m[i];
         }
     }
@@ -1555,9 +1523,7 @@ impl BlockStates {
     /// Writes every row's `acc / l` into `out` (`[rows, d]`).
     fn finish(&self, out: &mut [f32]) {
         for ((o, a), &l) in out.chunks_exact_mut(self.d).zip(self.acc.chunks_exact(self.d)).zip(&self.l) {
-            for (o, &a) in o.iter_mut().zip(a) {
-                *o = a / l;
-            }
+            divide(o, a, l);
         }
     }
 }

@@ -329,64 +329,11 @@ pub(super) unsafe fn max_fold(m: f32, s: &[f32]) -> f32 {
     _mm512_reduce_max_ps(acc)
 }
 
-/// [`super::accumulate_values`] with AVX-512: up to 128 elements of `acc` held in registers
-/// while the keys pass, each element its own chain (multiply, then add), the rest in order.
+/// [`super::accumulate_values`] with AVX-512: [`accumulate_values_q`] for one head.
 #[target_feature(enable = "avx512f")]
 pub(super) unsafe fn accumulate_values<'v>(acc: &mut [f32], ps: &[f32], value: &impl Fn(usize) -> &'v [f32]) {
-    let d = acc.len();
-    let mut c = 0;
-    // SAFETY (each call): c + 16 · W <= d.
-    while d - c >= 128 {
-        unsafe { accumulate_chunk::<8>(acc, c, ps, value) };
-        c += 128;
-    }
-    if d - c >= 64 {
-        unsafe { accumulate_chunk::<4>(acc, c, ps, value) };
-        c += 64;
-    }
-    if d - c >= 32 {
-        unsafe { accumulate_chunk::<2>(acc, c, ps, value) };
-        c += 32;
-    }
-    if d - c >= 16 {
-        unsafe { accumulate_chunk::<1>(acc, c, ps, value) };
-        c += 16;
-    }
-    if c < d {
-        for (j, &p) in ps.iter().enumerate() {
-            for (a, &x) in acc[c..].iter_mut().zip(&value(j)[c..d]) {
-                *a += p * x;
-            }
-        }
-    }
-}
-
-/// `acc[c..c + 16W] += ps[j] · value(j)[c..c + 16W]` for every key in order, in `W` registers.
-/// The caller guarantees `c + 16W <= acc.len()`; `value(j)` holds at least `acc.len()` values.
-#[target_feature(enable = "avx512f")]
-#[inline]
-unsafe fn accumulate_chunk<'v, const W: usize>(
-    acc: &mut [f32],
-    c: usize,
-    ps: &[f32],
-    value: &impl Fn(usize) -> &'v [f32],
-) {
-    let d = acc.len();
-    assert!(c + 16 * W <= d, "chunk past the accumulator");
-    // SAFETY: c + 16W <= d (asserted).
-    let mut regs: [__m512; W] = std::array::from_fn(|k| unsafe { _mm512_loadu_ps(acc.as_ptr().add(c + 16 * k)) });
-    for (j, &p) in ps.iter().enumerate() {
-        let row = &value(j)[..d];
-        let pv = _mm512_set1_ps(p);
-        for (k, r) in regs.iter_mut().enumerate() {
-            // SAFETY: c + 16k + 16 <= d = row.len().
-            *r = _mm512_add_ps(*r, _mm512_mul_ps(pv, unsafe { _mm512_loadu_ps(row.as_ptr().add(c + 16 * k)) }));
-        }
-    }
-    for (k, r) in regs.iter().enumerate() {
-        // SAFETY: as for the loads.
-        unsafe { _mm512_storeu_ps(acc.as_mut_ptr().add(c + 16 * k), *r) };
-    }
+    // SAFETY: the CPU has AVX-512 (the caller's contract).
+    unsafe { accumulate_values_q([acc], [ps], value) }
 }
 
 /// [`super::avx::dots_lanes8_q`] compiled for AVX-512, whose 32 registers hold the `4Q`
@@ -397,11 +344,12 @@ pub(super) unsafe fn dots_lanes8_q<const Q: usize>(qs: [&[f32]; Q], keys: [*cons
     unsafe { super::avx::dots_lanes8_q(qs, keys, n) }
 }
 
-/// [`accumulate_values`] for `Q` query heads over the same values (the heads of one KV head),
-/// each value row read once for all of them: `accs[h] += ps[h][j] · value(j)` for every key `j`
-/// in order, every element its own chain (multiply, then add), the same bits as `Q` calls of
-/// [`accumulate_values`]. Every `accs[h]` has the same length `d`, every `ps[h]` the same
-/// length, and `value(j)` holds at least `d` values.
+/// `accs[h] += ps[h][j] · value(j)` for every key `j` in order, for `Q` query heads over the
+/// same values (the heads of one KV head), each value row read once for all of them: up to 16
+/// registers of accumulators held while the keys pass (128 elements of one or two heads, else
+/// 64 a head), every element its own chain (multiply, then add), the rest in order; the same
+/// bits as [`super::accumulate_values`] head by head. Every `accs[h]` has the same length `d`,
+/// every `ps[h]` the same length, and `value(j)` holds at least `d` values.
 #[target_feature(enable = "avx512f")]
 pub(super) unsafe fn accumulate_values_q<'v, const Q: usize>(
     mut accs: [&mut [f32]; Q],
@@ -413,6 +361,10 @@ pub(super) unsafe fn accumulate_values_q<'v, const Q: usize>(
     assert!(accs.iter().all(|a| a.len() == d) && ps.iter().all(|p| p.len() == n), "heads of unequal sizes");
     let mut c = 0;
     // SAFETY (each call): c + 16 · W <= d; W · Q <= 16 registers of accumulators.
+    while Q <= 2 && d - c >= 128 {
+        unsafe { accumulate_chunk_q::<8, Q>(&mut accs, c, &ps, value) };
+        c += 128;
+    }
     while d - c >= 64 {
         unsafe { accumulate_chunk_q::<4, Q>(&mut accs, c, &ps, value) };
         c += 64;
@@ -436,8 +388,8 @@ pub(super) unsafe fn accumulate_values_q<'v, const Q: usize>(
     }
 }
 
-/// [`accumulate_chunk`] for `Q` heads: `W` registers of every head's accumulator, each value
-/// register loaded once and used by every head. The caller guarantees `c + 16W <= d`, the
+/// `accs[h][c..c + 16W] += ps[h][j] · value(j)[c..c + 16W]` for every key in order: `W`
+/// registers of every head's accumulator, each value register loaded once for every head. The caller guarantees `c + 16W <= d`, the
 /// length of every accumulator, and that `value(j)` holds at least `d` values.
 #[target_feature(enable = "avx512f")]
 #[inline]
