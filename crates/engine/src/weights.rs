@@ -62,15 +62,6 @@ impl BlockQ4_1 {
         qs.copy_from_slice(&b[4..20]);
         BlockQ4_1 { d: f16::from_le_bytes([b[0], b[1]]), m: f16::from_le_bytes([b[2], b[3]]), qs }
     }
-
-    /// The 32 values.
-    pub fn values(&self, out: &mut [f32; BLOCK]) {
-        let (d, m) = (self.d.to_f32(), self.m.to_f32());
-        for (j, &q) in self.qs.iter().enumerate() {
-            out[j] = f32::from(q & 0x0f) * d + m;
-            out[j + 16] = f32::from(q >> 4) * d + m;
-        }
-    }
 }
 
 impl BlockQ8_0 {
@@ -85,32 +76,24 @@ impl BlockQ8_0 {
         }
         BlockQ8_0 { d: f16::from_le_bytes([b[0], b[1]]), qs }
     }
-
-    /// The 32 values.
-    pub fn values(&self, out: &mut [f32; BLOCK]) {
-        let d = self.d.to_f32();
-        for (o, &q) in out.iter_mut().zip(&self.qs) {
-            *o = f32::from(q) * d;
-        }
-    }
 }
 
 /// Writes values `a..b` of a sequence of blocks into `dst` (of length `b - a`): whole blocks
 /// with AVX-512 where the CPU has it (the same operations, sixteen values per register).
-fn dequantize<B: Vectored>(blocks: &[B], a: usize, b: usize, dst: &mut [f32], values: impl Fn(&B, &mut [f32; BLOCK])) {
+fn dequantize<B: QuantBlock>(blocks: &[B], a: usize, b: usize, dst: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if a.is_multiple_of(BLOCK) && b.is_multiple_of(BLOCK) && avx512_blocks() {
         // SAFETY: the CPU has AVX-512 and F16C (checked above).
         unsafe { dequantize_avx512(&blocks[a / BLOCK..b / BLOCK], dst) };
         return;
     }
-    dequantize_plain(blocks, a, b, dst, values)
+    dequantize_plain(blocks, a, b, dst)
 }
 
 /// Whole blocks into `dst`, with the blocks' AVX-512 `values` inlined in one loop.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,f16c")]
-unsafe fn dequantize_avx512<B: Vectored>(blocks: &[B], dst: &mut [f32]) {
+unsafe fn dequantize_avx512<B: QuantBlock>(blocks: &[B], dst: &mut [f32]) {
     for (blk, out) in blocks.iter().zip(dst.chunks_exact_mut(BLOCK)) {
         // SAFETY: the CPU has AVX-512 (the caller's contract); `out` holds a block's values.
         unsafe { blk.values_avx512(out) };
@@ -123,8 +106,11 @@ fn avx512_blocks() -> bool {
     std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("f16c")
 }
 
-/// A block type with an AVX-512 version of its `values`.
-trait Vectored {
+/// A ggml block of [`BLOCK`] quantized values.
+pub trait QuantBlock {
+    /// The block's values, by ggml's formula.
+    fn values(&self, out: &mut [f32; BLOCK]);
+
     /// `values` of the block into `out` (at least 32 values), sixteen at a time.
     ///
     /// # Safety
@@ -133,7 +119,15 @@ trait Vectored {
     unsafe fn values_avx512(&self, out: &mut [f32]);
 }
 
-impl Vectored for BlockQ4_1 {
+impl QuantBlock for BlockQ4_1 {
+    fn values(&self, out: &mut [f32; BLOCK]) {
+        let (d, m) = (self.d.to_f32(), self.m.to_f32());
+        for (j, &q) in self.qs.iter().enumerate() {
+            out[j] = f32::from(q & 0x0f) * d + m;
+            out[j + 16] = f32::from(q >> 4) * d + m;
+        }
+    }
+
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,f16c")]
     #[inline]
@@ -156,7 +150,14 @@ impl Vectored for BlockQ4_1 {
     }
 }
 
-impl Vectored for BlockQ8_0 {
+impl QuantBlock for BlockQ8_0 {
+    fn values(&self, out: &mut [f32; BLOCK]) {
+        let d = self.d.to_f32();
+        for (o, &q) in out.iter_mut().zip(&self.qs) {
+            *o = f32::from(q) * d;
+        }
+    }
+
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,f16c")]
     #[inline]
@@ -176,7 +177,7 @@ impl Vectored for BlockQ8_0 {
 }
 
 /// [`dequantize`] one value at a time, as the blocks' `values` define them.
-fn dequantize_plain<B>(blocks: &[B], a: usize, b: usize, dst: &mut [f32], values: impl Fn(&B, &mut [f32; BLOCK])) {
+fn dequantize_plain<B: QuantBlock>(blocks: &[B], a: usize, b: usize, dst: &mut [f32]) {
     let mut buf = [0.0f32; BLOCK];
     let mut at = a;
     while at < b {
@@ -185,9 +186,9 @@ fn dequantize_plain<B>(blocks: &[B], a: usize, b: usize, dst: &mut [f32], values
         let out = &mut dst[at - a..at - a + take];
         if off == 0 && take == BLOCK {
             let out: &mut [f32; BLOCK] = out.try_into().expect("a whole block");
-            values(&blocks[k], out);
+            blocks[k].values(out);
         } else {
-            values(&blocks[k], &mut buf);
+            blocks[k].values(&mut buf);
             out.copy_from_slice(&buf[off..off + take]);
         }
         at += take;
@@ -262,8 +263,8 @@ impl Storage {
             Storage::F32(v) => dst.copy_from_slice(&v[a..b]),
             Storage::F16(v) => widen_f16(&v[a..b], dst),
             Storage::BF16(v) => widen_bf16(&v[a..b], dst),
-            Storage::Q4_1(v) => dequantize(v, a, b, dst, BlockQ4_1::values),
-            Storage::Q8_0(v) => dequantize(v, a, b, dst, BlockQ8_0::values),
+            Storage::Q4_1(v) => dequantize(v, a, b, dst),
+            Storage::Q8_0(v) => dequantize(v, a, b, dst),
         }
     }
 
