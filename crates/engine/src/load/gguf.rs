@@ -186,14 +186,13 @@ pub fn load_gguf(path: &Path) -> Result<Loaded, EngineError> {
         matrix(path, name, &shape, data, rows, cols)
     };
     // q/k: back from the converter's per-head permutation to Hugging Face's row order.
+    // The shape is checked first (`matrix`), so only a matrix of the expected shape is un-permuted.
     let mat_hf = |g: &mut Gguf<'_>, name: &str, rows: usize| {
-        let (shape, mut data) = g.matrix_data(name)?;
-        // Only a matrix of the expected shape is un-permuted; `matrix` reports any other.
-        let expected = shape.len() == 2 && shape[0] == rows && shape[1] == c.hidden;
-        if expected && rows.is_multiple_of(c.head_dim) && c.head_dim.is_multiple_of(2) {
-            data = data.gather_rows(&unpermuted_order(rows, c.head_dim), c.hidden);
+        let mut m = mat(g, name, rows, c.hidden)?;
+        if rows.is_multiple_of(c.head_dim) && c.head_dim.is_multiple_of(2) {
+            m.data = m.data.gather_rows(&unpermuted_order(rows, c.head_dim), c.hidden);
         }
-        matrix(path, name, &shape, data, rows, c.hidden)
+        Ok::<_, EngineError>(m)
     };
     let embed = mat(&mut g, "token_embd.weight", c.vocab, c.hidden)?;
     let mut layers = Vec::with_capacity(c.n_layers);
