@@ -117,6 +117,61 @@ pub trait QuantBlock {
     /// The CPU has AVX-512 F and F16C.
     #[cfg(target_arch = "x86_64")]
     unsafe fn values_avx512(&self, out: &mut [f32]);
+
+    /// The values of two blocks eight at a time, side by side, as the GEMV order reads them:
+    /// register `c` holds values `8c..8c + 8` of `a` in its low half and of `b` in its high half.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F, AVX2 and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn pairs8_avx512(a: &Self, b: &Self) -> [std::arch::x86_64::__m512; 4];
+
+    /// The values of four blocks four at a time, as the GEMM order reads them: register `c`
+    /// holds values `4c..4c + 4` of block `r` in its quarter `r`.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 F, AVX2 and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn quads4_avx512(blocks: [&Self; 4]) -> [std::arch::x86_64::__m512; 8];
+}
+
+/// `[x_0, x_1, x_2, x_3]` as four 32-bit rows side by side: lane group `c` of the result holds
+/// lane `c` of each `x_r`, in order (a 4 × 4 transpose of 32-bit lanes: bytes `4c..4c + 4` of
+/// each of four 16-byte rows).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+#[inline]
+fn transpose_4x4(x: [std::arch::x86_64::__m128i; 4]) -> [std::arch::x86_64::__m128i; 4] {
+    use std::arch::x86_64::*;
+    let (t0, t1) = (_mm_unpacklo_epi32(x[0], x[1]), _mm_unpacklo_epi32(x[2], x[3]));
+    let (t2, t3) = (_mm_unpackhi_epi32(x[0], x[1]), _mm_unpackhi_epi32(x[2], x[3]));
+    [_mm_unpacklo_epi64(t0, t1), _mm_unpackhi_epi64(t0, t1), _mm_unpacklo_epi64(t2, t3), _mm_unpackhi_epi64(t2, t3)]
+}
+
+/// Scales (and minima) widened to f32 and spread over a register: lane `l` of the result is
+/// `half[index[l]]` of the up to eight f16 values packed in `bits` (F16C, exact).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx2,f16c")]
+#[inline]
+fn spread_halves(bits: std::arch::x86_64::__m128i, index: [i32; 16]) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    let wide = _mm512_castps256_ps512(_mm256_cvtph_ps(bits));
+    // SAFETY: `index` holds sixteen i32.
+    let idx = unsafe { _mm512_loadu_si512(index.as_ptr().cast()) };
+    _mm512_permutexvar_ps(idx, wide)
+}
+
+/// Lane `l` takes value `l / 8` (two blocks' scales over halves) or `l / 4` (four over quarters),
+/// `STRIDE` apart, from `FIRST` on.
+#[cfg(target_arch = "x86_64")]
+const fn spread<const PER: usize, const STRIDE: i32, const FIRST: i32>() -> [i32; 16] {
+    let mut idx = [0; 16];
+    let mut l = 0;
+    while l < 16 {
+        idx[l] = FIRST + STRIDE * (l / PER) as i32;
+        l += 1;
+    }
+    idx
 }
 
 impl QuantBlock for BlockQ4_1 {
@@ -148,6 +203,62 @@ impl QuantBlock for BlockQ4_1 {
             _mm512_storeu_ps(out.as_mut_ptr().add(16), value(hi));
         }
     }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,f16c")]
+    #[inline]
+    unsafe fn pairs8_avx512(a: &Self, b: &Self) -> [std::arch::x86_64::__m512; 4] {
+        use std::arch::x86_64::*;
+        // [d_a, m_a, d_b, m_b] spread: d_a and m_a over the low half, d_b and m_b over the high.
+        let bits = _mm_set_epi32(0, 0, scale_min_bits(b), scale_min_bits(a));
+        let d = spread_halves(bits, spread::<8, 2, 0>());
+        let m = spread_halves(bits, spread::<8, 2, 1>());
+        // SAFETY: `qs` holds sixteen bytes.
+        let (qa, qb) = unsafe { (_mm_loadu_si128(a.qs.as_ptr().cast()), _mm_loadu_si128(b.qs.as_ptr().cast())) };
+        // Bytes 0..8 of both blocks, then bytes 8..16: their low nibbles are values 0..16, their
+        // high nibbles values 16..32.
+        let (first, second) = (_mm_unpacklo_epi64(qa, qb), _mm_unpackhi_epi64(qa, qb));
+        let mask = _mm_set1_epi8(0x0f);
+        let nibbles = [
+            _mm_and_si128(first, mask),
+            _mm_and_si128(second, mask),
+            _mm_and_si128(_mm_srli_epi16::<4>(first), mask),
+            _mm_and_si128(_mm_srli_epi16::<4>(second), mask),
+        ];
+        nibbles.map(|n| _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(n)), d), m))
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,f16c")]
+    #[inline]
+    unsafe fn quads4_avx512(blocks: [&Self; 4]) -> [std::arch::x86_64::__m512; 8] {
+        use std::arch::x86_64::*;
+        let bits = _mm_set_epi32(
+            scale_min_bits(blocks[3]),
+            scale_min_bits(blocks[2]),
+            scale_min_bits(blocks[1]),
+            scale_min_bits(blocks[0]),
+        );
+        let d = spread_halves(bits, spread::<4, 2, 0>());
+        let m = spread_halves(bits, spread::<4, 2, 1>());
+        // SAFETY: `qs` holds sixteen bytes.
+        let q = blocks.map(|b| unsafe { _mm_loadu_si128(b.qs.as_ptr().cast()) });
+        // Bytes 4c..4c + 4 of every block: low nibbles values 4c.., high nibbles 16 + 4c...
+        let t = transpose_4x4(q);
+        let mask = _mm_set1_epi8(0x0f);
+        let value = |n: __m128i| _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(n)), d), m);
+        std::array::from_fn(|c| {
+            let raw = t[c % 4];
+            value(if c < 4 { _mm_and_si128(raw, mask) } else { _mm_and_si128(_mm_srli_epi16::<4>(raw), mask) })
+        })
+    }
+}
+
+/// A Q4_1 block's scale and minimum bits, the scale in the low 16 bits.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+fn scale_min_bits(b: &BlockQ4_1) -> i32 {
+    (u32::from(b.d.to_bits()) | u32::from(b.m.to_bits()) << 16) as i32
 }
 
 impl QuantBlock for BlockQ8_0 {
@@ -173,6 +284,42 @@ impl QuantBlock for BlockQ8_0 {
                 _mm512_storeu_ps(out.as_mut_ptr().add(16 * h), v);
             }
         }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,f16c")]
+    #[inline]
+    unsafe fn pairs8_avx512(a: &Self, b: &Self) -> [std::arch::x86_64::__m512; 4] {
+        use std::arch::x86_64::*;
+        let bits = _mm_set_epi32(0, 0, 0, i32::from(a.d.to_bits()) | i32::from(b.d.to_bits()) << 16);
+        let d = spread_halves(bits, spread::<8, 1, 0>());
+        // SAFETY: `qs` holds 32 bytes.
+        let [a0, a1, b0, b1] = unsafe {
+            [a.qs.as_ptr(), a.qs.as_ptr().add(16), b.qs.as_ptr(), b.qs.as_ptr().add(16)]
+                .map(|p| _mm_loadu_si128(p.cast()))
+        };
+        let eights = [
+            _mm_unpacklo_epi64(a0, b0),
+            _mm_unpackhi_epi64(a0, b0),
+            _mm_unpacklo_epi64(a1, b1),
+            _mm_unpackhi_epi64(a1, b1),
+        ];
+        eights.map(|q| _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), d))
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f,avx2,f16c")]
+    #[inline]
+    unsafe fn quads4_avx512(blocks: [&Self; 4]) -> [std::arch::x86_64::__m512; 8] {
+        use std::arch::x86_64::*;
+        let [d0, d1, d2, d3] = blocks.map(|b| i32::from(b.d.to_bits()));
+        let d = spread_halves(_mm_set_epi32(0, 0, d2 | d3 << 16, d0 | d1 << 16), spread::<4, 1, 0>());
+        // SAFETY: `qs` holds 32 bytes.
+        let half =
+            |h: usize| transpose_4x4(blocks.map(|b| unsafe { _mm_loadu_si128(b.qs.as_ptr().add(16 * h).cast()) }));
+        let (first, second) = (half(0), half(1));
+        let value = |q: __m128i| _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), d);
+        std::array::from_fn(|c| value(if c < 4 { first[c] } else { second[c - 4] }))
     }
 }
 

@@ -234,7 +234,9 @@ fn blocks(n: usize, seed: u32) -> (Vec<crate::weights::BlockQ4_1>, Vec<crate::we
 #[test]
 fn block_matrices_compute_the_bits_of_their_dequantized_values() {
     use crate::weights::Storage;
-    for (n, k) in [(1, 32), (5, 64), (17, 576), (33, 96), (70, 160)] {
+    // Rows of 1 to 48 blocks: an odd number of 64-value blocks, and one ggml block alone at the
+    // end (the GEMM order's 64-value blocks are two ggml blocks).
+    for (n, k) in [(1, 32), (5, 64), (17, 576), (33, 96), (70, 160), (9, 224), (13, 1536)] {
         let (q4, q8) = blocks(n * k / 32, n as u32);
         for packed in [Storage::Q4_1(q4), Storage::Q8_0(q8)] {
             let name = packed.type_name();

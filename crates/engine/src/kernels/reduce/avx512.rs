@@ -14,10 +14,13 @@
 //!   ([`accumulate_values`], and [`accumulate_values_q`] for several heads over the same
 //!   values); the maximum of a row of scores ([`max_fold`]).
 //! - The GEMV order of four f16 rows, two per register ([`dot_lanes8_x4_f16`]).
+//! - Both orders' GEMV of four rows of ggml blocks (Q4_1, Q8_0), dequantized in registers in the
+//!   layout each order reads ([`dot_lanes8_x4_blocks`], [`dot_blocked_x4_blocks`]): the values
+//!   are those of the blocks' formula, so the bits are those of the dequantized matrix.
 
 use std::arch::x86_64::*;
 
-use crate::weights::Storage;
+use crate::weights::{QuantBlock, Storage, BLOCK};
 
 /// Outputs per packed panel.
 pub(super) const PANEL: usize = 16;
@@ -453,9 +456,22 @@ pub(super) unsafe fn dot_lanes8_x4_f16(a: &[f32], w: [*const half::f16; 4], n: u
         }
         i += 8;
     }
-    // Each row's eight lanes summed in `lanes8_sum`'s tree inside the register (lane l + 4 onto
-    // lane l, then lane 2 onto 0 and 3 onto 1, then lane 1 onto 0): the row sums land in lanes
-    // 0 and 8.
+    let mut out = pair_sums(acc);
+    for (r, s) in out.iter_mut().enumerate() {
+        for (j, &x) in a.iter().enumerate().take(n).skip(full) {
+            // SAFETY: j < n, within row r.
+            *s += x * unsafe { *w[r].add(j) }.to_f32();
+        }
+    }
+    out
+}
+
+/// The four row sums of two registers of row pairs (row `2p` in the low eight lanes of register
+/// `p`, row `2p + 1` in the high eight): each row's eight lanes summed in `lanes8_sum`'s tree
+/// inside the register (lane l + 4 onto lane l, then lane 2 onto 0 and 3 onto 1, then lane 1
+/// onto 0), so that the row sums land in lanes 0 and 8.
+#[target_feature(enable = "avx512f")]
+fn pair_sums(acc: [__m512; 2]) -> [f32; 4] {
     let sums = acc.map(|c| {
         let c = _mm512_add_ps(c, _mm512_shuffle_f32x4::<0b10_11_00_01>(c, c));
         let c = _mm512_add_ps(c, _mm512_shuffle_ps::<0b01_00_11_10>(c, c));
@@ -466,14 +482,125 @@ pub(super) unsafe fn dot_lanes8_x4_f16(a: &[f32], w: [*const half::f16; 4], n: u
         // SAFETY: `l` holds sixteen f32.
         unsafe { _mm512_storeu_ps(l.as_mut_ptr(), c) };
     }
-    let mut out = [lanes[0][0], lanes[0][8], lanes[1][0], lanes[1][8]];
-    for (r, s) in out.iter_mut().enumerate() {
-        for (j, &x) in a.iter().enumerate().take(n).skip(full) {
-            // SAFETY: j < n, within row r.
-            *s += x * unsafe { *w[r].add(j) }.to_f32();
+    [lanes[0][0], lanes[0][8], lanes[1][0], lanes[1][8]]
+}
+
+/// The GEMV of rows `o0..o1` of a matrix of ggml blocks (`blocks_per_row` to a row), in
+/// `order`, four rows at a time dequantized in registers ([`dot_lanes8_x4_blocks`],
+/// [`dot_blocked_x4_blocks`]); a row left over runs as four copies of itself. The caller checks
+/// [`available`].
+pub(super) fn gemv_blocks<B: QuantBlock>(
+    x: &[f32],
+    blocks: &[B],
+    blocks_per_row: usize,
+    (o0, o1): (usize, usize),
+    order: super::DotOrder,
+) -> Vec<f32> {
+    assert!(x.len() >= blocks_per_row * BLOCK, "GEMV input shorter than a row");
+    let row = |o: usize| &blocks[o * blocks_per_row..(o + 1) * blocks_per_row];
+    // SAFETY: the CPU has AVX-512 F and AVX2 and F16C (the caller's contract); every row holds
+    // `blocks_per_row` blocks, `x` at least as many values (asserted).
+    let four = |rows: [&[B]; 4]| unsafe {
+        match order {
+            super::DotOrder::Lanes8 => dot_lanes8_x4_blocks(x, rows),
+            super::DotOrder::Blocked => dot_blocked_x4_blocks(x, rows),
+        }
+    };
+    super::gemv_x4(o0, o1, |os| four(os.map(row)), |o| four([row(o); 4])[0])
+}
+
+/// Asks for the cache lines [`super::PREFETCH_BYTES`] ahead of block `j` of four rows of blocks
+/// (for every block: a block is less than a cache line).
+#[inline(always)]
+fn prefetch_blocks<B>(w: &[&[B]; 4], j: usize) {
+    for r in w {
+        // SAFETY: a prefetch reads nothing the program sees and never faults; the address is
+        // only computed (wrapping_add), not dereferenced.
+        unsafe {
+            let at = r.as_ptr().wrapping_add(j).cast::<u8>().wrapping_add(super::PREFETCH_BYTES);
+            _mm_prefetch::<_MM_HINT_T0>(at.cast());
         }
     }
-    out
+}
+
+/// [`super::dot_lanes8`] of `x` with four rows of ggml blocks, dequantized in registers: rows
+/// `2p` and `2p + 1` share register `p` (eight lanes each, [`QuantBlock::pairs8_avx512`]), every
+/// lane multiplied then added as the scalar code does over the dequantized values, then summed
+/// in `lanes8_sum`'s tree. Rows are whole blocks, so there is no tail. Every row holds as many
+/// blocks as the first, `x` at least as many values.
+#[target_feature(enable = "avx512f,avx2,f16c")]
+pub(super) unsafe fn dot_lanes8_x4_blocks<B: QuantBlock>(x: &[f32], w: [&[B]; 4]) -> [f32; 4] {
+    let mut acc = [_mm512_setzero_ps(); 2];
+    for j in 0..w[0].len() {
+        prefetch_blocks(&w, j);
+        // SAFETY: value 32j + 32 <= x.len() and block j is in every row (the caller's contract).
+        unsafe {
+            let xs: [__m512; 4] = std::array::from_fn(|c| {
+                let x8 = _mm256_loadu_ps(x.as_ptr().add(BLOCK * j + 8 * c));
+                let x8 = _mm256_castps_pd(x8);
+                _mm512_castpd_ps(_mm512_insertf64x4::<1>(_mm512_castpd256_pd512(x8), x8))
+            });
+            for (p, a) in acc.iter_mut().enumerate() {
+                let v = B::pairs8_avx512(w[2 * p].get_unchecked(j), w[2 * p + 1].get_unchecked(j));
+                for (xc, vc) in xs.iter().zip(v) {
+                    *a = _mm512_add_ps(*a, _mm512_mul_ps(*xc, vc));
+                }
+            }
+        }
+    }
+    pair_sums(acc)
+}
+
+/// [`super::dot_blocked`] of `x` with four rows of ggml blocks, dequantized in registers: a
+/// register holds the four lanes of the four rows (quarter `r` row `r`,
+/// [`QuantBlock::quads4_avx512`]), so one fused multiply-add advances the four rows by four
+/// values each, exactly as the scalar code does. Each 64-value block's sums start from zero, so
+/// two blocks run side by side as two independent chains; at the end of a block two levels of
+/// shuffles and additions give every row its `(l0 + l1) + (l2 + l3)`, added to its total in
+/// order. Rows are whole ggml blocks (a 64-block is two of them, the last perhaps one), so
+/// there is no tail. Every row holds as many blocks as the first, `x` at least as many values.
+#[target_feature(enable = "avx512f,avx2,f16c")]
+pub(super) unsafe fn dot_blocked_x4_blocks<B: QuantBlock>(x: &[f32], w: [&[B]; 4]) -> [f32; 4] {
+    const PER_64: usize = 64 / BLOCK;
+    let nb = w[0].len();
+    let mut total = _mm512_setzero_ps();
+    let mut b = 0;
+    while b < nb {
+        // 64-blocks starting at ggml blocks b and b + 2.
+        let starts = [b, b + PER_64];
+        let mut acc = [_mm512_setzero_ps(); 2];
+        for t in 0..PER_64 {
+            for (s, a) in starts.into_iter().zip(acc.iter_mut()) {
+                let j = s + t;
+                if j >= nb {
+                    continue;
+                }
+                prefetch_blocks(&w, j);
+                // SAFETY: value 32j + 32 <= x.len() and block j is in every row (the caller's
+                // contract).
+                unsafe {
+                    let v = B::quads4_avx512(w.map(|r| r.get_unchecked(j)));
+                    for (c, vc) in v.into_iter().enumerate() {
+                        let x4 = _mm512_broadcast_f32x4(_mm_loadu_ps(x.as_ptr().add(BLOCK * j + 4 * c)));
+                        *a = _mm512_fmadd_ps(x4, vc, *a);
+                    }
+                }
+            }
+        }
+        for (s, a) in starts.into_iter().zip(acc) {
+            if s < nb {
+                // Lane 4r: row r's (l0 + l1) + (l2 + l3).
+                let a = _mm512_add_ps(a, _mm512_shuffle_ps::<0b10_11_00_01>(a, a));
+                let a = _mm512_add_ps(a, _mm512_shuffle_ps::<0b01_00_11_10>(a, a));
+                total = _mm512_add_ps(total, a);
+            }
+        }
+        b += 2 * PER_64;
+    }
+    let mut lanes = [0.0f32; 16];
+    // SAFETY: `lanes` holds sixteen f32.
+    unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), total) };
+    [lanes[0], lanes[4], lanes[8], lanes[12]]
 }
 
 #[cfg(test)]
