@@ -6,7 +6,8 @@
 //!   it, else `builtin`), `builtin`, `llama-1b` (random weights in the shape of Llama-3.2-1B: 16
 //!   layers, hidden 2048, FFN 8192, 32 query / 8 KV heads, vocabulary 128256), or a GGUF path;
 //! - `DRIFTSCOPE_BENCH_DTYPE`: storage dtype of activations and KV cache, `f32` (default), `bf16`
-//!   or `f16` (weights are held in f32 whatever the file's type);
+//!   or `f16` (weights keep their file's storage: F16 and BF16 16-bit, Q4_1 and Q8_0 in their
+//!   blocks, other types and the random models f32);
 //! - `DRIFTSCOPE_BENCH_LENGTHS`: prompt lengths and decode contexts (default `128,512`);
 //! - `DRIFTSCOPE_BENCH_REPS` (default 5): repetitions; medians are printed.
 
