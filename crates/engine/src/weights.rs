@@ -211,8 +211,8 @@ impl QuantBlock for BlockQ4_1 {
         use std::arch::x86_64::*;
         // [d_a, m_a, d_b, m_b] spread: d_a and m_a over the low half, d_b and m_b over the high.
         let bits = _mm_set_epi32(0, 0, scale_min_bits(b), scale_min_bits(a));
-        let d = spread_halves(bits, spread::<8, 2, 0>());
-        let m = spread_halves(bits, spread::<8, 2, 1>());
+        let d = spread_halves(bits, const { spread::<8, 2, 0>() });
+        let m = spread_halves(bits, const { spread::<8, 2, 1>() });
         // SAFETY: `qs` holds sixteen bytes.
         let (qa, qb) = unsafe { (_mm_loadu_si128(a.qs.as_ptr().cast()), _mm_loadu_si128(b.qs.as_ptr().cast())) };
         // Bytes 0..8 of both blocks, then bytes 8..16: their low nibbles are values 0..16, their
@@ -239,8 +239,8 @@ impl QuantBlock for BlockQ4_1 {
             scale_min_bits(blocks[1]),
             scale_min_bits(blocks[0]),
         );
-        let d = spread_halves(bits, spread::<4, 2, 0>());
-        let m = spread_halves(bits, spread::<4, 2, 1>());
+        let d = spread_halves(bits, const { spread::<4, 2, 0>() });
+        let m = spread_halves(bits, const { spread::<4, 2, 1>() });
         // SAFETY: `qs` holds sixteen bytes.
         let q = blocks.map(|b| unsafe { _mm_loadu_si128(b.qs.as_ptr().cast()) });
         // Bytes 4c..4c + 4 of every block: low nibbles values 4c.., high nibbles 16 + 4c...
@@ -292,7 +292,7 @@ impl QuantBlock for BlockQ8_0 {
     unsafe fn pairs8_avx512(a: &Self, b: &Self) -> [std::arch::x86_64::__m512; 4] {
         use std::arch::x86_64::*;
         let bits = _mm_set_epi32(0, 0, 0, i32::from(a.d.to_bits()) | i32::from(b.d.to_bits()) << 16);
-        let d = spread_halves(bits, spread::<8, 1, 0>());
+        let d = spread_halves(bits, const { spread::<8, 1, 0>() });
         // SAFETY: `qs` holds 32 bytes.
         let [a0, a1, b0, b1] = unsafe {
             [a.qs.as_ptr(), a.qs.as_ptr().add(16), b.qs.as_ptr(), b.qs.as_ptr().add(16)]
@@ -313,7 +313,7 @@ impl QuantBlock for BlockQ8_0 {
     unsafe fn quads4_avx512(blocks: [&Self; 4]) -> [std::arch::x86_64::__m512; 8] {
         use std::arch::x86_64::*;
         let [d0, d1, d2, d3] = blocks.map(|b| i32::from(b.d.to_bits()));
-        let d = spread_halves(_mm_set_epi32(0, 0, d2 | d3 << 16, d0 | d1 << 16), spread::<4, 1, 0>());
+        let d = spread_halves(_mm_set_epi32(0, 0, d2 | d3 << 16, d0 | d1 << 16), const { spread::<4, 1, 0>() });
         // SAFETY: `qs` holds 32 bytes.
         let half =
             |h: usize| transpose_4x4(blocks.map(|b| unsafe { _mm_loadu_si128(b.qs.as_ptr().add(16 * h).cast()) }));

@@ -141,13 +141,18 @@ impl DotOrder {
     }
 
     /// [`DotOrder::f16`] of `a` with four rows, each with its own bits (see [`DotOrder::f32_x4`]);
-    /// the GEMV order with AVX-512 where the CPU has it.
+    /// with AVX-512 where the CPU has it (the GEMM order for lengths that are multiples of 64).
     pub fn f16_x4(self, a: &[f32], w: [&[half::f16]; 4]) -> [f32; 4] {
         #[cfg(target_arch = "x86_64")]
-        if matches!(self, DotOrder::Lanes8) && avx512::available() {
+        if avx512::available() {
             let (p, n) = (w.map(|r| r.as_ptr()), row_len(a, &w));
-            // SAFETY: the CPU has AVX-512 F, AVX2 and F16C (checked above).
-            return unsafe { avx512::dot_lanes8_x4_f16(a, p, n) };
+            match self {
+                // SAFETY: the CPU has AVX-512 F, AVX2 and F16C (checked above).
+                DotOrder::Lanes8 => return unsafe { avx512::dot_lanes8_x4_f16(a, p, n) },
+                // SAFETY: as above, and `n` is a multiple of 64.
+                DotOrder::Blocked if n.is_multiple_of(64) => return unsafe { avx512::dot_blocked_x4_f16(a, p, n) },
+                DotOrder::Blocked => {}
+            }
         }
         self.f16_x4_256(a, w)
     }

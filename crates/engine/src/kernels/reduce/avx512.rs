@@ -13,7 +13,9 @@
 //!   scores for the query heads of one KV head ([`dots_lanes8_q`]); the value sums
 //!   ([`accumulate_values`], and [`accumulate_values_q`] for several heads over the same
 //!   values); the maximum of a row of scores ([`max_fold`]).
-//! - The GEMV order of four f16 rows, two per register ([`dot_lanes8_x4_f16`]).
+//! - The GEMV order of four f16 rows, two per register ([`dot_lanes8_x4_f16`]); the GEMM order of
+//!   four f16 rows whose length is a multiple of 64, the four rows' lanes in one register
+//!   ([`dot_blocked_x4_f16`]).
 //! - Both orders' GEMV of four rows of ggml blocks (Q4_1, Q8_0), dequantized in registers in the
 //!   layout each order reads ([`dot_lanes8_x4_blocks`], [`dot_blocked_x4_blocks`]): the values
 //!   are those of the blocks' formula, so the bits are those of the dequantized matrix.
@@ -553,49 +555,90 @@ pub(super) unsafe fn dot_lanes8_x4_blocks<B: QuantBlock>(x: &[f32], w: [&[B]; 4]
 
 /// [`super::dot_blocked`] of `x` with four rows of ggml blocks, dequantized in registers: a
 /// register holds the four lanes of the four rows (quarter `r` row `r`,
-/// [`QuantBlock::quads4_avx512`]), so one fused multiply-add advances the four rows by four
-/// values each, exactly as the scalar code does. Each 64-value block's sums start from zero, so
-/// two blocks run side by side as two independent chains; at the end of a block two levels of
-/// shuffles and additions give every row its `(l0 + l1) + (l2 + l3)`, added to its total in
-/// order. Rows are whole ggml blocks (a 64-block is two of them, the last perhaps one), so
-/// there is no tail. Every row holds as many blocks as the first, `x` at least as many values.
+/// [`QuantBlock::quads4_avx512`]), a 64-value block is two ggml blocks (the last perhaps one),
+/// run by [`blocked_x4_by_64`]. Rows are whole blocks, so there is no tail. Every row holds as
+/// many blocks as the first, `x` at least as many values.
 #[target_feature(enable = "avx512f,avx2,f16c")]
 pub(super) unsafe fn dot_blocked_x4_blocks<B: QuantBlock>(x: &[f32], w: [&[B]; 4]) -> [f32; 4] {
     const PER_64: usize = 64 / BLOCK;
     let nb = w[0].len();
-    let mut total = _mm512_setzero_ps();
-    let mut b = 0;
-    while b < nb {
-        // 64-blocks starting at ggml blocks b and b + 2.
-        let starts = [b, b + PER_64];
-        let mut acc = [_mm512_setzero_ps(); 2];
-        for t in 0..PER_64 {
-            for (s, a) in starts.into_iter().zip(acc.iter_mut()) {
-                let j = s + t;
-                if j >= nb {
-                    continue;
-                }
-                prefetch_blocks(&w, j);
-                // SAFETY: value 32j + 32 <= x.len() and block j is in every row (the caller's
-                // contract).
-                unsafe {
-                    let v = B::quads4_avx512(w.map(|r| r.get_unchecked(j)));
-                    for (c, vc) in v.into_iter().enumerate() {
-                        let x4 = _mm512_broadcast_f32x4(_mm_loadu_ps(x.as_ptr().add(BLOCK * j + 4 * c)));
-                        *a = _mm512_fmadd_ps(x4, vc, *a);
-                    }
+    blocked_x4_by_64::<PER_64>(nb.div_ceil(PER_64), |b, t, acc| {
+        let j = PER_64 * b + t;
+        if j < nb {
+            prefetch_blocks(&w, j);
+            // SAFETY: value 32j + 32 <= x.len() and block j is in every row (the caller's
+            // contract).
+            unsafe {
+                let v = B::quads4_avx512(w.map(|r| r.get_unchecked(j)));
+                for (c, vc) in v.into_iter().enumerate() {
+                    let x4 = _mm512_broadcast_f32x4(_mm_loadu_ps(x.as_ptr().add(BLOCK * j + 4 * c)));
+                    *acc = _mm512_fmadd_ps(x4, vc, *acc);
                 }
             }
         }
-        for (s, a) in starts.into_iter().zip(acc) {
-            if s < nb {
+    })
+}
+
+/// [`super::dot_blocked`] of `a` with four f16 rows whose length `n` is a multiple of 64: a
+/// register holds the four lanes of the four rows (quarter `r` row `r`: sixteen values of each
+/// row loaded, their 4 × 4 groups of four transposed, then widened), run by
+/// [`blocked_x4_by_64`]. `w` points at four rows of at least `n` values, `a` holds at least `n`.
+#[target_feature(enable = "avx512f,avx2,f16c")]
+pub(super) unsafe fn dot_blocked_x4_f16(a: &[f32], w: [*const half::f16; 4], n: usize) -> [f32; 4] {
+    debug_assert!(n.is_multiple_of(64));
+    blocked_x4_by_64::<4>(n / 64, |b, t, acc| {
+        let i = 64 * b + 16 * t;
+        super::prefetch_rows(w, i);
+        // SAFETY: i + 16 <= n: within `a` and every row (the caller's contract).
+        unsafe {
+            let [y0, y1, y2, y3] = w.map(|r| _mm256_loadu_si256(r.add(i).cast()));
+            // Groups of four halves (64 bits): g0 g1 | g2 g3 in each row's register.
+            let (t0, t1) = (_mm256_unpacklo_epi64(y0, y1), _mm256_unpacklo_epi64(y2, y3));
+            let (t2, t3) = (_mm256_unpackhi_epi64(y0, y1), _mm256_unpackhi_epi64(y2, y3));
+            let groups = [
+                _mm256_permute2x128_si256::<0x20>(t0, t1),
+                _mm256_permute2x128_si256::<0x20>(t2, t3),
+                _mm256_permute2x128_si256::<0x31>(t0, t1),
+                _mm256_permute2x128_si256::<0x31>(t2, t3),
+            ];
+            for (c, g) in groups.into_iter().enumerate() {
+                let x4 = _mm512_broadcast_f32x4(_mm_loadu_ps(a.as_ptr().add(i + 4 * c)));
+                *acc = _mm512_fmadd_ps(x4, _mm512_cvtph_ps(g), *acc);
+            }
+        }
+    })
+}
+
+/// [`super::dot_blocked`]'s sequence for four rows over `blocks` 64-value blocks, whose four
+/// lanes per row a register holds (quarter `r` row `r`): `part(b, t, acc)` adds part `t` (of
+/// `PARTS`, in order) of block `b` into `acc` with fused multiply-adds. Each block's sums start
+/// from zero, so two blocks run side by side as two independent chains; at the end of a block two
+/// levels of shuffles and additions give every row its `(l0 + l1) + (l2 + l3)`, added to its
+/// total in block order.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn blocked_x4_by_64<const PARTS: usize>(blocks: usize, mut part: impl FnMut(usize, usize, &mut __m512)) -> [f32; 4] {
+    let mut total = _mm512_setzero_ps();
+    let mut b = 0;
+    while b < blocks {
+        let pair = [b, b + 1];
+        let mut acc = [_mm512_setzero_ps(); 2];
+        for t in 0..PARTS {
+            for (s, a) in pair.into_iter().zip(acc.iter_mut()) {
+                if s < blocks {
+                    part(s, t, a);
+                }
+            }
+        }
+        for (s, a) in pair.into_iter().zip(acc) {
+            if s < blocks {
                 // Lane 4r: row r's (l0 + l1) + (l2 + l3).
                 let a = _mm512_add_ps(a, _mm512_shuffle_ps::<0b10_11_00_01>(a, a));
                 let a = _mm512_add_ps(a, _mm512_shuffle_ps::<0b01_00_11_10>(a, a));
                 total = _mm512_add_ps(total, a);
             }
         }
-        b += 2 * PER_64;
+        b += 2;
     }
     let mut lanes = [0.0f32; 16];
     // SAFETY: `lanes` holds sixteen f32.
