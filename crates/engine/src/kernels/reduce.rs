@@ -228,12 +228,13 @@ fn prefetch_bytes(p: *const u8, n: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let mut at = 0;
-        while at < n + 64 {
+        // Each cache line the bytes touch, once.
+        let skew = p as usize % 64;
+        let start = p.wrapping_sub(skew);
+        for line in 0..(skew + n).div_ceil(64) {
             // SAFETY: a prefetch reads nothing the program sees and never faults; the address is
             // only computed (wrapping_add), not dereferenced.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(at.min(n.saturating_sub(1))).cast()) };
-            at += 64;
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(64 * line).cast()) };
         }
     }
 }
@@ -396,7 +397,7 @@ mod avx {
                 for (r, t) in total.iter_mut().enumerate() {
                     let q = &l[4 * r..4 * r + 4];
                     let mut block = (q[0] + q[1]) + (q[2] + q[3]);
-                    for (j, &x) in a.iter().enumerate().take(end).skip(full) {
+                    for (j, &x) in a[..end].iter().enumerate().skip(full) {
                         // SAFETY: j < n, within row r.
                         block += x * value(unsafe { w[r].add(j) });
                     }
@@ -499,7 +500,7 @@ mod avx {
                 // SAFETY: `l` holds eight f32.
                 unsafe { _mm256_storeu_ps(l.as_mut_ptr(), c) };
                 let mut s = super::lanes8_sum(l);
-                for (j, &x) in q.iter().enumerate().take(n).skip(full) {
+                for (j, &x) in q[..n].iter().enumerate().skip(full) {
                     // SAFETY: j < n, within key r.
                     s += x * unsafe { *keys[r].add(j) };
                 }
@@ -541,7 +542,7 @@ mod avx {
             // SAFETY: `l` holds eight f32.
             unsafe { _mm256_storeu_ps(l.as_mut_ptr(), c) };
             let mut s = super::lanes8_sum(l);
-            for (j, &x) in a.iter().enumerate().take(n).skip(full) {
+            for (j, &x) in a[..n].iter().enumerate().skip(full) {
                 // SAFETY: j < n, within row r.
                 s += x * value(unsafe { w[r].add(j) });
             }

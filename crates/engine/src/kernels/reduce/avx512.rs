@@ -341,12 +341,45 @@ pub(super) unsafe fn accumulate_values<'v>(acc: &mut [f32], ps: &[f32], value: &
     unsafe { accumulate_values_q([acc], [ps], value) }
 }
 
-/// [`super::avx::dots_lanes8_q`] compiled for AVX-512, whose 32 registers hold the `4Q`
-/// accumulators without spilling. The caller's contract is that function's.
-#[target_feature(enable = "avx512f,avx512vl")]
+/// [`super::dot_lanes8`] of each of `Q` queries with four keys (`out[h][r]` for query `h`, key
+/// `r`): two keys share a register, key `2p` in its low eight lanes and `2p + 1` in its high
+/// eight, each lane multiplied then added as the scalar code does; the lanes summed in
+/// `lanes8_sum`'s tree inside the registers ([`pair_sums`]), the tail inputs added in order.
+/// Every key points at `n` values, every query holds at least `n`.
+#[target_feature(enable = "avx512f,avx2")]
 pub(super) unsafe fn dots_lanes8_q<const Q: usize>(qs: [&[f32]; Q], keys: [*const f32; 4], n: usize) -> [[f32; 4]; Q] {
-    // SAFETY: the caller's contract.
-    unsafe { super::avx::dots_lanes8_q(qs, keys, n) }
+    let full = n / 8 * 8;
+    let mut acc = [[_mm512_setzero_ps(); 2]; Q];
+    let mut i = 0;
+    while i < full {
+        // SAFETY: i + 8 <= n, within every key and every query; unaligned loads.
+        unsafe {
+            let kv = [0, 1].map(|p| {
+                let lo = _mm256_castps_pd(_mm256_loadu_ps(keys[2 * p].add(i)));
+                let hi = _mm256_castps_pd(_mm256_loadu_ps(keys[2 * p + 1].add(i)));
+                _mm512_castpd_ps(_mm512_insertf64x4::<1>(_mm512_castpd256_pd512(lo), hi))
+            });
+            for (a, q) in acc.iter_mut().zip(qs) {
+                let q8 = _mm256_castps_pd(_mm256_loadu_ps(q.as_ptr().add(i)));
+                let q16 = _mm512_castpd_ps(_mm512_insertf64x4::<1>(_mm512_castpd256_pd512(q8), q8));
+                for (c, k) in a.iter_mut().zip(kv) {
+                    *c = _mm512_add_ps(*c, _mm512_mul_ps(q16, k));
+                }
+            }
+        }
+        i += 8;
+    }
+    let mut out = [[0.0f32; 4]; Q];
+    for ((o, a), q) in out.iter_mut().zip(acc).zip(qs) {
+        *o = pair_sums(a);
+        for (r, s) in o.iter_mut().enumerate() {
+            for (j, &x) in q[..n].iter().enumerate().skip(full) {
+                // SAFETY: j < n, within key r.
+                *s += x * unsafe { *keys[r].add(j) };
+            }
+        }
+    }
+    out
 }
 
 /// `accs[h] += ps[h][j] · value(j)` for every key `j` in order, for `Q` query heads over the
@@ -460,7 +493,7 @@ pub(super) unsafe fn dot_lanes8_x4_f16(a: &[f32], w: [*const half::f16; 4], n: u
     }
     let mut out = pair_sums(acc);
     for (r, s) in out.iter_mut().enumerate() {
-        for (j, &x) in a.iter().enumerate().take(n).skip(full) {
+        for (j, &x) in a[..n].iter().enumerate().skip(full) {
             // SAFETY: j < n, within row r.
             *s += x * unsafe { *w[r].add(j) }.to_f32();
         }
