@@ -5,6 +5,9 @@
 #   bash bench/llama-cpp.sh f16 [IN.gguf]      # SmolLM2 Q4_1 -> F16 GGUF (llama-quantize), prints its path
 #   bash bench/llama-cpp.sh run MODEL.gguf [THREADS] [REPS]
 #                                              # llama-bench: pp128, pp512, tg16 at depth 128 and 512
+#   bash bench/llama-cpp.sh compare MODEL.gguf [ROUNDS] [REPS]
+#                                              # interleaved rounds on 2 threads: llama-bench, then
+#                                              # the engine benchmark; one table, engine ÷ llama.cpp
 #
 # llama.cpp comes from the PyPI source package `llama-cpp-python` (pinned below), which bundles a
 # llama.cpp checkout under vendor/llama.cpp. Everything is built in and cached under
@@ -98,9 +101,67 @@ EOF
     rm -f "$json"
 }
 
+compare() {
+    build
+    local model="${1:?usage: llama-cpp.sh compare MODEL.gguf [ROUNDS] [REPS]}" rounds="${2:-3}" reps="${3:-5}"
+    [[ -f "$model" ]] || die "no such GGUF: $model"
+    local repo out
+    repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+    out=$(mktemp -d)
+    log "building the engine benchmark"
+    (cd "$repo" && cargo bench -p driftscope-engine --bench engine_speed --no-run >&2)
+    for ((r = 1; r <= rounds; r++)); do
+        log "round ${r} of ${rounds}: llama.cpp, then the engine ($(date -u +%H:%M:%S) UTC)"
+        run "$model" 2 "$reps" > "${out}/llama-${r}.txt"
+        (cd "$repo" && RAYON_NUM_THREADS=2 DRIFTSCOPE_BENCH_REPS="$reps" DRIFTSCOPE_BENCH_MODEL="$model" \
+            cargo bench -q -p driftscope-engine --bench engine_speed 2>/dev/null) > "${out}/engine-${r}.txt"
+    done
+    python3 - "$out" "$rounds" <<'EOF'
+import re, sys
+out, rounds = sys.argv[1], int(sys.argv[2])
+TESTS = ["pp128", "pp512", "tg16 @ depth 128", "tg16 @ depth 512"]
+COLS = ["prefill 128", "prefill 512", "decode @128", "decode @512"]
+
+def llama(r):
+    text = open(f"{out}/llama-{r}.txt").read()
+    return [float(re.search(re.escape(t) + r": ([0-9.]+) tok/s", text).group(1)) for t in TESTS]
+
+def engine(r):
+    text = open(f"{out}/engine-{r}.txt").read()
+    num = r" ([0-9.]+) \|"
+    row = lambda p: [float(x) for x in re.search(r"\| " + p + r" \|" + num * 4, text).groups()]
+    bw = re.search(r"memory bandwidth ([0-9.]+) GB/s", text).group(1)
+    floors = re.findall(r"decode @\d+: floor .* = ([0-9.]+)x the floor", text)
+    inv = re.findall(r"invariant / fast, [a-z]+ \d+: ([0-9.]+)x", text)
+    tracing = re.findall(r"tracing all points, prefill \d+, [a-z]+: ([0-9.]+)x", text)
+    return row("fast"), row("invariant"), bw, floors, inv, tracing
+
+fmt = lambda v: " / ".join(f"{x:.0f}" if x >= 100 else f"{x:.1f}" for x in v)
+times = lambda v: " / ".join(f"{x:.2f}x" for x in v)
+ratios = {"fast": [], "invariant": []}
+print("| round | llama.cpp pp128 / pp512 / tg @128 / tg @512 | engine `fast` | engine `invariant` "
+      "| `fast` ÷ llama.cpp | `invariant` ÷ llama.cpp | bandwidth | `fast` decode ÷ floor @128 / @512 "
+      "| `invariant` time ÷ `fast` | tracing, `fast` / `invariant` |")
+print("|---|---|---|---|---|---|---|---|---|---|")
+for r in range(1, rounds + 1):
+    l, (f, i, bw, floors, inv, tracing) = llama(r), engine(r)
+    rf, ri = [a / b for a, b in zip(f, l)], [a / b for a, b in zip(i, l)]
+    ratios["fast"].append(rf)
+    ratios["invariant"].append(ri)
+    print(f"| {r} | {fmt(l)} | {fmt(f)} | {fmt(i)} | {times(rf)} | {times(ri)} | {bw} GB/s "
+          f"| {' / '.join(x + 'x' for x in floors)} | {' / '.join(x + 'x' for x in inv)} "
+          f"| {' / '.join(x + 'x' for x in tracing)} |")
+for p, rs in ratios.items():
+    spans = [f"{name} {min(c):.2f}–{max(c):.2f}x" for name, c in zip(COLS, zip(*rs))]
+    print(f"`{p}` ÷ llama.cpp over {rounds} rounds: " + ", ".join(spans))
+EOF
+    rm -rf "$out"
+}
+
 case "${1:-}" in
     build) build ;;
     f16) shift; f16 "$@" ;;
     run) shift; run "$@" ;;
-    *) die "usage: llama-cpp.sh build | f16 [IN.gguf] | run MODEL.gguf [THREADS] [REPS]" ;;
+    compare) shift; compare "$@" ;;
+    *) die "usage: llama-cpp.sh build | f16 [IN.gguf] | run MODEL.gguf [THREADS] [REPS] | compare MODEL.gguf [ROUNDS] [REPS]" ;;
 esac
