@@ -244,20 +244,35 @@ fn main() {
         .collect();
     println!("| profile | {} |", head.join(" | "));
     println!("|---|{}", "---|".repeat(head.len()));
-    let mut medians = std::collections::BTreeMap::new();
-    for profile in [Profile::Fast, Profile::Invariant] {
-        let mut row = Vec::new();
+    // The two profiles' runs alternate, repetition by repetition, so that a slow spell of a
+    // shared machine falls on both rather than on whichever ran first; one untimed prefill each
+    // first (the first pass faults its buffers in).
+    const PROFILES: [Profile; 2] = [Profile::Fast, Profile::Invariant];
+    let mut samples: std::collections::BTreeMap<(&str, &str, usize), Vec<f64>> = Default::default();
+    for profile in PROFILES {
+        prefill(&model, lengths[0], profile, false, dtype);
+    }
+    for _ in 0..reps {
         for &n in &lengths {
-            let s = median((0..reps).map(|_| prefill(&model, n, profile, false, dtype).0).collect());
-            medians.insert((profile.as_str(), "prefill", n), s);
-            row.push(format!("{:.1}", n as f64 / s));
+            for profile in PROFILES {
+                let s = prefill(&model, n, profile, false, dtype).0;
+                samples.entry((profile.as_str(), "prefill", n)).or_default().push(s);
+            }
         }
         for &ctx in &lengths {
-            let s = median((0..reps).map(|_| decode(&model, ctx, profile, dtype)).collect());
-            medians.insert((profile.as_str(), "decode", ctx), s);
-            row.push(format!("{:.1}", 1.0 / s));
+            for profile in PROFILES {
+                let s = decode(&model, ctx, profile, dtype);
+                samples.entry((profile.as_str(), "decode", ctx)).or_default().push(s);
+            }
         }
-        println!("| {} | {} |", profile.as_str(), row.join(" | "));
+    }
+    let medians: std::collections::BTreeMap<_, f64> = samples.into_iter().map(|(k, v)| (k, median(v))).collect();
+    for profile in PROFILES {
+        let p = profile.as_str();
+        let row: Vec<String> = (lengths.iter().map(|&n| format!("{:.1}", n as f64 / medians[&(p, "prefill", n)])))
+            .chain(lengths.iter().map(|&ctx| format!("{:.1}", 1.0 / medians[&(p, "decode", ctx)])))
+            .collect();
+        println!("| {p} | {} |", row.join(" | "));
     }
     for (what, n) in ["prefill", "decode"].iter().flat_map(|w| lengths.iter().map(move |&n| (*w, n))) {
         let (f, i) = (medians[&("fast", what, n)], medians[&("invariant", what, n)]);
@@ -290,11 +305,14 @@ fn main() {
             got / floor
         );
     }
-    // Tracing every point of every layer at the last row, vs no tracer.
-    for profile in [Profile::Fast, Profile::Invariant] {
+    // Tracing every point of every layer at the last row, vs no tracer, the two alternating.
+    for profile in PROFILES {
         let n = lengths[0];
-        let off: Vec<(f64, Vec<u32>)> = (0..reps).map(|_| prefill(&model, n, profile, false, dtype)).collect();
-        let on: Vec<(f64, Vec<u32>)> = (0..reps).map(|_| prefill(&model, n, profile, true, dtype)).collect();
+        let (mut off, mut on) = (Vec::new(), Vec::new());
+        for _ in 0..reps {
+            off.push(prefill(&model, n, profile, false, dtype));
+            on.push(prefill(&model, n, profile, true, dtype));
+        }
         assert!(off.iter().chain(&on).all(|(_, l)| *l == off[0].1), "tracing changed an output bit");
         let (a, b) = (median(off.iter().map(|x| x.0).collect()), median(on.iter().map(|x| x.0).collect()));
         println!(
