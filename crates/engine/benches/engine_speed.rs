@@ -245,12 +245,13 @@ fn main() {
     println!("| profile | {} |", head.join(" | "));
     println!("|---|{}", "---|".repeat(head.len()));
     // The two profiles' runs alternate, repetition by repetition, so that a slow spell of a
-    // shared machine falls on both rather than on whichever ran first; one untimed prefill each
-    // first (the first pass faults its buffers in).
+    // shared machine falls on both rather than on whichever ran first; one untimed prefill and
+    // decode each first (the first pass faults its buffers in).
     const PROFILES: [Profile; 2] = [Profile::Fast, Profile::Invariant];
     let mut samples: std::collections::BTreeMap<(&str, &str, usize), Vec<f64>> = Default::default();
     for profile in PROFILES {
         prefill(&model, lengths[0], profile, false, dtype);
+        decode(&model, lengths[0], profile, dtype);
     }
     for _ in 0..reps {
         for &n in &lengths {

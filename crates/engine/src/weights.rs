@@ -198,9 +198,8 @@ impl QuantBlock for BlockQ4_1 {
             let q = _mm_loadu_si128(self.qs.as_ptr().cast());
             let mask = _mm_set1_epi8(0x0f);
             let (lo, hi) = (_mm_and_si128(q, mask), _mm_and_si128(_mm_srli_epi16::<4>(q), mask));
-            let value = |n: __m128i| _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(n)), d), m);
-            _mm512_storeu_ps(out.as_mut_ptr(), value(lo));
-            _mm512_storeu_ps(out.as_mut_ptr().add(16), value(hi));
+            _mm512_storeu_ps(out.as_mut_ptr(), nibble_values(lo, d, m));
+            _mm512_storeu_ps(out.as_mut_ptr().add(16), nibble_values(hi, d, m));
         }
     }
 
@@ -225,7 +224,7 @@ impl QuantBlock for BlockQ4_1 {
             _mm_and_si128(_mm_srli_epi16::<4>(first), mask),
             _mm_and_si128(_mm_srli_epi16::<4>(second), mask),
         ];
-        nibbles.map(|n| _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(n)), d), m))
+        nibbles.map(|n| nibble_values(n, d, m))
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -246,12 +245,35 @@ impl QuantBlock for BlockQ4_1 {
         // Bytes 4c..4c + 4 of every block: low nibbles values 4c.., high nibbles 16 + 4c...
         let t = transpose_4x4(q);
         let mask = _mm_set1_epi8(0x0f);
-        let value = |n: __m128i| _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(n)), d), m);
         std::array::from_fn(|c| {
             let raw = t[c % 4];
-            value(if c < 4 { _mm_and_si128(raw, mask) } else { _mm_and_si128(_mm_srli_epi16::<4>(raw), mask) })
+            let n = if c < 4 { _mm_and_si128(raw, mask) } else { _mm_and_si128(_mm_srli_epi16::<4>(raw), mask) };
+            nibble_values(n, d, m)
         })
     }
+}
+
+/// Q4_1's `q · d + m` of sixteen nibbles (one per byte of `n`, each below 16), multiplied then
+/// added.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn nibble_values(
+    n: std::arch::x86_64::__m128i,
+    d: std::arch::x86_64::__m512,
+    m: std::arch::x86_64::__m512,
+) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(n)), d), m)
+}
+
+/// Q8_0's `q · d` of sixteen signed bytes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn byte_values(q: std::arch::x86_64::__m128i, d: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
+    use std::arch::x86_64::*;
+    _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), d)
 }
 
 /// A Q4_1 block's scale and minimum bits, the scale in the low 16 bits.
@@ -280,8 +302,7 @@ impl QuantBlock for BlockQ8_0 {
         unsafe {
             for h in 0..2 {
                 let q = _mm_loadu_si128(self.qs.as_ptr().add(16 * h).cast());
-                let v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), d);
-                _mm512_storeu_ps(out.as_mut_ptr().add(16 * h), v);
+                _mm512_storeu_ps(out.as_mut_ptr().add(16 * h), byte_values(q, d));
             }
         }
     }
@@ -304,7 +325,7 @@ impl QuantBlock for BlockQ8_0 {
             _mm_unpacklo_epi64(a1, b1),
             _mm_unpackhi_epi64(a1, b1),
         ];
-        eights.map(|q| _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), d))
+        eights.map(|q| byte_values(q, d))
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -318,8 +339,7 @@ impl QuantBlock for BlockQ8_0 {
         let half =
             |h: usize| transpose_4x4(blocks.map(|b| unsafe { _mm_loadu_si128(b.qs.as_ptr().add(16 * h).cast()) }));
         let (first, second) = (half(0), half(1));
-        let value = |q: __m128i| _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)), d);
-        std::array::from_fn(|c| value(if c < 4 { first[c] } else { second[c - 4] }))
+        std::array::from_fn(|c| byte_values(if c < 4 { first[c] } else { second[c - 4] }, d))
     }
 }
 
@@ -673,6 +693,72 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The register layouts of the in-register GEMV kernels hold the blocks' `values` where each
+    /// order reads them: every block pair and quadruple of blocks with special scales and minima.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn register_layouts_hold_the_blocks_values() {
+        fn check<B: QuantBlock>(blocks: &[B], name: &str) {
+            let same = |a: f32, b: f32| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
+            let values = |b: &B| {
+                let mut v = [0.0f32; BLOCK];
+                b.values(&mut v);
+                v
+            };
+            let lanes = |r: std::arch::x86_64::__m512| {
+                let mut l = [0.0f32; 16];
+                // SAFETY: `l` holds sixteen f32.
+                unsafe { std::arch::x86_64::_mm512_storeu_ps(l.as_mut_ptr(), r) };
+                l
+            };
+            for (i, w) in blocks.windows(4).enumerate() {
+                let v: Vec<[f32; BLOCK]> = w.iter().map(values).collect();
+                // SAFETY: the CPU has AVX-512 F, AVX2 and F16C (checked by the caller).
+                let (pairs, quads) =
+                    unsafe { (B::pairs8_avx512(&w[0], &w[1]), B::quads4_avx512([&w[0], &w[1], &w[2], &w[3]])) };
+                for (c, reg) in pairs.into_iter().map(lanes).enumerate() {
+                    for l in 0..16 {
+                        let want = v[l / 8][8 * c + l % 8];
+                        assert!(
+                            same(reg[l], want),
+                            "{name} blocks {i}.. pairs register {c} lane {l}: {} vs {want}",
+                            reg[l]
+                        );
+                    }
+                }
+                for (c, reg) in quads.into_iter().map(lanes).enumerate() {
+                    for l in 0..16 {
+                        let want = v[l / 4][4 * c + l % 4];
+                        assert!(
+                            same(reg[l], want),
+                            "{name} blocks {i}.. quads register {c} lane {l}: {} vs {want}",
+                            reg[l]
+                        );
+                    }
+                }
+            }
+        }
+        if !(std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("f16c")) {
+            return;
+        }
+        let specials = [0.0, -0.0, 1.0, -0.5, 6.1e-5, 3.0e-8, 65504.0, f32::INFINITY, f32::NAN, 0.0123];
+        let q4: Vec<BlockQ4_1> = (0..specials.len() * specials.len())
+            .map(|k| BlockQ4_1 {
+                d: f16::from_f32(specials[k / specials.len()]),
+                m: f16::from_f32(specials[k % specials.len()]),
+                qs: std::array::from_fn(|t| (t * 37 + k * 11) as u8),
+            })
+            .collect();
+        let q8: Vec<BlockQ8_0> = (0..3 * specials.len())
+            .map(|k| BlockQ8_0 {
+                d: f16::from_f32(specials[k % specials.len()]),
+                qs: std::array::from_fn(|t| (t * 53 + k * 7) as u8 as i8),
+            })
+            .collect();
+        check(&q4, "q4_1");
+        check(&q8, "q8_0");
     }
 
     /// Every f16 and bf16 bit pattern widens to the value `half` gives (NaNs stay NaN).

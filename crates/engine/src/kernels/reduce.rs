@@ -157,7 +157,7 @@ impl DotOrder {
         self.f16_x4_256(a, w)
     }
 
-    /// [`DotOrder::f16_x4`] without the AVX-512 kernel (256-bit registers where the CPU has AVX),
+    /// [`DotOrder::f16_x4`] without the AVX-512 kernels (256-bit registers where the CPU has AVX),
     /// so that tests on AVX-512 machines check the kernel other CPUs run.
     pub fn f16_x4_256(self, a: &[f32], w: [&[half::f16]; 4]) -> [f32; 4] {
         #[cfg(target_arch = "x86_64")]
@@ -639,36 +639,20 @@ pub fn par_matmul(x: &[f32], rows: usize, w: &crate::weights::Matrix, out: &mut 
                         let row = |o: usize| &v[o * k..(o + 1) * k];
                         return gemv_x4(o0, o1, |os| order.f32_x4(x, os.map(row)), |o| order.f32(x, row(o)));
                     }
+                    // Block rows dequantized in the kernels' registers (AVX-512: a SmolLM2 Q4_1
+                    // decode step went from 7.2 to 4.7 ms with them), else into buffers.
                     #[cfg(target_arch = "x86_64")]
                     crate::weights::Storage::Q4_1(v) if avx512::available() => {
-                        return avx512::gemv_blocks(x, v, k / crate::weights::BLOCK, (o0, o1), order);
+                        // SAFETY: the CPU has AVX-512 (checked).
+                        return unsafe { avx512::gemv_blocks(x, v, k / crate::weights::BLOCK, (o0, o1), order) };
                     }
                     #[cfg(target_arch = "x86_64")]
                     crate::weights::Storage::Q8_0(v) if avx512::available() => {
-                        return avx512::gemv_blocks(x, v, k / crate::weights::BLOCK, (o0, o1), order);
+                        // SAFETY: the CPU has AVX-512 (checked).
+                        return unsafe { avx512::gemv_blocks(x, v, k / crate::weights::BLOCK, (o0, o1), order) };
                     }
                     crate::weights::Storage::Q4_1(_) | crate::weights::Storage::Q8_0(_) => {
-                        // Without AVX-512: blocks dequantized into buffers that stay in L1 (with
-                        // the in-register kernels a SmolLM2 Q4_1 decode step went from 7.2 to 4.7
-                        // ms), each row's bytes asked for two rows ahead of its stream.
-                        let (base, row_bytes) = (w.data.as_ptr(), w.data.row_bytes(k));
-                        let fill = |o: usize, dst: &mut [f32]| {
-                            let ahead = base.wrapping_add((o + 2).min(n - 1) * row_bytes);
-                            prefetch_bytes(ahead, row_bytes);
-                            w.data.widen_into(o * k, (o + 1) * k, dst)
-                        };
-                        let (mut four, mut one) = (vec![0.0f32; 4 * k], vec![0.0f32; k]);
-                        let rows4 = |os: [usize; 4]| {
-                            for (j, o) in os.into_iter().enumerate() {
-                                fill(o, &mut four[j * k..(j + 1) * k]);
-                            }
-                            order.f32_x4(x, std::array::from_fn(|j| &four[j * k..(j + 1) * k]))
-                        };
-                        let row1 = |o: usize| {
-                            fill(o, &mut one);
-                            order.f32(x, &one)
-                        };
-                        return gemv_x4(o0, o1, rows4, row1);
+                        return gemv_widened(x, w, (o0, o1), order);
                     }
                     crate::weights::Storage::BF16(_) => {}
                 }
@@ -688,6 +672,36 @@ pub fn par_matmul(x: &[f32], rows: usize, w: &crate::weights::Matrix, out: &mut 
         })
         .collect();
     scatter_tiles(&tiles, tile_len, rows, n, out);
+}
+
+/// The GEMV of rows `o0..o1` of `w` in `order`, each row widened into a buffer that stays in L1
+/// (four rows at a time, each row's bytes asked for two rows ahead of its stream), then the f32
+/// kernels: the path of block matrices on CPUs without AVX-512 (tested on every CPU).
+pub(crate) fn gemv_widened(
+    x: &[f32],
+    w: &crate::weights::Matrix,
+    (o0, o1): (usize, usize),
+    order: DotOrder,
+) -> Vec<f32> {
+    let (k, n) = (w.cols, w.rows);
+    let (base, row_bytes) = (w.data.as_ptr(), w.data.row_bytes(k));
+    let fill = |o: usize, dst: &mut [f32]| {
+        let ahead = base.wrapping_add((o + 2).min(n - 1) * row_bytes);
+        prefetch_bytes(ahead, row_bytes);
+        w.data.widen_into(o * k, (o + 1) * k, dst)
+    };
+    let (mut four, mut one) = (vec![0.0f32; 4 * k], vec![0.0f32; k]);
+    let rows4 = |os: [usize; 4]| {
+        for (j, o) in os.into_iter().enumerate() {
+            fill(o, &mut four[j * k..(j + 1) * k]);
+        }
+        order.f32_x4(x, std::array::from_fn(|j| &four[j * k..(j + 1) * k]))
+    };
+    let row1 = |o: usize| {
+        fill(o, &mut one);
+        order.f32(x, &one)
+    };
+    gemv_x4(o0, o1, rows4, row1)
 }
 
 /// Rows per GEMV tile for `n` output rows on `threads` threads: two tiles per thread where that

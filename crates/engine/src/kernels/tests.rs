@@ -242,6 +242,14 @@ fn block_matrices_compute_the_bits_of_their_dequantized_values() {
             let name = packed.type_name();
             let w = Matrix::from_storage(n, k, packed);
             let wide = w.to_f32();
+            // The buffered GEMV of CPUs without AVX-512, whatever this CPU has.
+            let x = data(k, 78);
+            for order in [super::reduce::DotOrder::Lanes8, super::reduce::DotOrder::Blocked] {
+                let got = super::reduce::gemv_widened(&x, &w, (0, n), order);
+                let mut want = vec![f32::NAN; n];
+                super::reduce::par_matmul(&x, 1, &wide, &mut want, order);
+                assert_eq!(bits(&got), bits(&want), "{name} buffered GEMV {order:?} n={n} k={k}");
+            }
             for rows in [1, 3, 7] {
                 let x = data(rows * k, 77);
                 for kern in [&Fast as &dyn Kernels, &Invariant] {

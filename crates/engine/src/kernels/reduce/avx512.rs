@@ -31,11 +31,10 @@ pub(super) const ROWS: usize = 6;
 /// Outputs per parallel task (two panels).
 const TILE: usize = 32;
 
-/// Whether the CPU has AVX-512 F and VL (and F16C and AVX2, which the f16 kernels use; every
-/// AVX-512 CPU but the Xeon Phi has them all). Detected once, then cached.
+/// Whether the CPU has AVX-512 F (and F16C and AVX2, which the f16 and block kernels use; every
+/// AVX-512 CPU has them). Detected once, then cached.
 pub(super) fn available() -> bool {
     std::arch::is_x86_feature_detected!("avx512f")
-        && std::arch::is_x86_feature_detected!("avx512vl")
         && std::arch::is_x86_feature_detected!("f16c")
         && std::arch::is_x86_feature_detected!("avx2")
 }
@@ -360,8 +359,7 @@ pub(super) unsafe fn dots_lanes8_q<const Q: usize>(qs: [&[f32]; Q], keys: [*cons
                 _mm512_castpd_ps(_mm512_insertf64x4::<1>(_mm512_castpd256_pd512(lo), hi))
             });
             for (a, q) in acc.iter_mut().zip(qs) {
-                let q8 = _mm256_castps_pd(_mm256_loadu_ps(q.as_ptr().add(i)));
-                let q16 = _mm512_castpd_ps(_mm512_insertf64x4::<1>(_mm512_castpd256_pd512(q8), q8));
+                let q16 = both_halves(_mm256_loadu_ps(q.as_ptr().add(i)));
                 for (c, k) in a.iter_mut().zip(kv) {
                     *c = _mm512_add_ps(*c, _mm512_mul_ps(q16, k));
                 }
@@ -477,11 +475,7 @@ pub(super) unsafe fn dot_lanes8_x4_f16(a: &[f32], w: [*const half::f16; 4], n: u
         // SAFETY: i + 8 <= n: within `a` and within every row (the caller's contract).
         unsafe {
             super::prefetch_rows(w, i);
-            let a8 = _mm256_loadu_ps(a.as_ptr().add(i));
-            let a16 = _mm512_castpd_ps(_mm512_insertf64x4::<1>(
-                _mm512_castpd256_pd512(_mm256_castps_pd(a8)),
-                _mm256_castps_pd(a8),
-            ));
+            let a16 = both_halves(_mm256_loadu_ps(a.as_ptr().add(i)));
             for (p, c) in acc.iter_mut().enumerate() {
                 let lo = _mm_loadu_si128(w[2 * p].add(i).cast());
                 let hi = _mm_loadu_si128(w[2 * p + 1].add(i).cast());
@@ -499,6 +493,14 @@ pub(super) unsafe fn dot_lanes8_x4_f16(a: &[f32], w: [*const half::f16; 4], n: u
         }
     }
     out
+}
+
+/// Eight values in both halves of a register.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn both_halves(v: __m256) -> __m512 {
+    let v = _mm256_castps_pd(v);
+    _mm512_castpd_ps(_mm512_insertf64x4::<1>(_mm512_castpd256_pd512(v), v))
 }
 
 /// The four row sums of two registers of row pairs (row `2p` in the low eight lanes of register
@@ -522,9 +524,11 @@ fn pair_sums(acc: [__m512; 2]) -> [f32; 4] {
 
 /// The GEMV of rows `o0..o1` of a matrix of ggml blocks (`blocks_per_row` to a row), in
 /// `order`, four rows at a time dequantized in registers ([`dot_lanes8_x4_blocks`],
-/// [`dot_blocked_x4_blocks`]); a row left over runs as four copies of itself. The caller checks
-/// [`available`].
-pub(super) fn gemv_blocks<B: QuantBlock>(
+/// [`dot_blocked_x4_blocks`]); a row left over runs as four copies of itself.
+///
+/// # Safety
+/// The CPU has what [`available`] checks.
+pub(super) unsafe fn gemv_blocks<B: QuantBlock>(
     x: &[f32],
     blocks: &[B],
     blocks_per_row: usize,
@@ -533,8 +537,8 @@ pub(super) fn gemv_blocks<B: QuantBlock>(
 ) -> Vec<f32> {
     assert!(x.len() >= blocks_per_row * BLOCK, "GEMV input shorter than a row");
     let row = |o: usize| &blocks[o * blocks_per_row..(o + 1) * blocks_per_row];
-    // SAFETY: the CPU has AVX-512 F and AVX2 and F16C (the caller's contract); every row holds
-    // `blocks_per_row` blocks, `x` at least as many values (asserted).
+    // SAFETY: the CPU has AVX-512 F, AVX2 and F16C (the caller's contract); the kernels check
+    // the rows' and the input's lengths.
     let four = |rows: [&[B]; 4]| unsafe {
         match order {
             super::DotOrder::Lanes8 => dot_lanes8_x4_blocks(x, rows),
@@ -544,10 +548,14 @@ pub(super) fn gemv_blocks<B: QuantBlock>(
     super::gemv_x4(o0, o1, |os| four(os.map(row)), |o| four([row(o); 4])[0])
 }
 
-/// Asks for the cache lines [`super::PREFETCH_BYTES`] ahead of block `j` of four rows of blocks
-/// (for every block: a block is less than a cache line).
+/// Asks for the cache lines [`super::PREFETCH_BYTES`] ahead of block `j` of four rows of blocks,
+/// at the blocks that start a new 64 bytes of their row (a block is less than a cache line).
 #[inline(always)]
 fn prefetch_blocks<B>(w: &[&[B]; 4], j: usize) {
+    let size = std::mem::size_of::<B>();
+    if j > 0 && (j * size) / 64 == (j * size - size) / 64 {
+        return;
+    }
     for r in w {
         // SAFETY: a prefetch reads nothing the program sees and never faults; the address is
         // only computed (wrapping_add), not dereferenced.
@@ -565,16 +573,14 @@ fn prefetch_blocks<B>(w: &[&[B]; 4], j: usize) {
 /// blocks as the first, `x` at least as many values.
 #[target_feature(enable = "avx512f,avx2,f16c")]
 pub(super) unsafe fn dot_lanes8_x4_blocks<B: QuantBlock>(x: &[f32], w: [&[B]; 4]) -> [f32; 4] {
+    assert!(w.iter().all(|r| r.len() == w[0].len()) && x.len() >= w[0].len() * BLOCK, "rows of unequal length");
     let mut acc = [_mm512_setzero_ps(); 2];
     for j in 0..w[0].len() {
         prefetch_blocks(&w, j);
         // SAFETY: value 32j + 32 <= x.len() and block j is in every row (the caller's contract).
         unsafe {
-            let xs: [__m512; 4] = std::array::from_fn(|c| {
-                let x8 = _mm256_loadu_ps(x.as_ptr().add(BLOCK * j + 8 * c));
-                let x8 = _mm256_castps_pd(x8);
-                _mm512_castpd_ps(_mm512_insertf64x4::<1>(_mm512_castpd256_pd512(x8), x8))
-            });
+            let xs: [__m512; 4] =
+                std::array::from_fn(|c| both_halves(_mm256_loadu_ps(x.as_ptr().add(BLOCK * j + 8 * c))));
             for (p, a) in acc.iter_mut().enumerate() {
                 let v = B::pairs8_avx512(w[2 * p].get_unchecked(j), w[2 * p + 1].get_unchecked(j));
                 for (xc, vc) in xs.iter().zip(v) {
@@ -595,6 +601,7 @@ pub(super) unsafe fn dot_lanes8_x4_blocks<B: QuantBlock>(x: &[f32], w: [&[B]; 4]
 pub(super) unsafe fn dot_blocked_x4_blocks<B: QuantBlock>(x: &[f32], w: [&[B]; 4]) -> [f32; 4] {
     const PER_64: usize = 64 / BLOCK;
     let nb = w[0].len();
+    assert!(w.iter().all(|r| r.len() == nb) && x.len() >= nb * BLOCK, "rows of unequal length");
     blocked_x4_by_64::<PER_64>(nb.div_ceil(PER_64), |b, t, acc| {
         let j = PER_64 * b + t;
         if j < nb {
