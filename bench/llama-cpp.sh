@@ -131,7 +131,7 @@ def engine(r):
     num = r" ([0-9.]+) \|"
     row = lambda p: [float(x) for x in re.search(r"\| " + p + r" \|" + num * 4, text).groups()]
     bw = re.search(r"memory bandwidth ([0-9.]+) GB/s", text).group(1)
-    floors = re.findall(r"decode @\d+: floor .* = ([0-9.]+)x the floor", text)
+    floors = re.findall(r"decode @\d+: floor .*median ([0-9.]+)x the floor", text)
     inv = re.findall(r"invariant / fast, [a-z]+ \d+: ([0-9.]+)x", text)
     tracing = re.findall(r"tracing all points, prefill \d+, [a-z]+: ([0-9.]+)x", text)
     return row("fast"), row("invariant"), bw, floors, inv, tracing

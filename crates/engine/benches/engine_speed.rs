@@ -75,38 +75,47 @@ fn decode(model: &Model, ctx: usize, profile: Profile, dtype: DType) -> f64 {
 
 /// Memory bandwidth: bytes/s summing a 1 GiB f32 array on all threads, each reading its part as
 /// four streams side by side, with 16 independent accumulators (so the loads, not the additions,
-/// are the bound), best of 3.
-fn bandwidth() -> f64 {
-    use rayon::prelude::*;
-    /// Streams each thread reads side by side: one stream per thread reads 10–20% slower than
-    /// two to four here (the GEMV reads four), which would understate the floor.
-    const STREAMS: usize = 4;
-    let data = vec![1.0f32; 256 << 20];
-    let threads = rayon::current_num_threads().max(1);
-    let part = data.len() / threads;
-    let mut best = 0.0f64;
-    for _ in 0..3 {
-        let t = Instant::now();
-        let s: f32 = data
-            .par_chunks(part)
-            .map(|c| {
-                let q = c.len() / STREAMS / 16 * 16;
-                let mut acc = [0.0f32; 16];
-                for i in (0..q).step_by(16) {
-                    for s in 0..STREAMS {
-                        for (a, v) in acc.iter_mut().zip(&c[s * q + i..s * q + i + 16]) {
-                            *a += v;
+/// are the bound), best of 3. The array is allocated once and measured after every repetition,
+/// so that each decode sample has a bandwidth of the same minutes (the machine's moves by 2x).
+struct Bandwidth(Vec<f32>);
+
+impl Bandwidth {
+    fn new() -> Bandwidth {
+        Bandwidth(vec![1.0f32; 256 << 20])
+    }
+
+    fn measure(&self) -> f64 {
+        use rayon::prelude::*;
+        /// Streams each thread reads side by side: one stream per thread reads 10–20% slower
+        /// than two to four here (the GEMV reads four), which would understate the floor.
+        const STREAMS: usize = 4;
+        let data = &self.0;
+        let threads = rayon::current_num_threads().max(1);
+        let part = data.len() / threads;
+        let mut best = 0.0f64;
+        for _ in 0..3 {
+            let t = Instant::now();
+            let s: f32 = data
+                .par_chunks(part)
+                .map(|c| {
+                    let q = c.len() / STREAMS / 16 * 16;
+                    let mut acc = [0.0f32; 16];
+                    for i in (0..q).step_by(16) {
+                        for s in 0..STREAMS {
+                            for (a, v) in acc.iter_mut().zip(&c[s * q + i..s * q + i + 16]) {
+                                *a += v;
+                            }
                         }
                     }
-                }
-                acc.iter().sum::<f32>()
-            })
-            .sum();
-        let dt = t.elapsed().as_secs_f64();
-        assert!(s > 0.0);
-        best = best.max((data.len() * 4) as f64 / dt);
+                    acc.iter().sum::<f32>()
+                })
+                .sum();
+            let dt = t.elapsed().as_secs_f64();
+            assert!(s > 0.0);
+            best = best.max((data.len() * 4) as f64 / dt);
+        }
+        best
     }
-    best
 }
 
 /// Peak f32 rate of fused multiply-adds: 12 independent registers of FMAs per thread, of the
@@ -249,6 +258,8 @@ fn main() {
     // decode each first (the first pass faults its buffers in).
     const PROFILES: [Profile; 2] = [Profile::Fast, Profile::Invariant];
     let mut samples: std::collections::BTreeMap<(&str, &str, usize), Vec<f64>> = Default::default();
+    let stream = Bandwidth::new();
+    let mut bws = Vec::new();
     for profile in PROFILES {
         prefill(&model, lengths[0], profile, false, dtype);
         decode(&model, lengths[0], profile, dtype);
@@ -266,7 +277,14 @@ fn main() {
                 samples.entry((profile.as_str(), "decode", ctx)).or_default().push(s);
             }
         }
+        bws.push(stream.measure());
     }
+    let bytes = weight_bytes as f64;
+    // Each repetition's `fast` decode against the floor of the bandwidth measured right after it.
+    let floor_ratios: Vec<(usize, Vec<f64>)> = lengths
+        .iter()
+        .map(|&ctx| (ctx, samples[&("fast", "decode", ctx)].iter().zip(&bws).map(|(t, bw)| t / (bytes / bw)).collect()))
+        .collect();
     let medians: std::collections::BTreeMap<_, f64> = samples.into_iter().map(|(k, v)| (k, median(v))).collect();
     for profile in PROFILES {
         let p = profile.as_str();
@@ -280,17 +298,25 @@ fn main() {
         println!("invariant / fast, {what} {n}: {:.3}x", i / f);
     }
     // The machine's limits and the floors they set for this model.
-    let (bw, peak) = (bandwidth(), peak_flops());
-    let bytes = weight_bytes as f64;
-    println!("limits: memory bandwidth {:.1} GB/s, f32 FMA {:.1} GFLOP/s (all threads)", bw / 1e9, peak / 1e9);
-    for &ctx in &lengths {
-        let floor = bytes / bw;
-        let got = medians[&("fast", "decode", ctx)];
+    let (lo, hi) = bws.iter().fold((f64::MAX, 0.0f64), |(lo, hi), &b| (lo.min(b), hi.max(b)));
+    let (bw, peak) = (median(bws.clone()), peak_flops());
+    println!(
+        "limits: memory bandwidth {:.1} GB/s (median of {} measures, one after each repetition: {:.1}–{:.1}), \
+         f32 FMA {:.1} GFLOP/s (all threads)",
+        bw / 1e9,
+        bws.len(),
+        lo / 1e9,
+        hi / 1e9,
+        peak / 1e9
+    );
+    for (ctx, ratios) in floor_ratios {
+        let (lo, hi) = ratios.iter().fold((f64::MAX, 0.0f64), |(lo, hi), &r| (lo.min(r), hi.max(r)));
         println!(
-            "decode @{ctx}: floor {:.1} ms (weights / bandwidth), fast {:.1} ms = {:.2}x the floor",
-            floor * 1e3,
-            got * 1e3,
-            got / floor
+            "decode @{ctx}: floor {:.1} ms (weights / median bandwidth), fast {:.1} ms; each repetition against \
+             its own bandwidth: median {:.2}x the floor ({lo:.2}–{hi:.2}x)",
+            bytes / bw * 1e3,
+            medians[&("fast", "decode", ctx)] * 1e3,
+            median(ratios)
         );
     }
     for &n in &lengths {
