@@ -151,9 +151,10 @@ for r in range(1, rounds + 1):
     print(f"| {r} | {fmt(l)} | {fmt(f)} | {fmt(i)} | {times(rf)} | {times(ri)} | {bw} GB/s "
           f"| {' / '.join(x + 'x' for x in floors)} | {' / '.join(x + 'x' for x in inv)} "
           f"| {' / '.join(x + 'x' for x in tracing)} |")
+print()
 for p, rs in ratios.items():
     spans = [f"{name} {min(c):.2f}–{max(c):.2f}x (median {sorted(c)[len(c) // 2]:.2f}x)" for name, c in zip(COLS, zip(*rs))]
-    print(f"`{p}` ÷ llama.cpp over {rounds} rounds: " + ", ".join(spans))
+    print(f"- `{p}` ÷ llama.cpp over {rounds} rounds: " + ", ".join(spans))
 EOF
     rm -rf "$out"
 }
