@@ -108,6 +108,8 @@ compare() {
     local repo out
     repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
     out=$(mktemp -d)
+    # The rounds' outputs go when the script ends, however it ends.
+    trap "rm -rf '${out}'" EXIT
     log "building the engine benchmark"
     (cd "$repo" && cargo bench -p driftscope-engine --bench engine_speed --no-run >&2)
     for ((r = 1; r <= rounds; r++)); do
@@ -156,7 +158,6 @@ for p, rs in ratios.items():
     spans = [f"{name} {min(c):.2f}–{max(c):.2f}x (median {sorted(c)[len(c) // 2]:.2f}x)" for name, c in zip(COLS, zip(*rs))]
     print(f"- `{p}` ÷ llama.cpp over {rounds} rounds: " + ", ".join(spans))
 EOF
-    rm -rf "$out"
 }
 
 case "${1:-}" in
