@@ -82,7 +82,7 @@ impl BlockQ8_0 {
 /// with AVX-512 where the CPU has it (the same operations, sixteen values per register).
 fn dequantize<B: QuantBlock>(blocks: &[B], a: usize, b: usize, dst: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if a.is_multiple_of(BLOCK) && b.is_multiple_of(BLOCK) && avx512_blocks() {
+    if a.is_multiple_of(BLOCK) && b.is_multiple_of(BLOCK) && crate::kernels::has_avx512() {
         // SAFETY: the CPU has AVX-512 and F16C (checked above).
         unsafe { dequantize_avx512(&blocks[a / BLOCK..b / BLOCK], dst) };
         return;
@@ -98,12 +98,6 @@ unsafe fn dequantize_avx512<B: QuantBlock>(blocks: &[B], dst: &mut [f32]) {
         // SAFETY: the CPU has AVX-512 (the caller's contract); `out` holds a block's values.
         unsafe { blk.values_avx512(out) };
     }
-}
-
-/// Whether the CPU has AVX-512 F and F16C (checked once, then cached by std).
-#[cfg(target_arch = "x86_64")]
-fn avx512_blocks() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("f16c")
 }
 
 /// A ggml block of [`BLOCK`] quantized values.
@@ -653,11 +647,14 @@ impl Weights {
 mod tests {
     use super::*;
 
-    /// Q4_1 and Q8_0 blocks dequantize to ggml's formula, value by value, on the vector path
-    /// (whole blocks) and the plain one (ranges that cut blocks), for every nibble and byte and
-    /// for scales and minima that are zero, subnormal, large, infinite or NaN.
-    #[test]
-    fn blocks_dequantize_to_the_formula() {
+    /// The same bits, or both NaN.
+    fn same(a: f32, b: f32) -> bool {
+        a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan())
+    }
+
+    /// Q4_1 and Q8_0 blocks with every nibble and byte value, and scales and minima that are
+    /// zero, subnormal, large, infinite or NaN (every pair of them for Q4_1).
+    fn special_blocks() -> (Vec<BlockQ4_1>, Vec<BlockQ8_0>) {
         let specials = [0.0, -0.0, 1.0, -0.5, 6.1e-5, 3.0e-8, 65504.0, f32::INFINITY, f32::NAN, 0.0123];
         let mut q4 = Vec::new();
         let mut q8 = Vec::new();
@@ -671,7 +668,14 @@ mod tests {
                 qs: std::array::from_fn(|t| (t as i32 * 8 - 128 + i as i32) as i8),
             });
         }
-        let same = |a: f32, b: f32| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
+        (q4, q8)
+    }
+
+    /// Q4_1 and Q8_0 blocks dequantize to ggml's formula, value by value, on the vector path
+    /// (whole blocks) and the plain one (ranges that cut blocks), for [`special_blocks`].
+    #[test]
+    fn blocks_dequantize_to_the_formula() {
+        let (q4, q8) = special_blocks();
         let want4: Vec<f32> = q4
             .iter()
             .flat_map(|b| {
@@ -696,67 +700,45 @@ mod tests {
     }
 
     /// The register layouts of the in-register GEMV kernels hold the blocks' `values` where each
-    /// order reads them: every block pair and quadruple of blocks with special scales and minima.
+    /// order reads them, for every four consecutive [`special_blocks`].
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn register_layouts_hold_the_blocks_values() {
+        use std::arch::x86_64::{__m512, _mm512_storeu_ps};
         fn check<B: QuantBlock>(blocks: &[B], name: &str) {
-            let same = |a: f32, b: f32| a.to_bits() == b.to_bits() || (a.is_nan() && b.is_nan());
             let values = |b: &B| {
                 let mut v = [0.0f32; BLOCK];
                 b.values(&mut v);
                 v
             };
-            let lanes = |r: std::arch::x86_64::__m512| {
-                let mut l = [0.0f32; 16];
-                // SAFETY: `l` holds sixteen f32.
-                unsafe { std::arch::x86_64::_mm512_storeu_ps(l.as_mut_ptr(), r) };
-                l
-            };
             for (i, w) in blocks.windows(4).enumerate() {
                 let v: Vec<[f32; BLOCK]> = w.iter().map(values).collect();
+                // Lane `l` of register `c` holds value `per · c + l % per` of block `l / per`.
+                let check_regs = |regs: &[__m512], per: usize, what: &str| {
+                    for (c, &reg) in regs.iter().enumerate() {
+                        let mut lanes = [0.0f32; 16];
+                        // SAFETY: `lanes` holds sixteen f32.
+                        unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), reg) };
+                        for (l, &got) in lanes.iter().enumerate() {
+                            let want = v[l / per][per * c + l % per];
+                            assert!(
+                                same(got, want),
+                                "{name} blocks {i}.. {what} register {c} lane {l}: {got} vs {want}"
+                            );
+                        }
+                    }
+                };
                 // SAFETY: the CPU has AVX-512 F, AVX2 and F16C (checked by the caller).
                 let (pairs, quads) =
                     unsafe { (B::pairs8_avx512(&w[0], &w[1]), B::quads4_avx512([&w[0], &w[1], &w[2], &w[3]])) };
-                for (c, reg) in pairs.into_iter().map(lanes).enumerate() {
-                    for l in 0..16 {
-                        let want = v[l / 8][8 * c + l % 8];
-                        assert!(
-                            same(reg[l], want),
-                            "{name} blocks {i}.. pairs register {c} lane {l}: {} vs {want}",
-                            reg[l]
-                        );
-                    }
-                }
-                for (c, reg) in quads.into_iter().map(lanes).enumerate() {
-                    for l in 0..16 {
-                        let want = v[l / 4][4 * c + l % 4];
-                        assert!(
-                            same(reg[l], want),
-                            "{name} blocks {i}.. quads register {c} lane {l}: {} vs {want}",
-                            reg[l]
-                        );
-                    }
-                }
+                check_regs(&pairs, 8, "pairs");
+                check_regs(&quads, 4, "quads");
             }
         }
-        if !(std::arch::is_x86_feature_detected!("avx512f") && std::arch::is_x86_feature_detected!("f16c")) {
+        if !crate::kernels::has_avx512() {
             return;
         }
-        let specials = [0.0, -0.0, 1.0, -0.5, 6.1e-5, 3.0e-8, 65504.0, f32::INFINITY, f32::NAN, 0.0123];
-        let q4: Vec<BlockQ4_1> = (0..specials.len() * specials.len())
-            .map(|k| BlockQ4_1 {
-                d: f16::from_f32(specials[k / specials.len()]),
-                m: f16::from_f32(specials[k % specials.len()]),
-                qs: std::array::from_fn(|t| (t * 37 + k * 11) as u8),
-            })
-            .collect();
-        let q8: Vec<BlockQ8_0> = (0..3 * specials.len())
-            .map(|k| BlockQ8_0 {
-                d: f16::from_f32(specials[k % specials.len()]),
-                qs: std::array::from_fn(|t| (t * 53 + k * 7) as u8 as i8),
-            })
-            .collect();
+        let (q4, q8) = special_blocks();
         check(&q4, "q4_1");
         check(&q8, "q8_0");
     }

@@ -34,6 +34,8 @@ mod reference;
 
 pub use fast::Fast;
 pub use invariant::Invariant;
+#[cfg(target_arch = "x86_64")]
+pub(crate) use reduce::has_avx512;
 pub use reference::Reference;
 
 use crate::weights::Matrix;

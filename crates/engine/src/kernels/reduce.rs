@@ -202,13 +202,10 @@ const PREFETCH_BYTES: usize = 2048;
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 fn prefetch_rows<T>(w: [*const T; 4], i: usize) {
-    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
     let per_line = 64 / std::mem::size_of::<T>();
     if i.is_multiple_of(per_line) {
         for r in w {
-            // SAFETY: a prefetch reads nothing the program sees and never faults; the address
-            // is only computed (wrapping_add), not dereferenced.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(r.wrapping_add(i).cast::<u8>().wrapping_add(PREFETCH_BYTES).cast()) };
+            prefetch_line(r.wrapping_add(i).cast::<u8>().wrapping_add(PREFETCH_BYTES));
         }
     }
 }
@@ -220,23 +217,34 @@ fn prefetch_rows<T>(w: [*const T; 4], i: usize) {
 /// 32 keys 1.29–1.31 (two threads); single thread 3.4, 2.2, 2.1, 2.0, 2.1 ms.
 const KEYS_AHEAD: usize = 16;
 
-/// Asks for the cache lines of the `n` bytes from `p` on (a hint: never faults, reads nothing).
+/// Asks for the cache lines of the `n` bytes from `p` on, each line once.
 #[inline(always)]
 fn prefetch_bytes(p: *const u8, n: usize) {
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (p, n);
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        // Each cache line the bytes touch, once.
-        let skew = p as usize % 64;
-        let start = p.wrapping_sub(skew);
-        for line in 0..(skew + n).div_ceil(64) {
-            // SAFETY: a prefetch reads nothing the program sees and never faults; the address is
-            // only computed (wrapping_add), not dereferenced.
-            unsafe { _mm_prefetch::<_MM_HINT_T0>(start.wrapping_add(64 * line).cast()) };
-        }
+    let skew = p as usize % 64;
+    let start = p.wrapping_sub(skew);
+    for line in 0..(skew + n).div_ceil(64) {
+        prefetch_line(start.wrapping_add(64 * line));
     }
+}
+
+/// Asks for the cache line holding `p` (a hint: it never faults and reads nothing the program
+/// sees, so `p` may point anywhere; a no-op off x86-64).
+#[inline(always)]
+fn prefetch_line(p: *const u8) {
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+    // SAFETY: a prefetch reads nothing the program sees and never faults; the address is only
+    // computed by the callers (wrapping arithmetic), never dereferenced.
+    #[cfg(target_arch = "x86_64")]
+    unsafe {
+        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast())
+    };
+}
+
+/// Whether the AVX-512 kernels run on this CPU (AVX-512 F, AVX2 and F16C; detected once).
+#[cfg(target_arch = "x86_64")]
+pub(crate) fn has_avx512() -> bool {
+    avx512::available()
 }
 
 /// Sums eight lanes in [`dot_lanes8`]'s tree.
@@ -1507,18 +1515,28 @@ impl BlockStates {
         // The values: up to four rows share each value row over the keys they all have, then
         // each row's own last keys.
         let value = kv.values(j0, d);
-        let mut heads: Vec<(&mut [f32], &[f32])> = Vec::with_capacity(4);
-        let live_rows: Vec<usize> = (0..rows).filter(|&i| live[i]).collect();
-        let mut accs: Vec<Option<&mut [f32]>> = self.acc.chunks_exact_mut(d).map(Some).collect();
-        for group in live_rows.chunks(4) {
+        // (On the stack: this runs for every chunk of every block of rows.)
+        let (mut live_rows, mut count) = ([0usize; Self::ROWS], 0);
+        for i in (0..rows).filter(|&i| live[i]) {
+            live_rows[count] = i;
+            count += 1;
+        }
+        let mut accs: [Option<&mut [f32]>; Self::ROWS] = [const { None }; Self::ROWS];
+        for (a, acc) in accs.iter_mut().zip(self.acc.chunks_exact_mut(d)) {
+            *a = Some(acc);
+        }
+        for group in live_rows[..count].chunks(4) {
             let common = group.iter().map(|&i| n[i]).min().unwrap_or(0);
-            heads.clear();
+            let mut heads: [(&mut [f32], &[f32]); 4] = std::array::from_fn(|_| (&mut [][..], &[][..]));
+            let mut k = 0;
             for &i in group {
                 if let Some(acc) = accs[i].take() {
-                    heads.push((acc, &tile[i * w..][..common]));
+                    heads[k] = (acc, &tile[i * w..][..common]);
+                    k += 1;
                 }
             }
-            accumulate_values_group(&mut heads, &value);
+            let heads = &mut heads[..k];
+            accumulate_values_group(heads, &value);
             for (&i, (acc, _)) in group.iter().zip(heads.iter_mut()) {
                 if n[i] > common {
                     accumulate_values(acc, &tile[i * w + common..i * w + n[i]], kv.values(j0 + common, d));

@@ -74,9 +74,7 @@ pub(super) fn par_matmul(x: &[f32], rows: usize, w: &crate::weights::Matrix, out
                     let blocks = rows.div_ceil(ROWS);
                     for (b, r) in (0..rows).step_by(ROWS).enumerate() {
                         for line in b * count / blocks..(b + 1) * count / blocks {
-                            let at = line_at(next + line / per_row, line % per_row);
-                            // SAFETY: a prefetch is a hint; the address lies within the weights.
-                            unsafe { _mm_prefetch::<_MM_HINT_T0>(at as *const i8) };
+                            super::prefetch_line(line_at(next + line / per_row, line % per_row) as *const u8);
                         }
                         let mr = (rows - r).min(ROWS);
                         // Missing rows repeat the last one (every element is its own dot
@@ -353,11 +351,8 @@ pub(super) unsafe fn dots_lanes8_q<const Q: usize>(qs: [&[f32]; Q], keys: [*cons
     while i < full {
         // SAFETY: i + 8 <= n, within every key and every query; unaligned loads.
         unsafe {
-            let kv = [0, 1].map(|p| {
-                let lo = _mm256_castps_pd(_mm256_loadu_ps(keys[2 * p].add(i)));
-                let hi = _mm256_castps_pd(_mm256_loadu_ps(keys[2 * p + 1].add(i)));
-                _mm512_castpd_ps(_mm512_insertf64x4::<1>(_mm512_castpd256_pd512(lo), hi))
-            });
+            let kv =
+                [0, 1].map(|p| halves(_mm256_loadu_ps(keys[2 * p].add(i)), _mm256_loadu_ps(keys[2 * p + 1].add(i))));
             for (a, q) in acc.iter_mut().zip(qs) {
                 let q16 = both_halves(_mm256_loadu_ps(q.as_ptr().add(i)));
                 for (c, k) in a.iter_mut().zip(kv) {
@@ -499,8 +494,14 @@ pub(super) unsafe fn dot_lanes8_x4_f16(a: &[f32], w: [*const half::f16; 4], n: u
 #[target_feature(enable = "avx512f")]
 #[inline]
 fn both_halves(v: __m256) -> __m512 {
-    let v = _mm256_castps_pd(v);
-    _mm512_castpd_ps(_mm512_insertf64x4::<1>(_mm512_castpd256_pd512(v), v))
+    halves(v, v)
+}
+
+/// `lo` in the low eight lanes of a register, `hi` in the high eight.
+#[target_feature(enable = "avx512f")]
+#[inline]
+fn halves(lo: __m256, hi: __m256) -> __m512 {
+    _mm512_castpd_ps(_mm512_insertf64x4::<1>(_mm512_castpd256_pd512(_mm256_castps_pd(lo)), _mm256_castps_pd(hi)))
 }
 
 /// The four row sums of two registers of row pairs (row `2p` in the low eight lanes of register
@@ -557,12 +558,7 @@ fn prefetch_blocks<B>(w: &[&[B]; 4], j: usize) {
         return;
     }
     for r in w {
-        // SAFETY: a prefetch reads nothing the program sees and never faults; the address is
-        // only computed (wrapping_add), not dereferenced.
-        unsafe {
-            let at = r.as_ptr().wrapping_add(j).cast::<u8>().wrapping_add(super::PREFETCH_BYTES);
-            _mm_prefetch::<_MM_HINT_T0>(at.cast());
-        }
+        super::prefetch_line(r.as_ptr().wrapping_add(j).cast::<u8>().wrapping_add(super::PREFETCH_BYTES));
     }
 }
 
