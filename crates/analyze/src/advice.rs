@@ -17,7 +17,8 @@ pub enum Size {
     Large,
 }
 
-/// The rounding step (machine epsilon) of a dtype; unknown dtypes are judged as 16-bit.
+/// The rounding step (machine epsilon) of a dtype; an unknown one is judged as bf16, the
+/// coarsest 16-bit step.
 pub fn epsilon(dtype: Option<DType>) -> f64 {
     match dtype {
         Some(DType::F32) => f64::from(f32::EPSILON),
@@ -47,19 +48,31 @@ fn sci(x: f64) -> String {
 
 /// The size of pair `i`'s drift, judged from its dumped rows when there are some (exact), else
 /// from its statistics (a lower bound), with a sentence saying which.
+///
+/// Where the bug tier judged the pair (see [`crate::gross`]), its bound decides between rounding
+/// and far above it; elsewhere the dtype's rounding step does.
 pub fn size_of(a: &Analysis, i: usize) -> Option<(Size, String)> {
     let p = &a.pairs[i];
-    let dtype = a.dtype_of(i);
+    let (dtype, traced) = a.storage_dtype(i);
+    let judged = a.judged(i);
+    let beyond = |rounding: bool| match judged {
+        Some(j) => j.ratio() > 1.0,
+        None => !rounding,
+    };
     if let Some(m) = p.magnitude.as_deref() {
         let eps = epsilon(dtype);
         let size = if m.n_diff == 0 {
             Size::StatsIdentical
-        } else if m.max_ulp <= 64 || m.rel_l2 <= 8.0 * eps {
+        } else if !beyond(m.max_ulp <= 64 || m.rel_l2 <= 8.0 * eps) {
             Size::Rounding
         } else {
             Size::Large
         };
-        let dt = dtype.map_or("its dtype", |d| d.as_str());
+        let dt = match (dtype, traced) {
+            (Some(d), true) => d.as_str().to_string(),
+            (Some(d), false) => format!("{} (inferred)", d.as_str()),
+            (None, _) => "its dtype".to_string(),
+        };
         let sentence = format!(
             "from the dumped rows: max |Δ| = {} at element {} ({} of {} elements differ, by at most {} ULP of {dt}; \
              cosine similarity {:.9}; relative L2 {}), {} rounding",
@@ -75,7 +88,18 @@ pub fn size_of(a: &Analysis, i: usize) -> Option<(Size, String)> {
         return Some((size, sentence));
     }
     let d = a.delta(p)?;
-    Some((stat_size(&d, dtype), format!("from statistics (no dump): {}", magnitude_sentence(&d, dtype))))
+    let size = match stat_size(&d, dtype) {
+        Size::StatsIdentical => Size::StatsIdentical,
+        s => {
+            if beyond(s == Size::Rounding) {
+                Size::Large
+            } else {
+                Size::Rounding
+            }
+        }
+    };
+    let sentence = magnitude_sentence(&d, dtype, traced, size);
+    Some((size, format!("from statistics (no dump): {sentence}")))
 }
 
 /// A relative size: `0.725%`, or `5.80e-8` when a percentage would round to zero.
@@ -87,10 +111,15 @@ fn relative(rel: f64) -> String {
     }
 }
 
-/// One sentence on the size of a pair's drift.
-pub fn magnitude_sentence(delta: &StatDelta, dtype: Option<DType>) -> String {
-    let dt = dtype.map_or("16-bit (dtype not traced)".to_string(), |d| d.as_str().to_string());
-    match stat_size(delta, dtype) {
+/// One sentence on the size of a pair's drift, judged as `size` (`traced`: whether the events
+/// name the dtype, else it was inferred or assumed).
+pub fn magnitude_sentence(delta: &StatDelta, dtype: Option<DType>, traced: bool, size: Size) -> String {
+    let dt = match (dtype, traced) {
+        (Some(d), true) => d.as_str().to_string(),
+        (Some(d), false) => format!("{} (not traced: inferred)", d.as_str()),
+        (None, _) => "16-bit (dtype not traced)".to_string(),
+    };
+    match size {
         Size::StatsIdentical => "min, max and mean agree exactly although the hashes differ: only a few \
              low-order bits of some elements differ"
             .to_string(),
@@ -108,6 +137,19 @@ pub fn magnitude_sentence(delta: &StatDelta, dtype: Option<DType>) -> String {
 /// Recommendations for the analysis, most important first.
 pub fn recommendations(a: &Analysis) -> Vec<String> {
     let mut out = Vec::new();
+    if let Some(g) = a.first_gross.map(|i| &a.groups[i]) {
+        if let Some(o) = &g.gross {
+            out.push(format!("**Fix the bug first.** {}", crate::bug_advice::headline(a, g, o)));
+            out.extend(crate::bug_advice::bug_recommendations(a, g));
+        }
+        if g.gross.as_ref().is_some_and(|o| g.first_failure != Some(o.judged.pair)) {
+            out.push(
+                "Then the rounding drift, which the bug hides: once the bug is fixed, rerun; what still differs \
+                 is of rounding size, and the advice below is about it."
+                    .to_string(),
+            );
+        }
+    }
     let Some(first) = a.groups.iter().find(|g| g.cause.is_some()) else {
         if a.summary.skipped_lines > 0 {
             out.push(format!(
@@ -154,6 +196,11 @@ fn advise_group(a: &Analysis, g: &Group, out: &mut Vec<String>) {
         ));
         return;
     };
+    if g.gross.as_ref().is_some_and(|o| o.judged.pair == ff) {
+        // The first divergence is the bug itself: the bug tier's advice above covers it.
+        propagation_advice(a, g, ff, out);
+        return;
+    }
     let p = &a.pairs[ff];
     let (Some(b), Some(c)) = (a.base(p), a.cand(p)) else { return };
     if p.status == PairStatus::Misaligned {

@@ -12,7 +12,9 @@ use crate::collect::{Collected, Key, PointId, Side, Slot};
 use crate::dataflow::{cause_of_region, op_of, Graph, Node};
 use crate::dump::{dump_path, DumpFile};
 use crate::file_error::FileError;
+use crate::gross::{self, GrossOrigin, Judged, Precisions};
 use crate::magnitude::{compare_rows, token_impact, Magnitude, TokenImpact};
+use crate::precision::{Known, Precision};
 use crate::tolerance::{Policy, TolClass, Tolerances};
 
 /// What the analysis compares and how strict it is.
@@ -166,7 +168,7 @@ pub struct StatDelta {
 }
 
 impl StatDelta {
-    fn of(b: &Side, c: &Side) -> StatDelta {
+    pub(crate) fn of(b: &Side, c: &Side) -> StatDelta {
         let d = |x: f64, y: f64| if x == y { 0.0 } else { (x - y).abs() };
         let (d_min, d_max, d_mean) = (d(b.min, c.min), d(b.max, c.max), d(b.mean, c.mean));
         let bound = d_min.max(d_max).max(d_mean);
@@ -282,6 +284,20 @@ pub struct Group {
     pub cause: Option<&'static str>,
     /// What drifting logits do to the next token (from the dump).
     pub token_impact: Option<TokenImpact>,
+    /// The first pair far above what rounding explains (see [`crate::gross`]).
+    pub gross: Option<GrossOrigin>,
+    /// The pair that came nearest its rounding bound (or went furthest past it).
+    pub largest: Option<Judged>,
+    /// The first failing pair judged against its rounding bound.
+    pub first_judged: Option<Judged>,
+}
+
+impl Group {
+    /// The group's root cause: its gross origin's bug class when it has one, else the rounding
+    /// cause of its first divergence.
+    pub fn root_cause(&self) -> Option<&'static str> {
+        self.gross.as_ref().map(|g| g.class).or(self.cause)
+    }
 }
 
 /// Counts of the summary table.
@@ -344,8 +360,15 @@ pub struct Analysis {
     pub breakdown: Vec<(String, u64)>,
     /// PASS or FAIL.
     pub verdict: Verdict,
-    /// The root cause of the first failing prompt.
+    /// The root cause: the bug class of the first gross origin when a prompt has one, else the
+    /// rounding cause of the first failing prompt.
     pub root_cause: Option<&'static str>,
+    /// The root cause of the first failing prompt's first divergence (the rounding tier).
+    pub rounding_root_cause: Option<&'static str>,
+    /// The first group (prompt order) with a gross origin.
+    pub first_gross: Option<usize>,
+    /// The precisions drifts were judged against.
+    pub precisions: Precisions,
     /// The first failing pair in dataflow order (prompts in file order).
     pub first_failure: Option<usize>,
     /// Whether magnitudes come from dumped rows (exact) or from statistics (bounds).
@@ -384,7 +407,23 @@ impl Analysis {
             macro_rules! fill {
                 ($($f:ident),*) => {$( if merged.$f.is_none() { merged.$f = m.$f.clone(); } )*};
             }
-            fill!(format_version, engine, model, n_layers, dtype, device, host, profile, date, command, run_mode);
+            fill!(
+                format_version,
+                engine,
+                model,
+                n_layers,
+                dtype,
+                device,
+                host,
+                profile,
+                date,
+                command,
+                run_mode,
+                kv_cache_dtype,
+                weight_dtype,
+                matmul_input_dtype,
+                inject
+            );
             for (k, v) in &m.extra {
                 merged.extra.entry(k.clone()).or_insert_with(|| v.clone());
             }
@@ -432,6 +471,28 @@ impl Analysis {
         let p = &self.pairs[i];
         let idx = self.base(p).and_then(|s| s.dtype()).or(self.cand(p).and_then(|s| s.dtype()))?;
         DType::parse(&self.collected.dtypes[idx as usize])
+    }
+
+    /// The storage dtype of pair `i`: its events', else the trace's (stated by run_meta or
+    /// inferred from the magnitudes), with whether the events name it.
+    pub fn storage_dtype(&self, i: usize) -> (Option<DType>, bool) {
+        if let Some(d) = self.dtype_of(i) {
+            return (Some(d), true);
+        }
+        let d = match self.precisions.storage.0 {
+            Precision::F32 => Some(DType::F32),
+            Precision::F16 => Some(DType::F16),
+            Precision::BF16 => Some(DType::BF16),
+            _ => None,
+        };
+        (d, false)
+    }
+
+    /// Pair `i` judged against its rounding bound, when the bug tier measured it (a group's first
+    /// failure, gross origin or largest excess).
+    pub fn judged(&self, i: usize) -> Option<Judged> {
+        let g = self.groups.iter().find(|g| g.pairs.contains(&i))?;
+        [g.first_judged, g.gross.as_ref().map(|o| o.judged), g.largest].into_iter().flatten().find(|j| j.pair == i)
     }
 
     /// The failing groups' distinct root causes.
@@ -535,6 +596,9 @@ pub fn analyze(mut collected: Collected, options: Options) -> Result<Analysis, A
             first_failure: None,
             cause: None,
             token_impact: None,
+            gross: None,
+            largest: None,
+            first_judged: None,
         })
         .collect();
     // Classify the groups in parallel, each on its own slice of the pairs.
@@ -639,7 +703,10 @@ pub fn analyze(mut collected: Collected, options: Options) -> Result<Analysis, A
         None if missing_fails => groups.iter().find_map(|g| g.cause),
         None => None,
     };
-    Ok(Analysis {
+    let mut a = Analysis {
+        precisions: Precisions { storage: (Precision::BF16, Known::Assumed(String::new())), kv: None, matmul: None },
+        rounding_root_cause: root_cause,
+        first_gross: None,
         magnitudes_from_dump,
         dump_notes,
         root_cause,
@@ -655,7 +722,29 @@ pub fn analyze(mut collected: Collected, options: Options) -> Result<Analysis, A
         summary,
         breakdown,
         verdict,
-    })
+    };
+    judge_gross(&mut a);
+    Ok(a)
+}
+
+/// The bug tier: each group's gross origin, and the root cause it names (see [`crate::gross`]).
+fn judge_gross(a: &mut Analysis) {
+    let mut precisions = gross::stated_precisions(a);
+    let judged = {
+        let storage = gross::storage_of(a, precisions.storage.0);
+        gross::infer_ops(a, &mut precisions, &storage);
+        gross::judge(a, &precisions, &storage)
+    };
+    for (g, j) in a.groups.iter_mut().zip(judged) {
+        (g.gross, g.largest, g.first_judged) = (j.origin, j.largest, j.first);
+    }
+    a.precisions = precisions;
+    a.first_gross = a.groups.iter().position(|g| g.gross.is_some());
+    if let Some(g) = a.first_gross.and_then(|i| a.groups[i].gross.as_ref()) {
+        if a.verdict == Verdict::Fail {
+            a.root_cause = Some(g.class);
+        }
+    }
 }
 
 /// Failure classes and their counts: points of the vocabulary in a table, others in a map.
@@ -894,22 +983,105 @@ fn check_phases(c: &Collected, options: &Options) -> Result<(), AnalyzeError> {
 
 /// Node state as seen from downstream.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum State {
+pub(crate) enum State {
     Untraced,
     Match,
     Drift,
     Unknown,
 }
 
-/// Dense index of a node in a graph of `n_layers` layers (for per-group lookup tables).
-fn node_slot(n: Node, n_layers: u32) -> Option<usize> {
-    let per = Point::PER_LAYER.len();
-    match n {
-        Node::Global(Point::EmbedOut) => Some(0),
-        Node::Global(Point::FinalNorm) => Some(1),
-        Node::Global(_) => Some(2),
-        Node::Layer(l, p) if l < n_layers => Some(3 + l as usize * per + (p.index() - Point::XIn.index())),
-        _ => None,
+/// Where each node of the graph sits among one group's pairs: a dense table, for the upstream
+/// walks of every drifting pair.
+pub(crate) struct NodeTable {
+    at: Vec<u32>,
+    n_layers: u32,
+}
+
+impl NodeTable {
+    /// The table of a group's pairs (`pairs` is the group's own slice, in dataflow order).
+    pub(crate) fn new(pairs: &[PairResult], graph: &Graph) -> NodeTable {
+        let table_len = 3 + graph.n_layers as usize * Point::PER_LAYER.len();
+        let mut t = NodeTable { at: vec![u32::MAX; table_len], n_layers: graph.n_layers };
+        for (j, p) in pairs.iter().enumerate() {
+            if let Some(slot) = p.node.and_then(|n| t.slot(n)) {
+                if t.at[slot] == u32::MAX {
+                    t.at[slot] = j as u32;
+                }
+            }
+        }
+        t
+    }
+
+    /// Dense index of a node in a graph of `n_layers` layers.
+    fn slot(&self, n: Node) -> Option<usize> {
+        let per = Point::PER_LAYER.len();
+        match n {
+            Node::Global(Point::EmbedOut) => Some(0),
+            Node::Global(Point::FinalNorm) => Some(1),
+            Node::Global(_) => Some(2),
+            Node::Layer(l, p) if l < self.n_layers => Some(3 + l as usize * per + (p.index() - Point::XIn.index())),
+            _ => None,
+        }
+    }
+
+    /// The index of a node's pair within the group's slice, when the node is traced.
+    pub(crate) fn get(&self, n: Node) -> Option<usize> {
+        self.slot(n).map(|s| self.at[s]).filter(|&j| j != u32::MAX).map(|j| j as usize)
+    }
+
+    /// How a node looks from downstream.
+    pub(crate) fn state(&self, n: Node, pairs: &[PairResult]) -> State {
+        match self.get(n) {
+            None => State::Untraced,
+            Some(j) => match pairs[j].status {
+                PairStatus::Pass => State::Match,
+                PairStatus::Drift | PairStatus::NumericFault => State::Drift,
+                _ => State::Unknown,
+            },
+        }
+    }
+}
+
+/// The walk upstream from a node through untraced nodes to the nearest traced ones. Its lists
+/// are reused from walk to walk.
+#[derive(Default)]
+pub(crate) struct Walk {
+    /// The node and the untraced nodes walked through (unsorted).
+    pub(crate) region: Vec<Node>,
+    /// Nearest traced upstream nodes that match.
+    pub(crate) matched: Vec<Node>,
+    /// Nearest traced upstream nodes that drift.
+    pub(crate) drifting: Vec<Node>,
+    /// Nearest traced upstream nodes that are missing or misaligned.
+    pub(crate) unknown: Vec<Node>,
+    seen: Vec<Node>,
+    stack: Vec<Node>,
+}
+
+impl Walk {
+    /// Walks upstream from `node`.
+    pub(crate) fn run(&mut self, graph: &Graph, node: Node, table: &NodeTable, pairs: &[PairResult]) {
+        let lists = [&mut self.seen, &mut self.stack, &mut self.region, &mut self.matched, &mut self.drifting];
+        for list in lists.into_iter().chain([&mut self.unknown]) {
+            list.clear();
+        }
+        self.region.push(node);
+        self.stack.extend_from_slice(&graph.inputs(node));
+        while let Some(n) = self.stack.pop() {
+            if self.seen.contains(&n) {
+                continue;
+            }
+            self.seen.push(n);
+            match table.state(n, pairs) {
+                State::Untraced => {
+                    self.region.push(n);
+                    self.stack.extend_from_slice(&graph.inputs(n));
+                }
+                State::Match => self.matched.push(n),
+                State::Drift => self.drifting.push(n),
+                State::Unknown => self.unknown.push(n),
+            }
+        }
     }
 }
 
@@ -919,26 +1091,8 @@ fn node_slot(n: Node, n_layers: u32) -> Option<usize> {
 fn classify_group(g: &mut Group, pairs: &mut [PairResult], graph: &Graph) -> Vec<Node> {
     let mut nodes = Vec::new();
     let base = g.pairs.start;
-    let table_len = 3 + graph.n_layers as usize * Point::PER_LAYER.len();
-    let mut at: Vec<u32> = vec![u32::MAX; table_len];
-    for (j, p) in pairs.iter().enumerate() {
-        if let Some(slot) = p.node.and_then(|n| node_slot(n, graph.n_layers)) {
-            if at[slot] == u32::MAX {
-                at[slot] = j as u32;
-            }
-        }
-    }
-    let state = |n: Node, pairs: &[PairResult]| match node_slot(n, graph.n_layers).map(|s| at[s]) {
-        None | Some(u32::MAX) => State::Untraced,
-        Some(j) => match pairs[j as usize].status {
-            PairStatus::Pass => State::Match,
-            PairStatus::Drift | PairStatus::NumericFault => State::Drift,
-            _ => State::Unknown,
-        },
-    };
-    // Scratch lists of the upstream walk, reused for every pair.
-    let (mut seen, mut stack, mut region): (Vec<Node>, Vec<Node>, Vec<Node>) = (vec![], vec![], vec![]);
-    let (mut matched, mut drifting, mut unknown): (Vec<Node>, Vec<Node>, Vec<Node>) = (vec![], vec![], vec![]);
+    let table = NodeTable::new(pairs, graph);
+    let mut walk = Walk::default();
     for j in 0..pairs.len() {
         let i = base + j;
         let status = pairs[j].status;
@@ -958,32 +1112,14 @@ fn classify_group(g: &mut Group, pairs: &mut [PairResult], graph: &Graph) -> Vec
             continue;
         };
         // Walk upstream through untraced nodes to the nearest traced ones.
-        for list in [&mut seen, &mut stack, &mut region, &mut matched, &mut drifting, &mut unknown] {
-            list.clear();
-        }
-        region.push(node);
-        stack.extend_from_slice(&graph.inputs(node));
-        while let Some(n) = stack.pop() {
-            if seen.contains(&n) {
-                continue;
-            }
-            seen.push(n);
-            match state(n, pairs) {
-                State::Untraced => {
-                    region.push(n);
-                    stack.extend_from_slice(&graph.inputs(n));
-                }
-                State::Match => matched.push(n),
-                State::Drift => drifting.push(n),
-                State::Unknown => unknown.push(n),
-            }
-        }
+        walk.run(graph, node, &table, pairs);
+        let Walk { region, matched, drifting, unknown, .. } = &mut walk;
         let p = &mut pairs[j];
         if !drifting.is_empty() {
             drifting.sort_by_key(|n| n.order());
             p.classification = Some(Classification::Inherited);
             g.inherited += 1;
-            p.relations = Some(Relations::push(&mut nodes, &drifting, &[], &[]));
+            p.relations = Some(Relations::push(&mut nodes, drifting, &[], &[]));
             continue;
         }
         region.sort_by_key(|n| n.order());
@@ -991,7 +1127,7 @@ fn classify_group(g: &mut Group, pairs: &mut [PairResult], graph: &Graph) -> Vec
         if !unknown.is_empty() {
             unknown.sort_by_key(|n| n.order());
             p.classification = Some(Classification::Undetermined);
-            p.relations = Some(Relations::push(&mut nodes, &[], untraced, &unknown));
+            p.relations = Some(Relations::push(&mut nodes, &[], untraced, unknown));
         } else {
             if !untraced.is_empty() {
                 p.relations = Some(Relations::push(&mut nodes, &[], untraced, &[]));
@@ -1002,7 +1138,7 @@ fn classify_group(g: &mut Group, pairs: &mut [PairResult], graph: &Graph) -> Vec
                 .iter()
                 .filter_map(|n| n.producing_layer())
                 .fold(None, |acc: Option<(u32, u32)>, l| Some(acc.map_or((l, l), |(a, b)| (a.min(l), b.max(l)))));
-            let cause = if status == PairStatus::NumericFault { "NUMERIC_FAULT" } else { cause_of_region(&region) };
+            let cause = if status == PairStatus::NumericFault { "NUMERIC_FAULT" } else { cause_of_region(region) };
             g.origins.push(Origin { pair: i, node, region: region.clone(), upstream: matched.clone(), cause, layers });
         }
     }

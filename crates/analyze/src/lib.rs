@@ -6,11 +6,14 @@
 
 pub mod advice;
 pub mod analysis;
+pub mod bug_advice;
 pub mod collect;
 pub mod dataflow;
 pub mod dump;
 pub mod file_error;
+pub mod gross;
 pub mod magnitude;
+pub mod precision;
 pub mod report;
 pub mod tolerance;
 

@@ -18,6 +18,10 @@ pub struct Magnitude {
     pub cosine: f64,
     /// |a - b| / |a|.
     pub rel_l2: f64,
+    /// |a - b|.
+    pub diff_l2: f64,
+    /// |a|: the baseline row's L2 norm.
+    pub norm: f64,
     /// Number of elements whose bits differ.
     pub n_diff: u64,
     /// Index of the largest |a_i - b_i|.
@@ -71,6 +75,8 @@ pub fn compare_rows(a: &[f32], b: &[f32], dtype: DType) -> Magnitude {
         max_ulp,
         cosine: dot / (na.sqrt() * nb.sqrt()),
         rel_l2: if na > 0.0 { nd.sqrt() / na.sqrt() } else { nd.sqrt() },
+        diff_l2: nd.sqrt(),
+        norm: na.sqrt(),
         n_diff,
         argmax: argmax as u64,
         numel: a.len().min(b.len()) as u64,
@@ -150,6 +156,7 @@ mod tests {
         assert!((m.max_rel - 0.25 / 1.25).abs() < 1e-15, "{}", m.max_rel);
         let norm_a = (9.0f64 + 16.0 + 1.0).sqrt();
         assert!((m.rel_l2 - (0.25f64 + 0.0625).sqrt() / norm_a).abs() < 1e-15);
+        assert_eq!((m.diff_l2, m.norm), ((0.25f64 + 0.0625).sqrt(), norm_a));
         let dot = 9.0 + 18.0 + 1.25;
         let norm_b = (9.0f64 + 20.25 + 1.5625).sqrt();
         assert!((m.cosine - dot / (norm_a * norm_b)).abs() < 1e-15);

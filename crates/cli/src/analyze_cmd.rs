@@ -188,8 +188,23 @@ pub fn verdict_line(a: &Analysis) -> String {
                 a.summary.total_pairs,
                 a.summary.missing_pairs
             );
+            let gross = a.first_gross.and_then(|i| a.groups[i].gross.as_ref());
+            if let Some(o) = gross {
+                let j = &o.judged;
+                s.push_str(&format!(
+                    "; gross origin: {}, {} vs rounding bound {}",
+                    a.pair_name(j.pair).replace('`', ""),
+                    driftscope_analyze::bug_advice::rel(j.rel_delta),
+                    driftscope_analyze::bug_advice::rel(j.bound)
+                ));
+            }
             if let Some(ff) = a.first_failure {
                 s.push_str(&format!("; first divergence: {}", a.pair_name(ff).replace('`', "")));
+                if let (Some(o), Some(c)) = (gross, a.rounding_root_cause) {
+                    if o.judged.pair != ff {
+                        s.push_str(&format!(" ({c}, rounding)"));
+                    }
+                }
             }
             s.push(')');
             s

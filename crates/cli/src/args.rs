@@ -64,6 +64,11 @@ pub struct SweepArgs {
     #[command(flatten)]
     pub model: ModelArgs,
 
+    /// Dump the traced rows of each length (in a scratch folder) so that each analysis has exact
+    /// magnitudes: bugs and rounding are then told apart down to 1e-2 in every dtype.
+    #[arg(long)]
+    pub dump: bool,
+
     /// Folder for sweep.csv and sweep.md.
     #[arg(long, value_name = "DIR", default_value = "driftscope-sweep")]
     pub out: PathBuf,
@@ -113,6 +118,13 @@ pub struct ModelArgs {
     /// Storage dtype of activations and the KV cache (compute is f32).
     #[arg(long, value_name = "DTYPE", default_value = "f32", value_parser = ["f32", "bf16", "f16"])]
     pub dtype: String,
+
+    /// Commit a decode-path bug on purpose (decode steps only; prefills stay right; recorded in
+    /// run_meta): `kv_drop` (the step runs without its KV cache), `rope_pos` (q and k rotated at
+    /// pos_id + 1), `cache_off_by_one` (the step misses the last cached token),
+    /// `mask_off_by_one` (the step's mask hides its own key).
+    #[arg(long, value_name = "BUG", value_parser = ["kv_drop", "rope_pos", "cache_off_by_one", "mask_off_by_one"])]
+    pub inject: Option<String>,
 }
 
 /// Flags shared by `run` and `check`: the model, the prompts, the scenarios, the dump.

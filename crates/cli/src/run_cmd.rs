@@ -11,7 +11,7 @@ use driftscope_engine::load::{cache_dir, find_smollm2, load};
 use driftscope_engine::prompts::{default_prompts, read_prompts};
 use driftscope_engine::runner::{run_phase, write_meta, Dump, Phase, Prompt, RunSpec};
 use driftscope_engine::synthetic::default_model;
-use driftscope_engine::{Loaded, Profile, Tokenizer};
+use driftscope_engine::{Fault, Loaded, Profile, Tokenizer};
 use driftscope_trace::{DType, Point, ReadOptions, RunMeta, FORMAT_VERSION};
 use indicatif::{ProgressBar, ProgressStyle};
 
@@ -148,6 +148,12 @@ fn trace_to(args: &EngineArgs, path: &Path) -> Result<()> {
         date: Some(humantime::format_rfc3339_seconds(SystemTime::now()).to_string()),
         command: Some(std::env::args().collect::<Vec<_>>().join(" ")),
         run_mode: Some("single process, CPU".into()),
+        kv_cache_dtype: Some(spec.dtype.as_str().into()),
+        weight_dtype: Some(model.weights.weight_dtype()),
+        // The activations are rounded to the storage dtype before every matmul, which computes
+        // in f32 on weights widened exactly.
+        matmul_input_dtype: Some(spec.dtype.as_str().into()),
+        inject: spec.fault.map(|f| f.as_str().into()),
         ..RunMeta::default()
     };
 
@@ -175,13 +181,14 @@ fn trace_to(args: &EngineArgs, path: &Path) -> Result<()> {
     }
     write_atomic(path, &bytes)?;
     eprintln!(
-        "traced {} prompt(s) ({} tokens) x {} phases on {} ({} profile, {}): {events} events in {:.1} s -> {}",
+        "traced {} prompt(s) ({} tokens) x {} phases on {} ({} profile, {}{}): {events} events in {:.1} s -> {}",
         prompts.len(),
         describe_lengths(&prompts),
         phases.len(),
         c.name,
         spec.profile.as_str(),
         spec.dtype.as_str(),
+        spec.fault.map(|f| format!(", injected bug {f}: {}", f.describe())).unwrap_or_default(),
         started.elapsed().as_secs_f64(),
         path.display()
     );
@@ -235,6 +242,10 @@ pub fn run_spec(args: &ModelArgs, n_layers: usize) -> Result<RunSpec> {
         dtype: DType::parse(&args.dtype).with_context(|| format!("unknown dtype `{}`", args.dtype))?,
         layers: parse_layers(&args.layers, n_layers)?,
         points: parse_points(&args.points)?,
+        fault: match &args.inject {
+            Some(name) => Some(Fault::parse(name).with_context(|| format!("unknown bug `{name}` for --inject"))?),
+            None => None,
+        },
     })
 }
 

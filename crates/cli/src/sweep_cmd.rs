@@ -7,7 +7,7 @@ use std::io::Write as _;
 use anyhow::{bail, Context, Result};
 use driftscope_analyze::{analyze, collect_file, Analysis, Options, Verdict};
 use driftscope_engine::prompts::LONG;
-use driftscope_engine::runner::{run_phase, Phase, Prompt, RunSpec};
+use driftscope_engine::runner::{run_phase, Dump, Phase, Prompt, RunSpec};
 use driftscope_trace::ReadOptions;
 use indicatif::ProgressBar;
 
@@ -23,6 +23,10 @@ struct Row {
     first: String,
     failed: u64,
     total: u64,
+    /// The gross origin (`attn_ctx[0]`) or `-`.
+    gross: String,
+    /// The largest difference ÷ rounding bound of any pair (`-` without drift).
+    ratio: String,
 }
 
 /// `1..1024`, `1..1024:8` (inclusive, with a step) or `96,97,255,256,257`, or a mix.
@@ -83,8 +87,12 @@ pub fn sweep(args: &SweepArgs) -> Result<Verdict> {
         bar.set_message(format!("length {n}"));
         let prompt = Prompt { id: format!("len{n}"), tokens: tokens[..n].to_vec() };
         let mut buf = Vec::new();
+        let mut dump = args.dump.then(Dump::default);
         for p in [Phase::PrefillLast, phase] {
-            run_phase(model, &prompt, p, &spec, &mut buf, None)?;
+            run_phase(model, &prompt, p, &spec, &mut buf, dump.as_mut())?;
+        }
+        if let Some(dump) = &dump {
+            write_atomic(&trace.with_extension("safetensors"), &dump.to_bytes().context("cannot serialize the dump")?)?;
         }
         write_atomic(&trace, &buf)?;
         let options = Options { candidate: phase.name(), ..Options::default() };
@@ -94,10 +102,15 @@ pub fn sweep(args: &SweepArgs) -> Result<Verdict> {
     }
     bar.finish_and_clear();
 
-    let mut csv = String::from("length,verdict,root_cause,first_failure,failed_pairs,total_pairs\n");
+    let mut csv =
+        String::from("length,verdict,root_cause,first_failure,failed_pairs,total_pairs,gross_origin,max_bound_ratio\n");
     for r in &rows {
         let verdict = if r.verdict == Verdict::Pass { "PASS" } else { "FAIL" };
-        let _ = writeln!(csv, "{},{verdict},{},{},{},{}", r.length, r.root_cause, r.first, r.failed, r.total);
+        let _ = writeln!(
+            csv,
+            "{},{verdict},{},{},{},{},{},{}",
+            r.length, r.root_cause, r.first, r.failed, r.total, r.gross, r.ratio
+        );
     }
     write_atomic(&csv_path, csv.as_bytes())?;
     let md = render(&rows, &model_desc, &spec, phase);
@@ -110,6 +123,13 @@ pub fn sweep(args: &SweepArgs) -> Result<Verdict> {
 
 fn summarize(length: usize, a: &Analysis) -> Row {
     let first = a.first_failure.and_then(|i| a.pairs[i].node).map_or_else(|| "-".to_string(), |n| n.to_string());
+    let gross = a.groups.iter().find_map(|g| g.gross.as_ref()).map_or_else(|| "-".to_string(), |o| o.node.to_string());
+    let largest = a
+        .groups
+        .iter()
+        .filter_map(|g| g.largest)
+        .map(|j| j.ratio())
+        .fold(None, |m: Option<f64>, r| Some(m.map_or(r, |m| m.max(r))));
     Row {
         length,
         verdict: a.verdict,
@@ -117,6 +137,8 @@ fn summarize(length: usize, a: &Analysis) -> Row {
         first,
         failed: a.summary.failed,
         total: a.summary.total_pairs,
+        gross,
+        ratio: largest.map_or_else(|| "-".to_string(), |r| format!("{r:.3e}")),
     }
 }
 
@@ -131,17 +153,34 @@ fn render(rows: &[Row], model: &str, spec: &RunSpec, phase: Phase) -> String {
     );
     let fails = rows.iter().filter(|r| r.verdict == Verdict::Fail).count();
     let _ = writeln!(md, "{fails} of {} lengths fail.\n", rows.len());
-    md.push_str("| From length | To length | Verdict | Root cause | First failure |\n|---|---|---|---|---|\n");
+    let gross = rows.iter().filter(|r| r.gross != "-").count();
+    if gross > 0 {
+        let _ = writeln!(md, "{gross} of {} lengths have a gross origin: a bug, not rounding.\n", rows.len());
+    }
+    let largest = rows.iter().filter_map(|r| r.ratio.parse::<f64>().ok()).fold(f64::NAN, f64::max);
+    if largest.is_finite() && gross == 0 {
+        let _ =
+            writeln!(md, "No gross origin: the largest drift is {:.0}% of what rounding explains.\n", largest * 100.0);
+    }
+    md.push_str(
+        "| From length | To length | Verdict | Root cause | First failure | Gross origin |\n|---|---|---|---|---|---|\n",
+    );
     let mut i = 0;
     while i < rows.len() {
         let mut j = i;
-        let same = |x: &Row, y: &Row| x.verdict == y.verdict && x.root_cause == y.root_cause && x.first == y.first;
+        let same = |x: &Row, y: &Row| {
+            x.verdict == y.verdict && x.root_cause == y.root_cause && x.first == y.first && x.gross == y.gross
+        };
         while j + 1 < rows.len() && same(&rows[j + 1], &rows[i]) {
             j += 1;
         }
         let r = &rows[i];
         let verdict = if r.verdict == Verdict::Pass { "PASS" } else { "FAIL" };
-        let _ = writeln!(md, "| {} | {} | {verdict} | {} | {} |", r.length, rows[j].length, r.root_cause, r.first);
+        let _ = writeln!(
+            md,
+            "| {} | {} | {verdict} | {} | {} | {} |",
+            r.length, rows[j].length, r.root_cause, r.first, r.gross
+        );
         i = j + 1;
     }
     md
@@ -173,11 +212,16 @@ mod tests {
             first: "-".into(),
             failed: 0,
             total: 1,
+            gross: "-".into(),
+            ratio: "-".into(),
         };
         let rows = [row(1, false, "-"), row(2, false, "-"), row(3, true, "X"), row(4, true, "X"), row(5, false, "-")];
-        let spec = RunSpec { profile: Profile::Fast, dtype: DType::F32, layers: None, points: None };
+        let spec = RunSpec { profile: Profile::Fast, dtype: DType::F32, layers: None, points: None, fault: None };
         let md = render(&rows, "m", &spec, Phase::Decode0);
-        assert!(md.contains("| 1 | 2 | PASS | - | - |\n| 3 | 4 | FAIL | X | - |\n| 5 | 5 | PASS | - | - |"), "{md}");
+        assert!(
+            md.contains("| 1 | 2 | PASS | - | - | - |\n| 3 | 4 | FAIL | X | - | - |\n| 5 | 5 | PASS | - | - | - |"),
+            "{md}"
+        );
         assert!(md.contains("2 of 5 lengths fail."));
     }
 }

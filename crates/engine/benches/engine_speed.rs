@@ -52,6 +52,7 @@ fn prefill(model: &Model, n: usize, profile: Profile, trace: bool, dtype: DType)
         dtype,
         trace_rows: if trace { vec![n - 1] } else { vec![] },
         tracer: if trace { Some(&mut tracer) } else { None },
+        fault: None,
     };
     let t = Instant::now();
     let logits = model.forward(&toks, &mut cache, &mut run);
@@ -62,7 +63,7 @@ fn prefill(model: &Model, n: usize, profile: Profile, trace: bool, dtype: DType)
 fn decode(model: &Model, ctx: usize, profile: Profile, dtype: DType) -> f64 {
     let toks = tokens(ctx + 16, model.config.vocab);
     let mut cache = KvCache::new(&model.config);
-    let mut run = Run { kernels: profile.kernels(), dtype, trace_rows: vec![], tracer: None };
+    let mut run = Run { kernels: profile.kernels(), dtype, trace_rows: vec![], tracer: None, fault: None };
     model.forward(&toks[..ctx], &mut cache, &mut run);
     let mut steps = Vec::new();
     for t in &toks[ctx..] {

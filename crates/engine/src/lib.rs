@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod error;
+pub mod fault;
 pub mod kernels;
 pub mod load;
 pub mod model;
@@ -18,6 +19,7 @@ pub mod weights;
 
 pub use config::{Config, RopeLayout};
 pub use error::EngineError;
+pub use fault::Fault;
 pub use kernels::{Kernels, Profile};
 pub use load::{load, Loaded};
 pub use model::{KvCache, Model, Run, Seq, Tracer};

@@ -14,6 +14,7 @@ use driftscope_trace::{DType, Point};
 use half::{bf16, f16};
 
 use crate::config::{Config, RopeLayout};
+use crate::fault::Fault;
 use crate::kernels::exp::exp_in_place;
 use crate::kernels::{AttnShape, Kernels};
 use crate::weights::Weights;
@@ -79,6 +80,15 @@ pub struct Run<'a> {
     pub trace_rows: Vec<usize>,
     /// Where traced rows go.
     pub tracer: Option<&'a mut dyn Tracer>,
+    /// A bug to commit in this call (the runner sets it for decode steps only).
+    pub fault: Option<Fault>,
+}
+
+impl<'a> Run<'a> {
+    /// A call with no traced row and no fault.
+    pub fn quiet(kernels: &'a dyn Kernels, dtype: DType) -> Run<'a> {
+        Run { kernels, dtype, trace_rows: vec![], tracer: None, fault: None }
+    }
 }
 
 /// A model: its shape and its weights.
@@ -166,9 +176,13 @@ impl Model {
         let mut up = vec![0.0f32; t * c.ffn]; // [t, ffn]
         let mut act = vec![0.0f32; t * c.ffn]; // [t, ffn]: e^-gate
         let shape = AttnShape { n_heads: c.n_heads, n_kv_heads: c.n_kv_heads, head_dim: c.head_dim };
-        // Rotary angles of each sequence's positions, once for all layers.
-        let ropes: Vec<RopeTable> =
-            spans.iter().map(|&(r0, r1, pos0)| RopeTable::new(r1 - r0, c.head_dim, pos0, c.rope_theta)).collect();
+        // Rotary angles of each sequence's positions, once for all layers (one position late
+        // under the injected `rope_pos` bug).
+        let late = usize::from(run.fault == Some(Fault::RopePos));
+        let ropes: Vec<RopeTable> = spans
+            .iter()
+            .map(|&(r0, r1, pos0)| RopeTable::new(r1 - r0, c.head_dim, pos0 + late, c.rope_theta))
+            .collect();
 
         for (l, lw) in w.layers.iter().enumerate() {
             trace(run, Point::XIn, l, &x, d);
@@ -198,7 +212,11 @@ impl Model {
                 s.cache.k[l].extend_from_slice(&kk[r0 * kvd..r1 * kvd]);
                 s.cache.v[l].extend_from_slice(&vv[r0 * kvd..r1 * kvd]);
                 let (kc, vc) = (&s.cache.k[l], &s.cache.v[l]);
-                k.attention(&q[r0 * qd..r1 * qd], r1 - r0, pos0, kc, vc, shape, &mut ctx[r0 * qd..r1 * qd]);
+                let (q, out) = (&q[r0 * qd..r1 * qd], &mut ctx[r0 * qd..r1 * qd]);
+                match run.fault {
+                    None => k.attention(q, r1 - r0, pos0, kc, vc, shape, out),
+                    Some(fault) => faulty_attention(k, fault, q, r1 - r0, pos0, kc, vc, shape, out),
+                }
             }
             round_to(&mut ctx, dt);
             trace(run, Point::AttnCtx, l, &ctx, qd);
@@ -266,6 +284,50 @@ impl Model {
             run.trace_rows = saved;
         }
         (0..seqs.len()).map(|i| logits[i * head.rows..(i + 1) * head.rows].to_vec()).collect()
+    }
+}
+
+/// Attention as a buggy decode path computes it (see [`Fault`]): the same kernel over the keys
+/// and values the bug leaves it. `kc`/`vc` hold positions `0..pos0 + rows`, as for the kernel.
+#[allow(clippy::too_many_arguments)]
+fn faulty_attention(
+    k: &dyn Kernels,
+    fault: Fault,
+    q: &[f32],
+    rows: usize,
+    pos0: usize,
+    kc: &[f32],
+    vc: &[f32],
+    shape: AttnShape,
+    out: &mut [f32],
+) {
+    let kvd = shape.kv_dim();
+    match fault {
+        // The positions are wrong, not the attention.
+        Fault::RopePos => k.attention(q, rows, pos0, kc, vc, shape, out),
+        // Only this call's own keys and values: the cache is gone.
+        Fault::KvDrop => k.attention(q, rows, 0, &kc[pos0 * kvd..], &vc[pos0 * kvd..], shape, out),
+        // The cache read one row short: position pos0 - 1 is missing.
+        Fault::CacheOffByOne if pos0 > 0 => {
+            let skip = |x: &[f32]| [&x[..(pos0 - 1) * kvd], &x[pos0 * kvd..]].concat();
+            k.attention(q, rows, pos0 - 1, &skip(kc), &skip(vc), shape, out)
+        }
+        Fault::CacheOffByOne => k.attention(q, rows, pos0, kc, vc, shape, out),
+        // Each row sees the keys before its own position: a row at position p sees 0..p-1, the
+        // rows of a call shifted one key back; a row at position 0 sees none and gets zeros.
+        Fault::MaskOffByOne => {
+            let qd = shape.n_heads * shape.head_dim;
+            let (q, out, rows, pos0) = if pos0 == 0 {
+                out[..qd].fill(0.0);
+                (&q[qd..], &mut out[qd..], rows - 1, 1)
+            } else {
+                (q, out, rows, pos0)
+            };
+            if rows > 0 {
+                let keys = (pos0 - 1 + rows) * kvd;
+                k.attention(q, rows, pos0 - 1, &kc[..keys], &vc[..keys], shape, out);
+            }
+        }
     }
 }
 

@@ -21,6 +21,7 @@ use std::io::Write;
 use driftscope_trace::{hash_bf16, hash_f16, hash_f32, DType, Point, RowStats, RunMeta, StageTrace};
 use half::{bf16, f16};
 
+use crate::fault::Fault;
 use crate::kernels::Profile;
 use crate::model::{KvCache, Model, Run, Seq, Tracer};
 
@@ -44,6 +45,8 @@ pub struct RunSpec {
     pub layers: Option<Vec<u32>>,
     /// Points to trace (`None`: all).
     pub points: Option<Vec<Point>>,
+    /// A bug to commit in every decode step (`--inject`); prefills stay correct.
+    pub fault: Option<Fault>,
 }
 
 /// A phase of a prompt: how it is computed and which position it traces.
@@ -292,12 +295,11 @@ pub fn run_phase(
         error: None,
         line: Vec::with_capacity(512),
     };
-    let kernels = spec.profile.kernels();
-    let quiet = || Run { kernels, dtype: spec.dtype, trace_rows: vec![], tracer: None };
+    let quiet = || Run::quiet(spec.profile.kernels(), spec.dtype);
     let mut cache = KvCache::new(&model.config);
     let logits = match phase {
         Phase::PrefillLast => {
-            let mut run = Run { kernels, dtype: spec.dtype, trace_rows: vec![n - 1], tracer: Some(&mut tracer) };
+            let mut run = traced(spec, vec![n - 1], &mut tracer, false);
             model.forward(toks, &mut cache, &mut run)
         }
         Phase::Decode0 => {
@@ -305,7 +307,7 @@ pub fn run_phase(
                 model.forward(&toks[..n - 1], &mut cache, &mut quiet());
             }
             tracer.rows = vec![meta(phase.name(), 1, n - 1, 1, toks[n - 1])];
-            let mut run = Run { kernels, dtype: spec.dtype, trace_rows: vec![0], tracer: Some(&mut tracer) };
+            let mut run = traced(spec, vec![0], &mut tracer, true);
             model.forward(&toks[n - 1..], &mut cache, &mut run)
         }
         Phase::DecodeK(k) => {
@@ -321,7 +323,7 @@ pub fn run_phase(
                 let pos = seq.len();
                 seq.push(next);
                 tracer.rows = vec![meta(format!("decode{step}"), step as u64, pos, 1, next)];
-                let mut run = Run { kernels, dtype: spec.dtype, trace_rows: vec![0], tracer: Some(&mut tracer) };
+                let mut run = traced(spec, vec![0], &mut tracer, true);
                 logits = model.forward(&[next], &mut cache, &mut run);
             }
             tracer.rows = (1..=k)
@@ -331,8 +333,7 @@ pub fn run_phase(
                 })
                 .collect();
             let mut fresh = KvCache::new(&model.config);
-            let mut run =
-                Run { kernels, dtype: spec.dtype, trace_rows: (start..seq.len()).collect(), tracer: Some(&mut tracer) };
+            let mut run = traced(spec, (start..seq.len()).collect(), &mut tracer, false);
             model.forward(&seq, &mut fresh, &mut run);
             logits
         }
@@ -342,8 +343,7 @@ pub fn run_phase(
                 model.forward(&toks[start..start + c], &mut cache, &mut quiet());
             }
             tracer.rows = vec![meta(phase.name(), 0, n - 1, n - last_start, toks[n - 1])];
-            let mut run =
-                Run { kernels, dtype: spec.dtype, trace_rows: vec![n - 1 - last_start], tracer: Some(&mut tracer) };
+            let mut run = traced(spec, vec![n - 1 - last_start], &mut tracer, false);
             model.forward(&toks[last_start..], &mut cache, &mut run)
         }
         Phase::Batch(b) => {
@@ -358,8 +358,7 @@ pub fn run_phase(
             let before: usize = inputs[..me].iter().map(|t| t.len()).sum();
             let total: usize = inputs.iter().map(|t| t.len()).sum();
             tracer.rows = vec![meta(phase.name(), 0, n - 1, total, toks[n - 1])];
-            let mut run =
-                Run { kernels, dtype: spec.dtype, trace_rows: vec![before + n - 1], tracer: Some(&mut tracer) };
+            let mut run = traced(spec, vec![before + n - 1], &mut tracer, false);
             model.forward_batch(&mut seqs, &mut run).swap_remove(me)
         }
         Phase::PrefixCache => {
@@ -369,8 +368,7 @@ pub fn run_phase(
                 cache.truncate(shared, model.config.kv_dim());
             }
             tracer.rows = vec![meta(phase.name(), 0, n - 1, n - shared, toks[n - 1])];
-            let mut run =
-                Run { kernels, dtype: spec.dtype, trace_rows: vec![n - 1 - shared], tracer: Some(&mut tracer) };
+            let mut run = traced(spec, vec![n - 1 - shared], &mut tracer, false);
             model.forward(&toks[shared..], &mut cache, &mut run)
         }
     };
@@ -378,6 +376,13 @@ pub fn run_phase(
         Some(e) => Err(e),
         None => Ok((logits, tracer.events)),
     }
+}
+
+/// A forward call of `spec` that traces `rows` into `tracer`; a decode step carries the injected
+/// fault, a prefill never does.
+fn traced<'a>(spec: &RunSpec, rows: Vec<usize>, tracer: &'a mut dyn Tracer, decode: bool) -> Run<'a> {
+    let fault = if decode { spec.fault } else { None };
+    Run { kernels: spec.profile.kernels(), dtype: spec.dtype, trace_rows: rows, tracer: Some(tracer), fault }
 }
 
 /// The greedy choice: the first index of the largest logit.

@@ -395,7 +395,7 @@ impl Storage {
         }
     }
 
-    /// The name of the storage type (`f32`, `f16`, `bf16`).
+    /// The name of the storage type (`f32`, `f16`, `bf16`, `q4_1`, `q8_0`), as traces state it.
     pub fn type_name(&self) -> &'static str {
         match self {
             Storage::F32(_) => "f32",
@@ -604,6 +604,21 @@ pub struct Weights {
 }
 
 impl Weights {
+    /// The storage types of the matmul weights as the kernels read them, most used first and
+    /// joined by `+` (`q4_1+q8_0`); other quantized types are widened to f32 at load.
+    pub fn weight_dtype(&self) -> String {
+        let mut counts: Vec<(&'static str, usize)> = Vec::new();
+        for m in self.matmul_weights() {
+            let name = m.data.type_name();
+            match counts.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, c)) => *c += 1,
+                None => counts.push((name, 1)),
+            }
+        }
+        counts.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        counts.iter().map(|(n, _)| *n).collect::<Vec<_>>().join("+")
+    }
+
     /// The matrices of the forward pass (every layer's, then the LM head; not the embedding,
     /// which is read one row per token).
     pub fn matmul_weights(&self) -> impl Iterator<Item = &Matrix> {

@@ -23,7 +23,7 @@ fn tracing_never_changes_a_bit() {
         for dtype in [DType::F32, DType::BF16, DType::F16] {
             let (_, traced) = prefill_last(&model, &toks, profile, dtype);
             let mut cache = KvCache::new(&model.config);
-            let mut run = Run { kernels: profile.kernels(), dtype, trace_rows: vec![], tracer: None };
+            let mut run = Run { kernels: profile.kernels(), dtype, trace_rows: vec![], tracer: None, fault: None };
             let plain = bits(&model.forward(&toks, &mut cache, &mut run));
             assert_eq!(traced, plain, "{profile:?} {dtype:?}");
             let (cap, _) = decode0(&model, &toks, profile, dtype);
@@ -59,12 +59,12 @@ fn invariant_kv_cache_is_bitwise_equal_for_all_lengths_up_to_600() {
     let toks = tokens(600, model.config.vocab);
     let k = Profile::Invariant.kernels();
     let mut prefill = KvCache::new(&model.config);
-    let mut run = Run { kernels: k, dtype: DType::F32, trace_rows: vec![], tracer: None };
+    let mut run = Run { kernels: k, dtype: DType::F32, trace_rows: vec![], tracer: None, fault: None };
     let pl = bits(&model.forward(&toks, &mut prefill, &mut run));
     let mut decode = KvCache::new(&model.config);
     let mut last = Vec::new();
     for t in &toks {
-        let mut run = Run { kernels: k, dtype: DType::F32, trace_rows: vec![], tracer: None };
+        let mut run = Run { kernels: k, dtype: DType::F32, trace_rows: vec![], tracer: None, fault: None };
         last = bits(&model.forward(std::slice::from_ref(t), &mut decode, &mut run));
     }
     assert!(prefill == decode, "KV caches differ between one prefill and token-by-token decode");
@@ -92,7 +92,7 @@ fn fast_prefill_and_decode_drift() {
 fn invariant_scenarios_match_prefill_bitwise() {
     use driftscope_engine::runner::{run_phase, Phase, Prompt, RunSpec};
     let model = default_model();
-    let spec = RunSpec { profile: Profile::Invariant, dtype: DType::BF16, layers: None, points: None };
+    let spec = RunSpec { profile: Profile::Invariant, dtype: DType::BF16, layers: None, points: None, fault: None };
     let hashes = |prompt: &Prompt, phase: Phase| {
         let mut out = Vec::new();
         let (logits, events) = run_phase(&model, prompt, phase, &spec, &mut out, None).unwrap();
@@ -159,7 +159,7 @@ fn decode_k_pairs_each_step_with_the_prefill_of_the_sampled_tokens() {
     use driftscope_engine::runner::{run_phase, Phase, Prompt, RunSpec};
     let model = default_model();
     for profile in [Profile::Invariant, Profile::Fast] {
-        let spec = RunSpec { profile, dtype: DType::F32, layers: None, points: None };
+        let spec = RunSpec { profile, dtype: DType::F32, layers: None, points: None, fault: None };
         let prompt = Prompt { id: "p".into(), tokens: tokens(40, model.config.vocab) };
         let mut out = Vec::new();
         run_phase(&model, &prompt, Phase::DecodeK(5), &spec, &mut out, None).unwrap();

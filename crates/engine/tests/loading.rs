@@ -138,7 +138,8 @@ fn gguf_16_bit_and_block_types_dequantize_close_to_the_source() {
         assert!(err > 0.0 && err < budget, "{dtype:?}: relative error {err}");
         // And the model runs.
         let mut cache = KvCache::new(&loaded.model.config);
-        let mut run = Run { kernels: Profile::Fast.kernels(), dtype: DType::F32, trace_rows: vec![], tracer: None };
+        let mut run =
+            Run { kernels: Profile::Fast.kernels(), dtype: DType::F32, trace_rows: vec![], tracer: None, fault: None };
         let logits = loaded.model.forward(&[1, 2, 3], &mut cache, &mut run);
         assert!(logits.iter().all(|x| x.is_finite()));
     }
@@ -243,8 +244,13 @@ fn safetensors_f32_checkpoint_computes_the_same_bits() {
     assert_eq!(loaded.model.weights.embed, model.weights.embed);
     let logits = |m: &Model| {
         let mut cache = KvCache::new(&m.config);
-        let mut run =
-            Run { kernels: Profile::Invariant.kernels(), dtype: DType::F32, trace_rows: vec![], tracer: None };
+        let mut run = Run {
+            kernels: Profile::Invariant.kernels(),
+            dtype: DType::F32,
+            trace_rows: vec![],
+            tracer: None,
+            fault: None,
+        };
         m.forward(&[10, 20, 30, 40], &mut cache, &mut run).iter().map(|x| x.to_bits()).collect::<Vec<_>>()
     };
     assert_eq!(logits(&loaded.model), logits(&model), "same weights, same RoPE layout (halves): same bits");
@@ -258,7 +264,7 @@ fn safetensors_f32_checkpoint_computes_the_same_bits() {
 /// The logits' bits of a five-token prefill and one decode step under `profile`.
 fn forward_bits(m: &Model, profile: Profile) -> Vec<u32> {
     let mut cache = KvCache::new(&m.config);
-    let mut run = Run { kernels: profile.kernels(), dtype: DType::F32, trace_rows: vec![], tracer: None };
+    let mut run = Run { kernels: profile.kernels(), dtype: DType::F32, trace_rows: vec![], tracer: None, fault: None };
     let mut out: Vec<u32> =
         m.forward(&[10, 20, 30, 40, 50], &mut cache, &mut run).iter().map(|x| x.to_bits()).collect();
     out.extend(m.forward(&[60], &mut cache, &mut run).iter().map(|x| x.to_bits()));
@@ -361,8 +367,13 @@ fn rope_layouts_agree_after_the_converter_permutation() {
     }
     let logits = |m: &Model| {
         let mut cache = KvCache::new(&m.config);
-        let mut run =
-            Run { kernels: Profile::Reference.kernels(), dtype: DType::F32, trace_rows: vec![], tracer: None };
+        let mut run = Run {
+            kernels: Profile::Reference.kernels(),
+            dtype: DType::F32,
+            trace_rows: vec![],
+            tracer: None,
+            fault: None,
+        };
         m.forward(&[3, 1, 4, 1, 5, 9, 2, 6], &mut cache, &mut run)
     };
     let (a, b) = (logits(&halves), logits(&inter));

@@ -138,6 +138,7 @@ fn greedy_decoding_continues_paris() {
             dtype: DType::F32,
             trace_rows: vec![],
             tracer: None,
+            fault: None,
         };
         let logits = model.forward(&input, &mut cache, &mut run);
         let next = (0..logits.len()).max_by(|&a, &b| logits[a].total_cmp(&logits[b])).unwrap() as u32;

@@ -168,6 +168,20 @@ pub struct RunMeta {
     /// How it was run, e.g. `single process`, `Single SSH Connection`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_mode: Option<String>,
+    /// The dtype the KV cache stores keys and values in, e.g. `f16`, `q8_0` (attention's
+    /// precision: the analyzer judges attention's drift against it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_cache_dtype: Option<String>,
+    /// The weights' type as the matmuls read them, e.g. `q4_1`, `f16`, `bf16`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight_dtype: Option<String>,
+    /// What the matmuls convert their input activations to, e.g. `f32`, `f16`, `q8_1` (llama.cpp
+    /// quantizes activations for quantized weights).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub matmul_input_dtype: Option<String>,
+    /// A bug injected on purpose, e.g. `kv_drop` (driftscope's `--inject`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inject: Option<String>,
     /// Every other field, kept as written.
     #[serde(flatten)]
     pub extra: serde_json::Map<String, serde_json::Value>,
@@ -192,6 +206,10 @@ impl Default for RunMeta {
             date: None,
             command: None,
             run_mode: None,
+            kv_cache_dtype: None,
+            weight_dtype: None,
+            matmul_input_dtype: None,
+            inject: None,
             extra: serde_json::Map::new(),
         }
     }

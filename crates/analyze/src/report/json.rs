@@ -1,7 +1,9 @@
 //! The JSON verdict: a stable, machine-readable form of the analysis.
 //!
 //! Top-level names are an interface (`verdict`, `root_cause`, `total_pairs`, `passed`, `failed`,
-//! `missing_pairs`, `breakdown`, `first_failure`, `origin`, `pairs`); new fields may be added.
+//! `missing_pairs`, `breakdown`, `first_failure`, `origin`, `pairs`; the bug tier's
+//! `gross_origin`, `rounding_root_cause` and `precisions`, and per prompt `gross_origin` and
+//! `largest_excess`); new fields may be added.
 //! Hashes are JSON integers, exact. Non-finite statistics are the strings "NaN", "Infinity",
 //! "-Infinity", as in the trace format.
 //!
@@ -90,6 +92,48 @@ fn origin(a: &Analysis, o: &Origin) -> Value {
         "layers": o.layers.map(|(x, y)| json!([x, y])),
         "region": nodes(&o.region),
         "upstream_matching": nodes(&o.upstream),
+    })
+}
+
+/// A relative difference: a number, or "Infinity" for a numeric fault.
+fn rel(x: f64) -> Value {
+    serde_json::to_value(Num(x)).unwrap_or(Value::Null)
+}
+
+/// A prompt's gross origin: `{point, layer, rel_delta, inputs_rel_delta, source, ...}`.
+fn gross_origin(a: &Analysis, g: &Group) -> Value {
+    let Some(o) = &g.gross else { return Value::Null };
+    let j = &o.judged;
+    let p = &a.pairs[j.pair];
+    json!({
+        "point": a.collected.point_name(p.key.point),
+        "layer": p.key.layer,
+        "rel_delta": rel(j.rel_delta),
+        "inputs_rel_delta": rel(j.inputs_rel_delta),
+        "source": j.basis,
+        "max_ulp": p.magnitude.as_deref().map(|m| m.max_ulp),
+        "class": o.class,
+        "bound": rel(j.bound),
+        "precision": j.precision.name(),
+        "region": nodes(&o.region),
+        "upstream_matching": nodes(&o.matched),
+        "upstream_drifting": o.drifting.iter().map(|(n, r)| json!({"node": n.to_string(), "rel_delta": rel(*r)})).collect::<Vec<_>>(),
+    })
+}
+
+/// The pair of a prompt that came nearest its rounding bound.
+fn largest_excess(a: &Analysis, g: &Group) -> Value {
+    let Some(j) = &g.largest else { return Value::Null };
+    let p = &a.pairs[j.pair];
+    json!({
+        "point": a.collected.point_name(p.key.point),
+        "layer": p.key.layer,
+        "ratio": rel(j.ratio()),
+        "rel_delta": rel(j.rel_delta),
+        "inputs_rel_delta": rel(j.inputs_rel_delta),
+        "bound": rel(j.bound),
+        "precision": j.precision.name(),
+        "source": j.basis,
     })
 }
 
@@ -265,8 +309,11 @@ fn summary_json(a: &Analysis) -> Value {
             "passed": g.passed,
             "failed": g.failed,
             "missing": g.missing,
-            "root_cause": g.cause,
+            "root_cause": g.root_cause(),
+            "rounding_root_cause": g.cause,
             "origins": g.origins.iter().map(|o| origin(a, o)).collect::<Vec<_>>(),
+            "gross_origin": gross_origin(a, g),
+            "largest_excess": largest_excess(a, g),
         }));
     }
     json!({
@@ -274,6 +321,17 @@ fn summary_json(a: &Analysis) -> Value {
         "version": VERDICT_VERSION,
         "verdict": a.verdict,
         "root_cause": a.root_cause,
+        "rounding_root_cause": a.rounding_root_cause,
+        "gross_origin": a.first_gross.map_or(Value::Null, |i| {
+            let g = &a.groups[i];
+            let mut v = gross_origin(a, g);
+            if let Value::Object(m) = &mut v {
+                m.insert("prompt_id".into(), json!(a.prompt_id(g)));
+                m.insert("rank".into(), json!(g.rank));
+            }
+            v
+        }),
+        "precisions": a.precisions.describe(),
         "baseline_phase": a.options.baseline,
         "candidate_phase": a.options.candidate,
         "trace": a.collected.source_of(false).path.display().to_string(),

@@ -20,6 +20,7 @@ pub fn render(a: &Analysis, ctx: &ReportContext) -> String {
     let mut md = String::new();
     header(a, ctx, &mut md);
     verdict(a, &mut md);
+    crate::report::bug_tier::section(a, &mut md);
     token_impact(a, &mut md);
     summary(a, &mut md);
     breakdown(a, &mut md);
@@ -141,6 +142,20 @@ fn verdict(a: &Analysis, md: &mut String) {
                     Policy::Tolerance => "First pair beyond tolerance",
                 };
                 let _ = writeln!(md, "{what}: {}.", a.pair_name(ff));
+                if let Some(o) = a.first_gross.and_then(|i| a.groups[i].gross.as_ref()) {
+                    let rounding = match a.rounding_root_cause {
+                        Some(c) if o.judged.pair != ff => {
+                            format!("; the first divergence is rounding drift ({c}), a secondary finding")
+                        }
+                        _ => String::new(),
+                    };
+                    let _ = writeln!(
+                        md,
+                        "\nGross origin: {} ({}), far above what rounding explains: the bug to fix first{rounding}.",
+                        a.pair_name(o.judged.pair),
+                        o.class
+                    );
+                }
                 if a.options.policy == Policy::Tolerance {
                     let _ = writeln!(md, "\nPolicy: tolerance ({}).", tolerance_basis(a));
                 }
@@ -304,7 +319,7 @@ fn per_prompt(a: &Analysis, md: &mut String) {
     if a.groups.len() < 2 {
         return;
     }
-    md.push_str("## Per-Prompt Results\n\n| Prompt | pos_id | seq_len (base / cand) | Pairs | Pass | Fail | Missing | Origin | Root Cause |\n|---|---|---|---|---|---|---|---|---|\n");
+    md.push_str("## Per-Prompt Results\n\n| Prompt | pos_id | seq_len (base / cand) | Pairs | Pass | Fail | Missing | Origin | Root Cause | Gross Origin |\n|---|---|---|---|---|---|---|---|---|---|\n");
     for g in &a.groups {
         let side = g.pairs.clone().find_map(|i| a.base(&a.pairs[i]).zip(a.cand(&a.pairs[i])));
         let (pos, lens) = match side {
@@ -317,13 +332,19 @@ fn per_prompt(a: &Analysis, md: &mut String) {
         };
         let _ = writeln!(
             md,
-            "| {name} | {pos} | {lens} | {} | {} | {} | {} | {} | {} |",
+            "| {name} | {pos} | {lens} | {} | {} | {} | {} | {} | {} | {} |",
             g.pairs.len(),
             g.passed,
             g.failed,
             g.missing,
             origin_text(a, g),
-            g.cause.map_or("PASS".to_string(), |c| format!("**{c}**"))
+            g.cause.map_or("PASS".to_string(), |c| format!("**{c}**")),
+            g.gross.as_ref().map_or("—".to_string(), |o| format!(
+                "`{}` **{}** ({})",
+                o.node,
+                o.class,
+                crate::bug_advice::rel(o.judged.rel_delta)
+            ))
         );
     }
     md.push('\n');
@@ -539,6 +560,8 @@ struct LineKey {
     origin: Option<(bool, Option<(u32, u32)>)>,
     /// The related nodes as [`relative`] names them.
     related: Relative,
+    /// Whether the pair is its prompt's gross origin.
+    gross: bool,
 }
 
 /// The nodes of a relation as [`relative`] sees them: same-layer points and global points (as
@@ -569,8 +592,15 @@ impl LineKey {
     fn of(a: &Analysis, g: &Group, i: usize) -> LineKey {
         let p = &a.pairs[i];
         let layer = p.key.layer;
-        let mut key =
-            LineKey { point: p.key.point, status: p.status, class: None, origin: None, related: Relative::default() };
+        let gross = g.gross.as_ref().is_some_and(|o| o.judged.pair == i);
+        let mut key = LineKey {
+            point: p.key.point,
+            status: p.status,
+            class: None,
+            origin: None,
+            related: Relative::default(),
+            gross,
+        };
         if !matches!(p.status, PairStatus::Drift | PairStatus::NumericFault) {
             return key;
         }
@@ -626,7 +656,12 @@ fn node_status(a: &Analysis, g: &Group, i: usize) -> String {
                 Some(Classification::Unplaced) => "point outside the vocabulary".into(),
                 None => String::new(),
             };
-            format!("{what} ({why})")
+            let gross = if g.gross.as_ref().is_some_and(|o| o.judged.pair == i) {
+                " ⚠ GROSS: far above rounding, the bug to fix first"
+            } else {
+                ""
+            };
+            format!("{what} ({why}){gross}")
         }
     }
 }

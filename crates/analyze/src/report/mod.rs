@@ -1,5 +1,6 @@
 //! Report renderers: Markdown for people, JSON for machines.
 
+pub mod bug_tier;
 pub mod json;
 pub mod markdown;
 pub mod pretty;

@@ -30,7 +30,13 @@ pub fn bits(v: &[f32]) -> Vec<u32> {
 pub fn prefill_last(model: &Model, tokens: &[u32], profile: Profile, dtype: DType) -> (Capture, Vec<u32>) {
     let mut cap = Capture::default();
     let mut cache = KvCache::new(&model.config);
-    let mut run = Run { kernels: profile.kernels(), dtype, trace_rows: vec![tokens.len() - 1], tracer: Some(&mut cap) };
+    let mut run = Run {
+        kernels: profile.kernels(),
+        dtype,
+        trace_rows: vec![tokens.len() - 1],
+        tracer: Some(&mut cap),
+        fault: None,
+    };
     let logits = model.forward(tokens, &mut cache, &mut run);
     (cap, bits(&logits))
 }
@@ -40,11 +46,11 @@ pub fn decode0(model: &Model, tokens: &[u32], profile: Profile, dtype: DType) ->
     let n = tokens.len();
     let mut cache = KvCache::new(&model.config);
     if n > 1 {
-        let mut run = Run { kernels: profile.kernels(), dtype, trace_rows: vec![], tracer: None };
+        let mut run = Run { kernels: profile.kernels(), dtype, trace_rows: vec![], tracer: None, fault: None };
         model.forward(&tokens[..n - 1], &mut cache, &mut run);
     }
     let mut cap = Capture::default();
-    let mut run = Run { kernels: profile.kernels(), dtype, trace_rows: vec![0], tracer: Some(&mut cap) };
+    let mut run = Run { kernels: profile.kernels(), dtype, trace_rows: vec![0], tracer: Some(&mut cap), fault: None };
     let logits = model.forward(&tokens[n - 1..], &mut cache, &mut run);
     (cap, bits(&logits))
 }

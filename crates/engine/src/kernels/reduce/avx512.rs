@@ -621,7 +621,7 @@ pub(super) unsafe fn dot_blocked_x4_blocks<B: QuantBlock>(x: &[f32], w: [&[B]; 4
 /// [`blocked_x4_by_64`]. `w` points at four rows of at least `n` values, `a` holds at least `n`.
 #[target_feature(enable = "avx512f,avx2,f16c")]
 pub(super) unsafe fn dot_blocked_x4_f16(a: &[f32], w: [*const half::f16; 4], n: usize) -> [f32; 4] {
-    debug_assert!(n.is_multiple_of(64));
+    assert!(n.is_multiple_of(64), "rows of whole 64-value blocks");
     blocked_x4_by_64::<4>(n / 64, |b, t, acc| {
         let i = 64 * b + 16 * t;
         super::prefetch_rows(w, i);
