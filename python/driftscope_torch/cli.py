@@ -17,7 +17,7 @@ from torch import nn
 from .errors import InputError
 from .loading import DTYPES, load_model, resolve_model
 from .meta import enable_deterministic
-from .phases import Phase, parse_phases, trace_prompts
+from .phases import INJECTIONS, Phase, parse_phases, trace_prompts
 from .pointmap import PointMap, decoder_layers, point_map_for
 from .points import HOOKABLE, parse_layers, parse_points
 from .prompts import PromptLine, read_prompt_lines, tokenize
@@ -71,6 +71,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     t.add_argument(
         "--dump", action="store_true", help="also write the traced rows to the trace's name with .safetensors"
+    )
+    t.add_argument(
+        "--inject",
+        metavar="BUG",
+        choices=sorted(INJECTIONS),
+        help="commit a decode-path bug on purpose in every decode step (recorded in run_meta): "
+        + "; ".join(f"{k}: {v}" for k, v in INJECTIONS.items()),
     )
     t.add_argument(
         "--deterministic",
@@ -159,13 +166,15 @@ def _run(
         dump=args.dump,
         model_desc=desc,
         command=" ".join([PROG] + [shlex.quote(a) for a in argv]),
+        inject=args.inject,
     )
     lengths = ", ".join(str(len(p.token_ids)) for p in prompts)
     if summary.dump is not None:
         print(f"dumped {summary.dumped_rows} rows -> {summary.dump}", file=sys.stderr)
     print(
         f"traced {summary.prompts} prompt(s) ({lengths} tokens) x {len(phases)} phases on {desc} "
-        f"({args.dtype}, {args.attn}, {args.device}): {summary.events} events in "
+        f"({args.dtype}, {args.attn}, {args.device}{', injected bug ' + args.inject if args.inject else ''}): "
+        f"{summary.events} events in "
         f"{time.perf_counter() - started:.1f} s -> {summary.trace}",
         file=sys.stderr,
     )

@@ -95,13 +95,18 @@ def run_meta(
     dtype = model_dtype(model)
     flags = deterministic_flags()
     layers = n_layers if n_layers is not None else getattr(config, "num_hidden_layers", None)
+    dtype_name = DTYPE_NAMES.get(dtype, str(dtype)) if dtype is not None else "unknown"
     meta: Dict[str, Any] = {
         "event": "run_meta",
         "format_version": 1,
         "engine": f"driftscope-torch {__version__} "
         f"(transformers {transformers.__version__}, torch {torch.__version__})",
         "model": model_desc or str(getattr(config, "_name_or_path", "") or type(model).__name__),
-        "dtype": DTYPE_NAMES.get(dtype, str(dtype)) if dtype is not None else "unknown",
+        "dtype": dtype_name,
+        # transformers keeps the KV cache, the weights and the matmuls' inputs in the model's dtype.
+        "kv_cache_dtype": dtype_name,
+        "weight_dtype": dtype_name,
+        "matmul_input_dtype": dtype_name,
         "device": device_name(device),
         "host": socket.gethostname(),
         "profile": "deterministic" if flags["use_deterministic_algorithms"] else "default",

@@ -73,6 +73,21 @@ class Phase:
 
 KNOWN = "prefill_last, decode0, decodeK such as decode8, chunkC such as chunk64, prefix_cache, batchB such as batch4"
 
+#: Decode-path bugs that ``--inject`` commits on purpose in every decode step (never in a prefill),
+#: as ``driftscope run --inject`` does in driftscope's engine (crates/engine/src/fault.rs).
+INJECTIONS = {
+    "kv_drop": "the decode step runs without its KV cache (attends to its own key only)",
+    "rope_pos": "the decode step rotates q and k at position pos_id + 1",
+    "cache_off_by_one": "the decode step's attention misses the last cached token (position pos_id - 1)",
+    "mask_off_by_one": "the decode step's causal mask hides its own key",
+}
+
+
+def check_inject(inject: Optional[str]) -> None:
+    """Raises InputError for a bug name that is not one of INJECTIONS."""
+    if inject is not None and inject not in INJECTIONS:
+        raise InputError(f"--inject: unknown bug `{inject}` (known: {', '.join(INJECTIONS)})")
+
 
 def parse_phases(names: Iterable[str], where: str = "phases") -> List[Phase]:
     """Phases from names, without repeats, in the order given."""
@@ -136,15 +151,36 @@ class ModelCall:
         return out.logits, new_cache
 
 
+def _decode_step(fwd: "ModelCall", token: int, pos: int, cache: Any, inject: Optional[str]) -> Tuple[torch.Tensor, Any]:
+    """One decode step of ``token`` at position ``pos`` over ``cache`` (which holds positions 0..pos-1),
+    committing the injected bug, if any."""
+    if inject == "kv_drop":
+        return fwd([[token]], pos, None)  # a fresh cache: the step sees its own key only
+    if inject == "rope_pos":
+        return fwd([[token]], pos + 1, cache)  # rotated one position late; the cache still grows by one
+    if inject == "cache_off_by_one" and cache is not None and pos > 0:
+        cache.crop(-1)  # the last cached position is lost before the step reads the cache
+        return fwd([[token]], pos, cache)
+    if inject == "mask_off_by_one" and cache is not None and pos > 0:
+        mask = torch.ones((1, pos + 1), dtype=torch.long, device=fwd.device)
+        mask[0, pos] = 0  # the step's own key is hidden
+        return fwd([[token]], pos, cache, mask)
+    return fwd([[token]], pos, cache)
+
+
 def _row(
     prompt: Prompt, phase: str, step: int, pos: int, seq_len: int, token: int, index: int, batch: int = 0
 ) -> TracedRow:
     return TracedRow(prompt.id, phase, step, pos, seq_len, int(token), index, batch)
 
 
-def run_phase(model: nn.Module, tracer: Tracer, prompt: Prompt, phase: Phase) -> torch.Tensor:
+def run_phase(
+    model: nn.Module, tracer: Tracer, prompt: Prompt, phase: Phase, inject: Optional[str] = None
+) -> torch.Tensor:
     """Computes one phase of one prompt, tracing its row(s); returns the logits of the last traced row
-    (empty for decodeK on a one-token prompt, which has nothing to prefill before its first step)."""
+    (empty for decodeK on a one-token prompt, which has nothing to prefill before its first step).
+    ``inject``: a bug of INJECTIONS, committed in decode steps only."""
+    check_inject(inject)
     toks = list(prompt.token_ids)
     n = len(toks)
     if n == 0:
@@ -159,7 +195,7 @@ def run_phase(model: nn.Module, tracer: Tracer, prompt: Prompt, phase: Phase) ->
         if kind == "decode0":
             cache = fwd([toks[:-1]])[1] if n > 1 else None
             with tracer.tracing([_row(prompt, phase.name, 1, n - 1, 1, toks[-1], 0)]):
-                logits, _ = fwd([toks[-1:]], n - 1, cache)
+                logits, _ = _decode_step(fwd, toks[-1], n - 1, cache, inject)
             return logits[0, -1]
         if kind == "chunk":
             c = phase.size
@@ -184,7 +220,7 @@ def run_phase(model: nn.Module, tracer: Tracer, prompt: Prompt, phase: Phase) ->
         if kind == "batch":
             return _run_batch(model, fwd, tracer, prompt, phase)
         if kind == "decode":
-            return _run_decode_k(fwd, tracer, prompt, phase)
+            return _run_decode_k(fwd, tracer, prompt, phase, inject)
     raise InputError(f"unknown phase `{phase.name}` (known: {KNOWN})")
 
 
@@ -205,7 +241,9 @@ def _run_batch(model: nn.Module, fwd: ModelCall, tracer: Tracer, prompt: Prompt,
     return logits[me, n - 1]
 
 
-def _run_decode_k(fwd: ModelCall, tracer: Tracer, prompt: Prompt, phase: Phase) -> torch.Tensor:
+def _run_decode_k(
+    fwd: ModelCall, tracer: Tracer, prompt: Prompt, phase: Phase, inject: Optional[str] = None
+) -> torch.Tensor:
     toks = list(prompt.token_ids)
     n = len(toks)
     if n < 2:
@@ -221,7 +259,7 @@ def _run_decode_k(fwd: ModelCall, tracer: Tracer, prompt: Prompt, phase: Phase) 
             pos = len(seq)
             seq.append(nxt)
             with tracer.tracing([_row(prompt, f"decode{step}", step, pos, 1, nxt, 0)]):
-                logits, cache = fwd([[nxt]], pos, cache)
+                logits, cache = _decode_step(fwd, nxt, pos, cache, inject)
             last = logits[0, -1]
         rows = [
             _row(prompt, f"prefill_decode{s}", 0, start + s - 1, len(seq), seq[start + s - 1], start + s - 1)
@@ -259,15 +297,18 @@ def trace_prompts(
     model_desc: Optional[str] = None,
     command: Optional[str] = None,
     meta_extra: Optional[Dict[str, Any]] = None,
+    inject: Optional[str] = None,
 ) -> TraceSummary:
     """Runs every phase of every prompt through ``model`` and writes the trace ``out`` atomically
     (and with ``dump=True`` the rows to ``out`` with extension ``.safetensors``).
 
     ``prompts``: Prompt objects, mappings like prompt-file lines (``{"id", "text"}`` or
     ``{"id", "token_ids"}``), or the path of a prompt file. ``tokenizer`` is needed for text only.
-    The model is put in eval mode for the run and restored afterwards.
+    The model is put in eval mode for the run and restored afterwards. ``inject``: a decode-path bug
+    of INJECTIONS to commit in every decode step (recorded in run_meta as ``inject``).
     """
     started = time.perf_counter()
+    check_inject(inject)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if isinstance(prompts, (str, Path)):
         check_outputs([prompts], [out, dump_path(out)] if dump else [out])
@@ -282,13 +323,15 @@ def trace_prompts(
         with TraceWriter(out, dump=dump) as writer:
             tracer = Tracer(model, writer, point_map=point_map, layers=layers, points=points)
             extra = {"phases": [p.name for p in parsed], **(meta_extra or {})}
+            if inject is not None:
+                extra["inject"] = inject
             writer.write_meta(
                 run_meta(model, model_desc=model_desc, command=command, n_layers=tracer.n_layers, extra=extra)
             )
             with tracer:
                 for prompt in plist:
                     for phase in parsed:
-                        run_phase(model, tracer, prompt, phase)
+                        run_phase(model, tracer, prompt, phase, inject)
             events, rows = writer.events, writer.dumped_rows
     finally:
         model.train(was_training)
