@@ -63,6 +63,23 @@ pub enum AnalyzeError {
     /// A dump file next to a trace is unreadable.
     #[error(transparent)]
     Dump(#[from] FileError),
+    /// The two dumped rows of a pair differ in length.
+    #[error(
+        "{file}: the dumped rows of one pair differ in length: `{baseline}` has {baseline_len} values, \
+         `{candidate}` has {candidate_len}; both sides of a pair must dump the whole row"
+    )]
+    DumpLengths {
+        /// The (baseline's) dump file.
+        file: String,
+        /// The baseline's tensor.
+        baseline: String,
+        /// Its length.
+        baseline_len: usize,
+        /// The candidate's tensor.
+        candidate: String,
+        /// Its length.
+        candidate_len: usize,
+    },
     /// Two events for the same key and phase.
     #[error("{}\n(use --lenient to keep the first event of each key and go on)", .list.join("\n"))]
     Duplicates {
@@ -825,6 +842,14 @@ fn attach_dumps(
     }
     let mut notes = Vec::new();
     let mut open = |cand: bool| -> Result<Option<DumpFile>, AnalyzeError> {
+        if driftscope_trace::is_stdin(&c.source_of(cand).path) {
+            notes.push(
+                "the events name dumped rows, but a trace read from standard input has no dump beside it: \
+                 magnitudes come from statistics"
+                    .to_string(),
+            );
+            return Ok(None);
+        }
         let path = dump_path(&c.source_of(cand).path);
         let f = DumpFile::open(&path)?;
         if f.is_none() {
@@ -860,6 +885,19 @@ fn attach_dumps(
             let (Some((a, dt)), Some((b, _))) = (row(base, p.baseline)?, row(cand, p.candidate)?) else {
                 return Ok(None);
             };
+            if a.len() != b.len() {
+                let name = |side: Option<u32>| {
+                    side.and_then(|i| c.sides[i as usize].tensor())
+                        .map_or(String::new(), |t| c.tensors[t as usize].clone())
+                };
+                return Err(AnalyzeError::DumpLengths {
+                    file: dump_path(&c.source_of(false).path).display().to_string(),
+                    baseline: name(p.baseline),
+                    baseline_len: a.len(),
+                    candidate: name(p.candidate),
+                    candidate_len: b.len(),
+                });
+            }
             let impact = (p.node == Some(Node::Global(Point::Logits))).then(|| token_impact(&a, &b));
             Ok(Some((compare_rows(&a, &b, dt), impact)))
         })

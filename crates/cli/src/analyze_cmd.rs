@@ -4,11 +4,11 @@ use std::io::Write;
 use std::path::Path;
 use std::time::{Instant, SystemTime};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use driftscope_analyze::report::{json::write_verdict, markdown, ReportContext};
 use driftscope_analyze::tolerance::{Policy, Tolerances};
 use driftscope_analyze::{analyze, collect_file, collect_two, evidence, Analysis, Collected, Options, Verdict};
-use driftscope_trace::ReadOptions;
+use driftscope_trace::{is_stdin, ReadOptions};
 
 use crate::args::{AnalyzeArgs, DiffArgs, PolicyArgs, ReportArgs};
 use crate::output::{check_outputs, write_atomic, write_atomic_with};
@@ -16,6 +16,13 @@ use crate::output::{check_outputs, write_atomic, write_atomic_with};
 /// Runs the analysis; returns the verdict.
 pub fn run(args: &AnalyzeArgs) -> Result<Verdict> {
     let out = &args.output;
+    if args.baseline == args.candidate {
+        bail!(
+            "--baseline and --candidate both name phase `{}`: a phase compared with itself always passes; name \
+             two phases (default: prefill_last and decode0)",
+            args.baseline
+        );
+    }
     check_paths(&[&args.trace], out)?;
     let options = options(&args.baseline, &args.candidate, out)?;
     let mut clock = Timings::new(out.timings);
@@ -27,6 +34,9 @@ pub fn run(args: &AnalyzeArgs) -> Result<Verdict> {
 /// `driftscope diff`: the same phase of two traces; returns the verdict.
 pub fn diff(args: &DiffArgs) -> Result<Verdict> {
     let out = &args.output;
+    if is_stdin(&args.a) && is_stdin(&args.b) {
+        bail!("A.jsonl and B.jsonl are both `-`: only one trace can come from standard input");
+    }
     check_paths(&[&args.a, &args.b], out)?;
     let options = options(&args.phase, &args.phase, out)?;
     let mut clock = Timings::new(out.timings);
@@ -82,7 +92,8 @@ impl Timings {
 
 /// Refuses output files that would overwrite the traces, the tolerance file or each other.
 fn check_paths(traces: &[&Path], out: &ReportArgs) -> Result<()> {
-    let inputs: Vec<&Path> = traces.iter().copied().chain(out.policy.tolerances.as_deref()).collect();
+    let files = traces.iter().copied().filter(|t| !is_stdin(t));
+    let inputs: Vec<&Path> = files.chain(out.policy.tolerances.as_deref()).collect();
     check_outputs(&inputs, &outputs(out))
 }
 

@@ -77,11 +77,11 @@ pub struct SweepArgs {
 /// Flags of `driftscope diff`.
 #[derive(Debug, Args)]
 pub struct DiffArgs {
-    /// The baseline trace.
+    /// The baseline trace (`-`: standard input).
     #[arg(value_name = "A.jsonl")]
     pub a: PathBuf,
 
-    /// The candidate trace.
+    /// The candidate trace (`-`: standard input).
     #[arg(value_name = "B.jsonl")]
     pub b: PathBuf,
 
@@ -182,7 +182,8 @@ pub struct CheckArgs {
 /// Flags of `driftscope analyze`.
 #[derive(Debug, Args)]
 pub struct AnalyzeArgs {
-    /// The trace (JSON Lines of stage_trace and run_meta events; see docs/trace-format.md).
+    /// The trace (JSON Lines of stage_trace and run_meta events; see docs/trace-format.md); `-`
+    /// reads standard input (pipes and FIFOs are read once, as they stream).
     #[arg(value_name = "TRACE.jsonl")]
     pub trace: PathBuf,
 

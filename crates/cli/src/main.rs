@@ -42,10 +42,27 @@ fn main() -> ExitCode {
         Ok(Verdict::Fail) => ExitCode::from(1),
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("driftscope: error: {e:#}");
+            eprintln!("driftscope: error: {}", message(&e));
             ExitCode::from(2)
         }
     }
+}
+
+/// An error and its causes, joined by `: `, leaving out a cause whose text the message already
+/// holds (typed errors that name their file often print their I/O source too).
+fn message(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
 }
 
 /// glibc hands memory freed at the top of a thread's heap back to the system once more than
@@ -67,4 +84,19 @@ fn keep_freed_memory() {}
 
 fn is_broken_pipe(e: &anyhow::Error) -> bool {
     e.chain().any(|c| c.downcast_ref::<std::io::Error>().is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::message;
+    use anyhow::Context;
+
+    #[test]
+    fn causes_are_printed_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory (os error 2)");
+        let typed = anyhow::anyhow!("t.jsonl: No such file or directory (os error 2)").context("cannot read");
+        assert_eq!(message(&typed), "cannot read: t.jsonl: No such file or directory (os error 2)");
+        let chained = Err::<(), _>(io).context("t.jsonl").unwrap_err();
+        assert_eq!(message(&chained), "t.jsonl: No such file or directory (os error 2)");
+    }
 }

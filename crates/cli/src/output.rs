@@ -26,8 +26,10 @@ pub fn check_outputs(inputs: &[&Path], outputs: &[&Path]) -> Result<()> {
                 bail!("refusing to write {} over the input {}", out.display(), input.display());
             }
         }
+        // Two outputs may share a device (`/dev/null`), never a file.
+        let device = std::fs::metadata(out).is_ok_and(|m| !m.is_file() && !m.is_dir());
         for other in &outputs[..i] {
-            if absolute(other) == abs {
+            if absolute(other) == abs && !device {
                 bail!("two outputs name the same file {}", out.display());
             }
         }
@@ -44,8 +46,19 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> Result<()> {
 }
 
 /// Writes `path` through `write` (buffered) into a temporary file of the same folder, then renames
-/// it over `path`: a failed write leaves what was there before.
+/// it over `path`: a failed write leaves what was there before. A path that names something other
+/// than a regular file (`/dev/null`, `/dev/stdout`, a FIFO) is written into as it is, never
+/// replaced.
 pub fn write_atomic_with(path: &Path, write: impl FnOnce(&mut dyn Write) -> std::io::Result<()>) -> Result<()> {
+    if std::fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir()) {
+        let file = std::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, file);
+        write(&mut w).and_then(|()| w.flush()).with_context(|| format!("cannot write {}", path.display()))?;
+        return Ok(());
+    }
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     let mut builder = tempfile::Builder::new();
     builder.prefix(".driftscope-");

@@ -97,6 +97,10 @@ pub fn check(args: &CheckArgs) -> Result<Verdict> {
     Ok(overall)
 }
 
+/// The most prompts a `batchB` scenario batches: a serving engine's batch, and at most 256 times
+/// a prompt's rows in memory.
+pub const MAX_BATCH: usize = 256;
+
 /// `decode0,chunk64,prefix_cache`: the scenarios to compare with `prefill_last`.
 pub fn parse_scenarios(text: &str) -> Result<Vec<Phase>> {
     let mut out = Vec::new();
@@ -104,6 +108,9 @@ pub fn parse_scenarios(text: &str) -> Result<Vec<Phase>> {
         match Phase::parse(name) {
             Some(Phase::PrefillLast) => {
                 bail!("--scenario: `prefill_last` is the baseline every scenario is compared with")
+            }
+            Some(Phase::Batch(b)) if b > MAX_BATCH => {
+                bail!("--scenario: `{name}` batches {b} prompts, more than the limit of {MAX_BATCH}")
             }
             Some(p) if !out.contains(&p) => out.push(p),
             Some(_) => {}
@@ -135,6 +142,25 @@ fn trace_to(args: &EngineArgs, path: &Path) -> Result<()> {
         bail!("prompt `{}` has {} tokens, more than the model's context of {}", p.id, p.tokens.len(), c.max_context);
     }
     let scenarios = parse_scenarios(&args.scenario)?;
+    for s in &scenarios {
+        if let Phase::DecodeK(k) = *s {
+            if k >= c.max_context {
+                bail!(
+                    "--scenario: `decode{k}` takes {k} decode steps, more than the model's context of {}",
+                    c.max_context
+                );
+            }
+            if let Some(p) = prompts.iter().find(|p| p.tokens.len() <= k) {
+                bail!(
+                    "--scenario: `decode{k}` needs prompts of at least {} tokens ({k} decode steps after a prefill of \
+                     one); prompt `{}` has {}",
+                    k + 1,
+                    p.id,
+                    p.tokens.len()
+                );
+            }
+        }
+    }
     let spec = run_spec(&args.model, c.n_layers)?;
     let meta = RunMeta {
         format_version: Some(FORMAT_VERSION),
@@ -260,7 +286,10 @@ pub fn parse_layers(text: &str, n_layers: usize) -> Result<Option<Vec<u32>>> {
         let parse =
             |s: &str| s.trim().parse::<u32>().with_context(|| format!("--layers: `{part}` is not a layer or range"));
         let (a, b) = (parse(a)?, parse(b)?);
-        if a > b || b as usize >= n_layers {
+        if a > b {
+            bail!("--layers: `{part}` runs backwards (write `{b}-{a}`)");
+        }
+        if b as usize >= n_layers {
             bail!("--layers: `{part}` is outside the model's layers 0-{}", n_layers - 1);
         }
         out.extend(a..=b);
@@ -332,6 +361,11 @@ mod tests {
         assert!(parse_scenarios("prefill_last").is_err());
         assert_eq!(parse_scenarios("batch4,decode8").unwrap(), [Phase::Batch(4), Phase::DecodeK(8)]);
         assert!(parse_scenarios("batch1").unwrap_err().to_string().contains("known: decode0"));
+        let e = parse_scenarios("batch100000").unwrap_err().to_string();
+        assert!(e.contains("batches 100000 prompts, more than the limit of 256"), "{e}");
+        let e = parse_scenarios("batch18446744073709551615").unwrap_err().to_string();
+        assert!(e.contains("more than the limit of 256"), "{e}");
+        assert!(parse_scenarios("batch99999999999999999999").unwrap_err().to_string().contains("unknown scenario"));
     }
 
     #[test]

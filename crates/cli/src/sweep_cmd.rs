@@ -29,24 +29,32 @@ struct Row {
     ratio: String,
 }
 
-/// `1..1024`, `1..1024:8` (inclusive, with a step) or `96,97,255,256,257`, or a mix.
-pub fn parse_lengths(text: &str) -> Result<Vec<usize>> {
+/// `1..1024`, `1..1024:8` (inclusive, with a step) or `96,97,255,256,257`, or a mix; every
+/// length at most `max` (the model's context), checked before any list is built.
+pub fn parse_lengths(text: &str, max: usize) -> Result<Vec<usize>> {
     let mut out = Vec::new();
     for part in text.split(',').map(str::trim).filter(|p| !p.is_empty()) {
         let bad = || format!("--lengths: `{part}` is not a length, A..B or A..B:STEP");
+        let number = |s: &str| -> Result<usize> {
+            let n: u128 = s.trim().parse().ok().with_context(bad)?;
+            if n > max as u128 {
+                bail!("--lengths: `{part}`: {n} is more than the model's context of {max}");
+            }
+            Ok(n as usize)
+        };
         let (range, step) = match part.split_once(':') {
-            Some((r, s)) => (r, s.parse::<usize>().ok().filter(|&s| s > 0).with_context(bad)?),
+            Some((r, s)) => (r, s.trim().parse::<u128>().ok().filter(|&s| s > 0).with_context(bad)?),
             None => (part, 1),
         };
         match range.split_once("..") {
             Some((a, b)) => {
-                let (a, b): (usize, usize) = (a.parse().ok().with_context(bad)?, b.parse().ok().with_context(bad)?);
+                let (a, b) = (number(a)?, number(b)?);
                 if a == 0 || a > b {
                     bail!("--lengths: `{part}` must go from 1 or more up to at least its start");
                 }
-                out.extend((a..=b).step_by(step));
+                out.extend((a..=b).step_by(step.min(max as u128) as usize));
             }
-            None => out.push(range.parse().ok().filter(|&n| n > 0).with_context(bad)?),
+            None => out.push(Some(number(range)?).filter(|&n| n > 0).with_context(bad)?),
         }
     }
     out.sort_unstable();
@@ -59,7 +67,6 @@ pub fn parse_lengths(text: &str) -> Result<Vec<usize>> {
 
 /// Runs the sweep; returns FAIL if any length fails.
 pub fn sweep(args: &SweepArgs) -> Result<Verdict> {
-    let lengths = parse_lengths(&args.lengths)?;
     let phase = Phase::parse(&args.scenario)
         .filter(|p| *p != Phase::PrefillLast && !matches!(p, Phase::DecodeK(_)))
         .with_context(|| {
@@ -71,10 +78,8 @@ pub fn sweep(args: &SweepArgs) -> Result<Verdict> {
 
     let (loaded, model_desc) = resolve_model(&args.model.model)?;
     let model = &loaded.model;
+    let lengths = parse_lengths(&args.lengths, model.config.max_context)?;
     let max = *lengths.last().unwrap_or(&1);
-    if max > model.config.max_context {
-        bail!("--lengths: {max} is more than the model's context of {}", model.config.max_context);
-    }
     // Prompts of every length are prefixes of one long token sequence (the default text, repeated).
     let text_tokens = loaded.tokenizer.encode(LONG)?;
     let tokens: Vec<u32> = text_tokens.iter().copied().cycle().take(max).collect();
@@ -194,13 +199,20 @@ mod tests {
 
     #[test]
     fn length_lists() {
-        assert_eq!(parse_lengths("1..5").unwrap(), [1, 2, 3, 4, 5]);
-        assert_eq!(parse_lengths("1..10:4").unwrap(), [1, 5, 9]);
-        assert_eq!(parse_lengths("97,96,255..257").unwrap(), [96, 97, 255, 256, 257]);
-        assert!(parse_lengths("0..4").is_err());
-        assert!(parse_lengths("5..4").is_err());
-        assert!(parse_lengths("1..4:0").is_err());
-        assert!(parse_lengths("x").unwrap_err().to_string().contains("`x` is not a length"));
+        assert_eq!(parse_lengths("1..5", 100).unwrap(), [1, 2, 3, 4, 5]);
+        assert_eq!(parse_lengths("1..10:4", 100).unwrap(), [1, 5, 9]);
+        assert_eq!(parse_lengths("97,96,255..257", 300).unwrap(), [96, 97, 255, 256, 257]);
+        assert_eq!(parse_lengths("1..9:18446744073709551616", 100).unwrap(), [1]);
+        assert!(parse_lengths("0..4", 100).is_err());
+        assert!(parse_lengths("5..4", 100).is_err());
+        assert!(parse_lengths("1..4:0", 100).is_err());
+        assert!(parse_lengths("0", 100).is_err());
+        assert!(parse_lengths("x", 100).unwrap_err().to_string().contains("`x` is not a length"));
+        // Bounded before anything is built: two billion lengths, or a number past u64.
+        for text in ["1..2000000000", "1..18446744073709551615", "5..99999999999999999999999", "8193"] {
+            let e = parse_lengths(text, 8192).unwrap_err().to_string();
+            assert!(e.contains("is more than the model's context of 8192"), "{text}: {e}");
+        }
     }
 
     #[test]

@@ -487,3 +487,107 @@ fn many_prompts_share_one_tree_and_a_capped_growth_table() {
     assert!(md.contains("| `q19` | 1 |") && !md.contains("| `q20` | 1 |"), "{md}");
     assert!(md.contains("The first 20 failing prompts are shown; 5 more fail"), "{md}");
 }
+
+/// Outputs that are not regular files are written into, never replaced: `/dev/null` stays a
+/// device, and a FIFO gets the report (issue 16).
+#[cfg(unix)]
+#[test]
+fn outputs_that_are_not_regular_files_are_written_into() {
+    use std::os::unix::fs::FileTypeExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("t.jsonl"), seed_trace()).unwrap();
+    let out = driftscope(&["analyze", "t.jsonl", "--json", "/dev/null", "--report", "/dev/null"], dir.path());
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(std::fs::metadata("/dev/null").unwrap().file_type().is_char_device(), "/dev/null was replaced");
+    let fifo = dir.path().join("report.fifo");
+    let made = std::process::Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || std::fs::read_to_string(fifo).unwrap())
+    };
+    let out = driftscope(&["analyze", "t.jsonl", "--report", "report.fifo"], dir.path());
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(reader.join().unwrap().contains("ROOT_CAUSE: **ATTENTION_COMPUTATION_MISMATCH**"));
+    assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo(), "the FIFO was replaced");
+}
+
+/// `-` reads the trace from standard input, and a FIFO is read once, as it streams: the verdict
+/// is the file's, the evidence rebuilt from the parsed events (issue 16: "Illegal seek", a hang).
+#[cfg(unix)]
+#[test]
+fn traces_from_stdin_and_fifos_are_read_once() {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("t.jsonl"), seed_trace()).unwrap();
+    let out = driftscope(&["analyze", "t.jsonl", "--json", "file.json"], dir.path());
+    assert_eq!(out.status.code(), Some(1));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_driftscope"))
+        .args(["analyze", "-", "--json", "stdin.json", "--report", "stdin.md"])
+        .current_dir(dir.path())
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(seed_trace().as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let read = |name: &str| -> Value {
+        let mut v: Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join(name)).unwrap()).unwrap();
+        v["trace"] = Value::Null;
+        v
+    };
+    assert_eq!(read("stdin.json"), read("file.json"), "the same verdict from standard input");
+    let md = std::fs::read_to_string(dir.path().join("stdin.md")).unwrap();
+    assert!(md.contains("rebuilt from the fields the analysis parsed"), "{md}");
+    assert!(md.contains("\"hash\": 10153995460507501903"), "the evidence keeps the events' values: {md}");
+
+    let fifo = dir.path().join("t.fifo");
+    assert!(Command::new("mkfifo").arg(&fifo).status().unwrap().success());
+    let writer = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || std::fs::write(fifo, seed_trace()).unwrap())
+    };
+    let out = driftscope(&["analyze", "t.fifo", "--json", "fifo.json", "--report", "fifo.md"], dir.path());
+    writer.join().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert_eq!(read("fifo.json"), read("file.json"));
+
+    let out = driftscope(&["diff", "-", "-"], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("only one trace can come from standard input"), "{}", stderr(&out));
+    let out = driftscope(&["analyze", "t.jsonl", "--baseline", "decode0", "--candidate", "decode0"], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("both name phase `decode0`"), "{}", stderr(&out));
+}
+
+/// Dumped rows of one pair that differ in length are an error naming both tensors, for logits
+/// (which panicked) and any other point (which compared the shorter prefix) alike (issue 16).
+#[test]
+fn dumped_rows_of_different_lengths_are_an_error() {
+    use driftscope_engine::runner::Dump;
+    use driftscope_trace::DType;
+    for point in ["logits", "x_in"] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut dump = Dump::default();
+        dump.push("base".into(), &[1.0, 2.0, 3.0, 4.0], DType::F32);
+        dump.push("cand".into(), &[1.0, 2.0, 3.5], DType::F32);
+        std::fs::write(dir.path().join("t.safetensors"), dump.to_bytes().unwrap()).unwrap();
+        let ev = |phase: &str, hash: u64, tensor: &str| {
+            format!(
+                r#"{{"event":"stage_trace","prompt_id":"p","phase":"{phase}","point":"{point}","layer":0,"step":0,"pos_id":3,"seq_len":4,"hash":{hash},"min":1,"max":4,"mean":2.5,"dtype":"f32","tensor":"{tensor}"}}"#
+            )
+        };
+        std::fs::write(
+            dir.path().join("t.jsonl"),
+            format!("{}\n{}\n", ev("prefill_last", 1, "base"), ev("decode0", 2, "cand")),
+        )
+        .unwrap();
+        let out = driftscope(&["analyze", "t.jsonl"], dir.path());
+        assert_eq!(out.status.code(), Some(2), "{point}: {}", stdout(&out));
+        let err = stderr(&out);
+        assert!(err.contains("`base` has 4 values, `cand` has 3"), "{point}: {err}");
+        assert!(err.contains("t.safetensors"), "{err}");
+    }
+}

@@ -79,18 +79,26 @@ fn run_traces_the_chosen_prompts_layers_and_points() {
 #[test]
 fn bad_prompts_and_models_are_clear_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let cases: [(&str, &str); 5] = [
-        ("{\"id\":\"a\"}\n", "p.jsonl: `line 1`: give exactly one of `text` and `token_ids`"),
-        ("{\"id\":\"a\",\"token_ids\":[1,256]}\n", "token id 256 is outside the vocabulary (size 256)"),
-        ("{\"id\":\"a\",\"text\":\"x\"}\n{\"id\":\"a\",\"text\":\"y\"}\n", "`line 2`: prompt id `a` appears twice"),
-        ("{\"id\":\"a\",\"text\":\"\"}\n", "prompt `a` has no tokens"),
-        ("not json\n", "`line 1`: expected ident"),
+    let cases: [(&[u8], &str); 9] = [
+        (b"{\"id\":\"a\"}\n", "p.jsonl: `line 1`: give exactly one of `text` and `token_ids`"),
+        (b"{\"id\":\"a\",\"token_ids\":[1,256]}\n", "token id 256 is outside the vocabulary (size 256)"),
+        (b"{\"id\":\"a\",\"text\":\"x\"}\n{\"id\":\"a\",\"text\":\"y\"}\n", "`line 2`: prompt id `a` appears twice"),
+        (b"{\"id\":\"a\",\"text\":\"\"}\n", "prompt `a`: `text` is empty or only whitespace"),
+        (b"{\"id\":\"a\",\"text\":\" \\n\\t \"}\n", "prompt `a`: `text` is empty or only whitespace"),
+        (b"{\"id\":\"a\",\"token_ids\":[]}\n", "prompt `a` has no tokens"),
+        (b"{\"id\":\" \",\"text\":\"x\"}\n", "`line 1`: the prompt `id` is empty"),
+        (
+            b"{\"id\":\"a\",\"text\":\"x\"}\n{\"id\":\"b\",\"text\":\"\xff\"}\n",
+            "`line 2`: not UTF-8: the byte at column 19",
+        ),
+        (b"not json\n", "`line 1`: expected ident"),
     ];
     for (text, want) in cases {
+        let shown = String::from_utf8_lossy(text);
         std::fs::write(dir.path().join("p.jsonl"), text).unwrap();
         let out = driftscope(&["run", "--prompts", "p.jsonl", "--out", "t.jsonl"], dir.path());
-        assert_eq!(out.status.code(), Some(2), "{text}");
-        assert!(stderr(&out).contains(want), "{text}: {}", stderr(&out));
+        assert_eq!(out.status.code(), Some(2), "{shown}");
+        assert!(stderr(&out).contains(want), "{shown}: {}", stderr(&out));
         assert!(!dir.path().join("t.jsonl").exists(), "no trace written on error");
     }
     let out = driftscope(&["run", "--model", "nope.gguf", "--out", "t.jsonl"], dir.path());
@@ -98,6 +106,19 @@ fn bad_prompts_and_models_are_clear_errors() {
     assert!(stderr(&out).contains("nope.gguf: no such model file"), "{}", stderr(&out));
     let out = driftscope(&["run", "--layers", "4", "--out", "t.jsonl"], dir.path());
     assert!(stderr(&out).contains("outside the model's layers 0-3"), "{}", stderr(&out));
+    // A scenario the prompts cannot run is refused before anything is traced or written.
+    std::fs::write(dir.path().join("short.jsonl"), "{\"id\":\"s\",\"text\":\"eight by\"}\n").unwrap();
+    let out =
+        driftscope(&["check", "--prompts", "short.jsonl", "--scenario", "decode0,decode8", "--out", "d8"], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    let want = "`decode8` needs prompts of at least 9 tokens (8 decode steps after a prefill of one); prompt `s` has 8";
+    assert!(stderr(&out).contains(want), "{}", stderr(&out));
+    assert!(!dir.path().join("d8/report-decode0.md").exists(), "no report written before the error");
+    let out = driftscope(&["check", "--scenario", "batch100000", "--out", "b"], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(stderr(&out).contains("more than the limit of 256"), "{}", stderr(&out));
+    let out = driftscope(&["run", "--layers", "3-1", "--out", "t.jsonl"], dir.path());
+    assert!(stderr(&out).contains("--layers: `3-1` runs backwards (write `1-3`)"), "{}", stderr(&out));
     std::fs::write(dir.path().join("bad.gguf"), b"GGUF\x03\x00\x00\x00\xff\xff").unwrap();
     let out = driftscope(&["run", "--model", "bad.gguf", "--out", "t.jsonl"], dir.path());
     assert_eq!(out.status.code(), Some(2));

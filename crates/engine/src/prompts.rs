@@ -75,20 +75,30 @@ struct PromptLine {
 
 /// Reads a prompt file; every problem names `file:line`.
 pub fn read_prompts(path: &Path, tokenizer: &Tokenizer, vocab: usize) -> Result<Vec<Prompt>, EngineError> {
-    let text = std::fs::read_to_string(path).map_err(|source| EngineError::Io { path: path.to_path_buf(), source })?;
+    let bytes = std::fs::read(path).map_err(|source| EngineError::Io { path: path.to_path_buf(), source })?;
     let bad = |line: usize, message: String| EngineError::Config {
         path: path.to_path_buf(),
         key: format!("line {line}"),
         message,
     };
     let mut prompts: Vec<Prompt> = Vec::new();
-    for (i, raw) in text.lines().enumerate() {
+    for (i, raw) in bytes.split(|&b| b == b'\n').enumerate() {
         let line = i + 1;
+        let raw = std::str::from_utf8(raw).map_err(|e| {
+            bad(line, format!("not UTF-8: the byte at column {} starts no UTF-8 character", e.valid_up_to() + 1))
+        })?;
+        let raw = raw.strip_suffix('\r').unwrap_or(raw);
         if raw.trim().is_empty() {
             continue;
         }
         let p: PromptLine = serde_json::from_str(raw).map_err(|e| bad(line, e.to_string()))?;
+        if p.id.trim().is_empty() {
+            return Err(bad(line, "the prompt `id` is empty: every prompt needs a name for the report".into()));
+        }
         let tokens = match (p.text, p.token_ids) {
+            (Some(t), None) if t.trim().is_empty() => {
+                return Err(bad(line, format!("prompt `{}`: `text` is empty or only whitespace", p.id)))
+            }
             (Some(t), None) => tokenizer.encode(&t)?,
             (None, Some(ids)) => ids,
             _ => return Err(bad(line, "give exactly one of `text` and `token_ids`".into())),

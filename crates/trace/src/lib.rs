@@ -15,6 +15,7 @@ pub use event::{RunMeta, StageTrace, FORMAT_VERSION};
 pub use fast::eq_short;
 pub use point::{Point, UnknownPoint};
 pub use reader::{
-    read_file, read_file_visit, read_jsonl, read_visit, BadLine, Loc, ReadOptions, ReadStats, Record, TraceError, Visit,
+    is_rereadable, is_stdin, read_file, read_file_visit, read_jsonl, read_visit, BadLine, Loc, ReadOptions, ReadStats,
+    Record, TraceError, Visit,
 };
 pub use row::{hash_bf16, hash_bytes, hash_f16, hash_f32, DType, RowStats};

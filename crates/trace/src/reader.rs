@@ -186,19 +186,11 @@ pub fn read_file_visit<V: Visit>(
     sink: impl FnMut(V::Item<'_>) + Send,
 ) -> Result<ReadStats, TraceError> {
     let io_err = |source| TraceError::Io { path: path.to_path_buf(), source };
-    let file = File::open(path).map_err(io_err)?;
-    let regular = file.metadata().map_err(io_err)?.is_file();
-    let stats = if regular {
-        // SAFETY: the map is only read. If another process truncates the trace while it is being
-        // analyzed, reading the lost pages raises SIGBUS; traces are written before analysis.
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io_err)?;
-        let stats = read_mapped(&map, opts, visitor, sink);
-        // Unmapping a large file takes a while (every page's entry is cleared): let a worker
-        // do it when one is idle, while the caller goes on.
-        rayon::spawn(move || drop(map));
-        stats
+    let stats = if is_stdin(path) {
+        read_visit(io::stdin(), opts, visitor, sink).map_err(io_err)?
     } else {
-        read_visit(file, opts, visitor, sink).map_err(io_err)?
+        let file = File::open(path).map_err(io_err)?;
+        read_open_file(file, opts, visitor, sink).map_err(io_err)?
     };
     if stats.bad_line_count > 0 && !opts.lenient {
         return Err(TraceError::BadLines {
@@ -211,6 +203,39 @@ pub fn read_file_visit<V: Visit>(
         return Err(TraceError::Empty { path: path.to_path_buf() });
     }
     Ok(stats)
+}
+
+/// Whether a trace argument means standard input (`-`).
+pub fn is_stdin(path: &Path) -> bool {
+    path.as_os_str() == "-"
+}
+
+/// Whether a trace can be read a second time at the offsets of its lines: a regular file (not
+/// standard input, a pipe or a FIFO, which are read once, as they stream).
+pub fn is_rereadable(path: &Path) -> bool {
+    !is_stdin(path) && std::fs::metadata(path).is_ok_and(|m| m.is_file())
+}
+
+/// Reads an open file: mapped when it is a regular file, streamed otherwise (a pipe or a FIFO).
+fn read_open_file<V: Visit>(
+    file: File,
+    opts: ReadOptions,
+    visitor: &V,
+    sink: impl FnMut(V::Item<'_>) + Send,
+) -> io::Result<ReadStats> {
+    let regular = file.metadata()?.is_file();
+    Ok(if regular {
+        // SAFETY: the map is only read. If another process truncates the trace while it is being
+        // analyzed, reading the lost pages raises SIGBUS; traces are written before analysis.
+        let map = unsafe { memmap2::Mmap::map(&file) }?;
+        let stats = read_mapped(&map, opts, visitor, sink);
+        // Unmapping a large file takes a while (every page's entry is cleared): let a worker
+        // do it when one is idle, while the caller goes on.
+        rayon::spawn(move || drop(map));
+        stats
+    } else {
+        read_visit(file, opts, visitor, sink)?
+    })
 }
 
 /// Reads JSONL from any reader, calling `sink` for every event in order. Bad lines are recorded

@@ -467,6 +467,12 @@ fn evidence(a: &Analysis, ev: Option<&Evidence>, md: &mut String) {
     let (Some(ff), Some(ev)) = (a.first_failure, ev) else { return };
     let p = &a.pairs[ff];
     md.push_str("## Sample Trace Evidence\n\n");
+    if ev.rebuilt {
+        md.push_str(
+            "The trace was read from a stream (standard input, a pipe or a FIFO) and is not read twice: the two \
+             events are rebuilt from the fields the analysis parsed, not quoted from the file.\n\n",
+        );
+    }
     let point = a.collected.point_name(p.key.point);
     let prompt = &a.collected.prompts[p.key.prompt as usize];
     for (phase, raw, side) in

@@ -21,4 +21,7 @@ pub struct Evidence {
     pub baseline: String,
     /// The candidate event.
     pub candidate: String,
+    /// Whether they were rebuilt from the parsed events (the trace was read from a stream and
+    /// cannot be read again) instead of quoted from the file.
+    pub rebuilt: bool,
 }

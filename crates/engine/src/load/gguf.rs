@@ -89,12 +89,13 @@ impl Gguf<'_> {
             return Ok((shape, Storage::F32(values)));
         };
         let err = |message: String| EngineError::Tensor { path: self.path.to_path_buf(), tensor: name.into(), message };
+        let type_name = format!("{kept:?}");
         let q = self
             .content
             .tensor(&mut self.file, name, &Device::Cpu)
-            .map_err(|e| err(format!("cannot read {dtype:?} data: {e}")))?;
+            .map_err(|e| err(format!("cannot read {type_name} data: {e}")))?;
         let shape = q.shape().dims().to_vec();
-        let bytes = q.data().map_err(|e| err(format!("cannot read {dtype:?} data: {e}")))?;
+        let bytes = q.data().map_err(|e| err(format!("cannot read {type_name} data: {e}")))?;
         let pairs = bytes.chunks_exact(2).map(|b| [b[0], b[1]]);
         let data = match kept {
             Kept::BF16 => Storage::BF16(pairs.map(bf16::from_le_bytes).collect()),
