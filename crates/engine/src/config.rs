@@ -65,14 +65,34 @@ impl Config {
                 return Err(format!("{name} is 0"));
             }
         }
+        // Bounds far above any published model, checked before anything is sized from them.
+        let limits = [
+            ("n_layers", self.n_layers, 1 << 10),
+            ("hidden", self.hidden, 1 << 17),
+            ("ffn", self.ffn, 1 << 19),
+            ("n_heads", self.n_heads, 1 << 10),
+            ("n_kv_heads", self.n_kv_heads, 1 << 10),
+            ("head_dim", self.head_dim, 1 << 12),
+            ("vocab", self.vocab, 1 << 22),
+            ("max_context", self.max_context, 1 << 24),
+        ];
+        for (name, v, limit) in limits {
+            if v > limit {
+                return Err(format!("{name} {v} is above the limit of {limit}"));
+            }
+        }
         if !self.n_heads.is_multiple_of(self.n_kv_heads) {
             return Err(format!("n_heads {} is not a multiple of n_kv_heads {}", self.n_heads, self.n_kv_heads));
         }
         if !self.head_dim.is_multiple_of(2) {
             return Err(format!("head_dim {} is odd; RoPE needs pairs", self.head_dim));
         }
-        if self.rms_eps.is_nan() || self.rms_eps <= 0.0 || self.rope_theta.is_nan() || self.rope_theta <= 0.0 {
-            return Err(format!("rms_eps {} and rope_theta {} must be positive", self.rms_eps, self.rope_theta));
+        let positive = |x: f64| x.is_finite() && x > 0.0;
+        if !positive(f64::from(self.rms_eps)) || !positive(self.rope_theta) {
+            return Err(format!(
+                "rms_eps {} and rope_theta {} must be finite and positive",
+                self.rms_eps, self.rope_theta
+            ));
         }
         Ok(())
     }

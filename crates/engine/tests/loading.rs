@@ -18,6 +18,18 @@ fn qt(data: &[f32], shape: &[usize], dtype: GgmlDType) -> QTensor {
 
 /// Writes the built-in model as a llama GGUF, matrices in `dtype`, leaving out `skip`.
 fn write_gguf(path: &Path, model: &Model, arch: &str, dtype: GgmlDType, skip: Option<&str>) {
+    write_gguf_edit(path, model, arch, dtype, skip, |_| {});
+}
+
+/// [`write_gguf`] with `edit` applied to the metadata first.
+fn write_gguf_edit(
+    path: &Path,
+    model: &Model,
+    arch: &str,
+    dtype: GgmlDType,
+    skip: Option<&str>,
+    edit: impl FnOnce(&mut Vec<(String, Value)>),
+) {
     let c = &model.config;
     let w = &model.weights;
     let u = |v: usize| Value::U32(v as u32);
@@ -42,6 +54,8 @@ fn write_gguf(path: &Path, model: &Model, arch: &str, dtype: GgmlDType, skip: Op
         ("tokenizer.ggml.tokens".into(), Value::Array(tokens)),
         ("tokenizer.ggml.merges".into(), Value::Array(vec![])),
     ];
+    let mut meta = meta;
+    edit(&mut meta);
     let mut tensors: Vec<(String, QTensor)> = Vec::new();
     let mat = |name: String, m: &Matrix, dt: GgmlDType| (name, qt(&m.values(), &[m.rows, m.cols], dt));
     tensors.push(mat("token_embd.weight".into(), &w.embed, GgmlDType::F32));
@@ -163,7 +177,10 @@ fn gguf_errors_name_the_file_and_the_tensor() {
     let bytes = std::fs::read(&path).unwrap();
     std::fs::write(&path, &bytes[..bytes.len() - 4096]).unwrap();
     let e = load_gguf(&path).unwrap_err().to_string();
-    assert!(e.contains("m.gguf: tensor `") && e.contains("at offset") && e.contains("remaining in file"), "{e}");
+    assert!(
+        e.contains("m.gguf: tensor `") && e.contains("at offset") && e.contains("run past the end of the file"),
+        "{e}"
+    );
 
     std::fs::write(&path, &bytes[..100]).unwrap();
     let e = load_gguf(&path).unwrap_err().to_string();
@@ -344,6 +361,20 @@ fn safetensors_errors_name_the_file() {
     std::fs::write(dir.path().join("config.json"), "{").unwrap();
     let e = load_hf(dir.path()).unwrap_err().to_string();
     assert!(e.contains("config.json"), "{e}");
+    // Counts far beyond any model are refused before anything is sized from them (issue 16).
+    for n in ["1000000000000", "18446744073709551615"] {
+        let layers = cfg.replace("\"num_hidden_layers\":4", &format!("\"num_hidden_layers\":{n}"));
+        assert_ne!(layers, cfg);
+        std::fs::write(dir.path().join("config.json"), layers).unwrap();
+        let e = load_hf(dir.path()).unwrap_err().to_string();
+        assert!(e.contains(&format!("n_layers {n} is above the limit of 1024")), "{e}");
+    }
+    let scaled =
+        cfg.replace("\"rope_theta\"", "\"rope_scaling\":{\"rope_type\":\"llama3\",\"factor\":8.0},\"rope_theta\"");
+    assert_ne!(scaled, cfg);
+    std::fs::write(dir.path().join("config.json"), scaled).unwrap();
+    let e = load_hf(dir.path()).unwrap_err().to_string();
+    assert!(e.contains("`rope_scaling`: RoPE scaling") && e.contains("llama3"), "{e}");
     std::fs::write(dir.path().join("config.json"), cfg).unwrap();
     let st = std::fs::read(dir.path().join("model.safetensors")).unwrap();
     std::fs::write(dir.path().join("model.safetensors"), &st[..st.len() / 2]).unwrap();
@@ -405,4 +436,73 @@ fn safetensors_checkpoint_reads_tokenizer_json() {
     std::fs::write(dir.path().join("tokenizer.json"), "{").unwrap();
     let e = load_hf(dir.path()).unwrap_err().to_string();
     assert!(e.starts_with("tokenizer: ") && e.contains("tokenizer.json"), "{e}");
+}
+
+/// In a GGUF file's bytes, the tensor info after the name of tensor `name`: `[n_dims u32, dims
+/// u64..., type u32, offset u64]`.
+fn tensor_info<'a>(bytes: &'a mut [u8], name: &str) -> &'a mut [u8] {
+    let mut key = (name.len() as u64).to_le_bytes().to_vec();
+    key.extend_from_slice(name.as_bytes());
+    let at = bytes.windows(key.len()).position(|w| w == key.as_slice()).expect("tensor info in the header");
+    &mut bytes[at + key.len()..]
+}
+
+/// Hostile GGUF headers are errors that name the file, the key or the tensor, and the limit hit,
+/// before anything is allocated from them (issue 16: a panic, an abort, or a silent misread).
+#[test]
+fn hostile_gguf_headers_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = default_model();
+    let path = dir.path().join("h.gguf");
+    let cases: [(&str, Value, &str); 5] = [
+        ("general.alignment", Value::U32(0), "h.gguf: not a readable GGUF file: general.alignment is 0"),
+        ("general.alignment", Value::U32(48), "general.alignment is 48: it must be a power of two"),
+        ("llama.rope.freq_base", Value::F32(f32::INFINITY), "rope_theta inf must be finite and positive"),
+        ("llama.block_count", Value::U32(u32::MAX), "n_layers 4294967295 is above the limit of 1024"),
+        ("llama.rope.scaling.type", Value::String("yarn".into()), "RoPE scaling `yarn` is not supported"),
+    ];
+    for (key, value, want) in cases {
+        write_gguf_edit(&path, &model, "llama", GgmlDType::F32, None, |meta| {
+            meta.retain(|(k, _)| k != key);
+            meta.push((key.to_string(), value));
+        });
+        let e = load_gguf(&path).unwrap_err().to_string();
+        assert!(e.contains(want), "{want}: {e}");
+    }
+
+    // A dimension of 2^62 (its product with the other wraps to 0 in u64).
+    write_gguf(&path, &model, "llama", GgmlDType::F32, None);
+    let clean = std::fs::read(&path).unwrap();
+    let mut bytes = clean.clone();
+    let info = tensor_info(&mut bytes, "blk.0.attn_v.weight");
+    assert_eq!(u32::from_le_bytes(info[..4].try_into().unwrap()), 2);
+    info[4..12].copy_from_slice(&(1u64 << 62).to_le_bytes());
+    info[12..20].copy_from_slice(&(4u64).to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let e = load_gguf(&path).unwrap_err().to_string();
+    assert!(
+        e.contains("h.gguf: tensor `blk.0.attn_v.weight`: dimensions") && e.contains("hold more values than a file"),
+        "{e}"
+    );
+
+    // A Q8_0 matrix retyped to F32 would read its neighbours' bytes: its range overlaps theirs.
+    write_gguf(&path, &model, "llama", GgmlDType::Q8_0, None);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let info = tensor_info(&mut bytes, "blk.0.attn_q.weight");
+    let n_dims = u32::from_le_bytes(info[..4].try_into().unwrap()) as usize;
+    let ty = 4 + 8 * n_dims;
+    assert_eq!(u32::from_le_bytes(info[ty..ty + 4].try_into().unwrap()), 8, "Q8_0");
+    info[ty..ty + 4].copy_from_slice(&0u32.to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let e = load_gguf(&path).unwrap_err().to_string();
+    assert!(e.contains("h.gguf: tensor `") && (e.contains("overlap") || e.contains("past the end")), "{e}");
+
+    // Llama 3.1's RoPE frequency factors: refused, not ignored.
+    let mut bytes = clean;
+    let name = b"output_norm.weight";
+    let at = bytes.windows(name.len()).position(|w| w == name).unwrap();
+    bytes[at..at + name.len()].copy_from_slice(b"rope_freqs.weight\0");
+    std::fs::write(&path, &bytes).unwrap();
+    let e = load_gguf(&path).unwrap_err().to_string();
+    assert!(e.contains("h.gguf: tensor `rope_freqs.weight`: RoPE frequency factors"), "{e}");
 }

@@ -129,12 +129,162 @@ impl Gguf<'_> {
     }
 }
 
+/// The header's `general.alignment`, read by walking the metadata without keeping it: candle's
+/// reader divides by it. `Ok(None)` when absent, or when the header is not one this walk reads
+/// (candle's reader then reports what is wrong).
+fn header_alignment(file: &mut BufReader<File>, size: u64) -> std::io::Result<Option<u64>> {
+    use std::io::{Read, Seek};
+    fn u32_of(r: &mut impl Read) -> std::io::Result<u32> {
+        let mut b = [0u8; 4];
+        r.read_exact(&mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+    fn u64_of(r: &mut impl Read) -> std::io::Result<u64> {
+        let mut b = [0u8; 8];
+        r.read_exact(&mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+    /// Skips `n` bytes, refusing to go past the end of the file.
+    fn skip(r: &mut BufReader<File>, n: u64, size: u64) -> std::io::Result<bool> {
+        let at = r.stream_position()?;
+        if at.checked_add(n).is_none_or(|end| end > size) {
+            return Ok(false);
+        }
+        r.seek_relative(n as i64)?;
+        Ok(true)
+    }
+    /// Skips a value of `kind`; `false` when it does not fit the file (or nests too deep).
+    fn skip_value(r: &mut BufReader<File>, kind: u32, size: u64, wide: bool, depth: u32) -> std::io::Result<bool> {
+        let len = |r: &mut BufReader<File>| if wide { u64_of(r) } else { u32_of(r).map(u64::from) };
+        Ok(match kind {
+            0 | 1 | 7 => skip(r, 1, size)?,
+            2 | 3 => skip(r, 2, size)?,
+            4..=6 => skip(r, 4, size)?,
+            10..=12 => skip(r, 8, size)?,
+            8 => {
+                let n = len(r)?;
+                skip(r, n, size)?
+            }
+            9 if depth < 4 => {
+                let (inner, n) = (u32_of(r)?, len(r)?);
+                let fixed = match inner {
+                    0 | 1 | 7 => Some(1),
+                    2 | 3 => Some(2),
+                    4..=6 => Some(4),
+                    10..=12 => Some(8),
+                    _ => None,
+                };
+                match fixed {
+                    Some(w) => n.checked_mul(w).is_some_and(|b| skip(r, b, size).unwrap_or(false)),
+                    None => {
+                        // Each element takes at least a byte: a count beyond the file is bad.
+                        if n > size {
+                            return Ok(false);
+                        }
+                        for _ in 0..n {
+                            if !skip_value(r, inner, size, wide, depth + 1)? {
+                                return Ok(false);
+                            }
+                        }
+                        true
+                    }
+                }
+            }
+            _ => false,
+        })
+    }
+    let mut magic = [0u8; 4];
+    file.read_exact(&mut magic)?;
+    let version = u32_of(file)?;
+    if &magic != b"GGUF" || !(1..=3).contains(&version) {
+        return Ok(None);
+    }
+    let wide = version > 1;
+    let len = |r: &mut BufReader<File>| if wide { u64_of(r) } else { u32_of(r).map(u64::from) };
+    let (_tensors, kvs) = (len(file)?, len(file)?);
+    let mut alignment = None;
+    for _ in 0..kvs.min(size) {
+        let n = len(file)?;
+        if n > 1 << 16 || file.stream_position()? + n > size {
+            return Ok(None);
+        }
+        let mut key = vec![0u8; n as usize];
+        file.read_exact(&mut key)?;
+        let kind = u32_of(file)?;
+        if key == b"general.alignment" && matches!(kind, 0..=5) {
+            let mut b = [0u8; 4];
+            let w = match kind {
+                0 | 1 => 1,
+                2 | 3 => 2,
+                _ => 4,
+            };
+            file.read_exact(&mut b[..w])?;
+            alignment = Some(u64::from(u32::from_le_bytes(b)));
+        } else if !skip_value(file, kind, size, wide, 0)? {
+            return Ok(None);
+        }
+    }
+    Ok(alignment)
+}
+
+/// Checks every tensor of the header against the file before any is read: a size that
+/// overflows, a type whose blocks do not divide the count, data past the end of the file, or two
+/// tensors whose bytes overlap (a tensor retyped to a larger type reads its neighbours).
+fn check_tensors(path: &Path, content: &Content, size: u64) -> Result<(), EngineError> {
+    let mut ranges: Vec<(u64, u64, &str)> = Vec::with_capacity(content.tensor_infos.len());
+    for (name, t) in &content.tensor_infos {
+        let err = |message: String| EngineError::Tensor { path: path.to_path_buf(), tensor: name.clone(), message };
+        let dims = t.shape.dims();
+        let elems = dims.iter().try_fold(1usize, |n, &d| n.checked_mul(d));
+        let Some(elems) = elems.filter(|&n| (n as u64) <= size.saturating_mul(8)) else {
+            return Err(err(format!("dimensions {dims:?} hold more values than a file of {size} bytes can")));
+        };
+        let (block, bytes) = (t.ggml_dtype.block_size(), t.ggml_dtype.type_size());
+        if !elems.is_multiple_of(block) {
+            return Err(err(format!("{elems} values are not whole {:?} blocks of {block}", t.ggml_dtype)));
+        }
+        let len = (elems / block) as u64 * bytes as u64;
+        let start = content.tensor_data_offset.checked_add(t.offset);
+        let Some((start, end)) = start.and_then(|s| s.checked_add(len).map(|e| (s, e))).filter(|&(_, e)| e <= size)
+        else {
+            return Err(err(format!(
+                "{len} bytes of {:?} data at offset {} (data section at {}) run past the end of the file ({size} bytes)",
+                t.ggml_dtype, t.offset, content.tensor_data_offset
+            )));
+        };
+        ranges.push((start, end, name));
+    }
+    ranges.sort_unstable();
+    for w in ranges.windows(2) {
+        if w[1].0 < w[0].1 {
+            return Err(EngineError::Tensor {
+                path: path.to_path_buf(),
+                tensor: w[0].2.to_string(),
+                message: format!(
+                    "its bytes {}..{} overlap those of `{}` ({}..{}): a size or type in the header is wrong",
+                    w[0].0, w[0].1, w[1].2, w[1].0, w[1].1
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Loads a GGUF llama-family model and its tokenizer.
 pub fn load_gguf(path: &Path) -> Result<Loaded, EngineError> {
     let io = |source| EngineError::Io { path: path.to_path_buf(), source };
+    let gguf = |message: String| EngineError::Gguf { path: path.to_path_buf(), message };
     let mut file = BufReader::new(File::open(path).map_err(io)?);
-    let content =
-        Content::read(&mut file).map_err(|e| EngineError::Gguf { path: path.to_path_buf(), message: e.to_string() })?;
+    let size = file.get_ref().metadata().map_err(io)?.len();
+    match header_alignment(&mut file, size) {
+        Ok(Some(a)) if a == 0 || !a.is_power_of_two() || a > 1 << 20 => {
+            return Err(gguf(format!("general.alignment is {a}: it must be a power of two from 1 to 2^20")));
+        }
+        _ => {}
+    }
+    std::io::Seek::rewind(&mut file).map_err(io)?;
+    let content = Content::read(&mut file).map_err(|e| gguf(e.to_string()))?;
+    check_tensors(path, &content, size)?;
     let mut g = Gguf { path, file, content };
 
     let arch = g.key("general.architecture")?.to_string().map_err(|e| g.bad("general.architecture", e))?.clone();
@@ -142,6 +292,19 @@ pub fn load_gguf(path: &Path) -> Result<Loaded, EngineError> {
         return Err(EngineError::UnsupportedArch { path: path.to_path_buf(), arch });
     }
     let a = |k: &str| format!("{arch}.{k}");
+    // RoPE scaling (Llama 3.1's per-frequency factors, linear or YaRN scaling) changes every
+    // angle: refused rather than computed wrong.
+    if g.content.tensor_infos.contains_key("rope_freqs.weight") {
+        return Err(EngineError::Tensor {
+            path: path.to_path_buf(),
+            tensor: "rope_freqs.weight".into(),
+            message: "RoPE frequency factors (Llama 3.1-style rope scaling) are not supported yet".into(),
+        });
+    }
+    let scaling = g.content.metadata.get(&a("rope.scaling.type")).and_then(|v| v.to_string().ok()).cloned();
+    if let Some(kind) = scaling.filter(|k| k != "none") {
+        return Err(g.bad(&a("rope.scaling.type"), format!("RoPE scaling `{kind}` is not supported yet")));
+    }
     let hidden = g.usize(&a("embedding_length"))?;
     let n_heads = g.usize(&a("attention.head_count"))?;
     let n_kv_heads = if g.content.metadata.contains_key(&a("attention.head_count_kv")) {

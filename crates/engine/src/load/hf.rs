@@ -35,6 +35,8 @@ struct HfConfig {
     tie_word_embeddings: bool,
     #[serde(default)]
     _name_or_path: Option<String>,
+    #[serde(default)]
+    rope_scaling: Option<serde_json::Value>,
 }
 
 fn default_theta() -> f64 {
@@ -104,6 +106,15 @@ pub fn load_hf(dir: &Path) -> Result<Loaded, EngineError> {
         if !ok {
             return Err(EngineError::UnsupportedArch { path: cfg_path, arch: arch.clone() });
         }
+    }
+    if let Some(scaling) = hf.rope_scaling.as_ref().filter(|v| !v.is_null()) {
+        return Err(EngineError::Config {
+            path: cfg_path,
+            key: "rope_scaling".into(),
+            message: format!(
+                "RoPE scaling {scaling} is not supported yet (Llama 3.1/3.2's `llama3` scaling changes every angle)"
+            ),
+        });
     }
     let n_kv = hf.num_key_value_heads.unwrap_or(hf.num_attention_heads);
     let config = validated(
