@@ -207,6 +207,12 @@ fn gguf_errors_name_the_file_and_the_tensor() {
 
 /// Writes the built-in model as a Hugging Face checkpoint with weights in `dtype`.
 fn write_hf(dir: &Path, model: &Model, dtype: safetensors::Dtype) {
+    write_hf_shards(dir, model, dtype, 1);
+}
+
+/// [`write_hf`] in `shards` files with a `model.safetensors.index.json` when more than one, as
+/// `transformers` writes large checkpoints.
+fn write_hf_shards(dir: &Path, model: &Model, dtype: safetensors::Dtype, shards: usize) {
     let c = &model.config;
     let config = serde_json::json!({
         "architectures": ["LlamaForCausalLM"],
@@ -245,11 +251,57 @@ fn write_hf(dir: &Path, model: &Model, dtype: safetensors::Dtype) {
         named.push((p("input_layernorm"), vec![c.hidden], enc(&l.attn_norm)));
         named.push((p("post_attention_layernorm"), vec![c.hidden], enc(&l.mlp_norm)));
     }
-    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = named
-        .iter()
-        .map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(dtype, s.clone(), b).unwrap()))
-        .collect();
-    safetensors::serialize_to_file(views, None, &dir.join("model.safetensors")).unwrap();
+    let per = named.len().div_ceil(shards);
+    let mut weight_map = serde_json::Map::new();
+    for (k, part) in named.chunks(per).enumerate() {
+        let file = if shards == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{shards:05}.safetensors", k + 1)
+        };
+        let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = part
+            .iter()
+            .map(|(n, s, b)| (n.clone(), safetensors::tensor::TensorView::new(dtype, s.clone(), b).unwrap()))
+            .collect();
+        safetensors::serialize_to_file(views, None, &dir.join(&file)).unwrap();
+        for (n, _, _) in part {
+            weight_map.insert(n.clone(), file.clone().into());
+        }
+    }
+    if shards > 1 {
+        let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+        std::fs::write(dir.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    }
+}
+
+/// A sharded checkpoint (`model.safetensors.index.json` and its shards) loads to the same model
+/// as a single file; an index naming a missing shard, or placing a tensor in the wrong one, is
+/// an error naming the tensor and the file (issue 16).
+#[test]
+fn sharded_safetensors_checkpoints_load() {
+    let model = default_model();
+    let one = tempfile::tempdir().unwrap();
+    write_hf(one.path(), &model, safetensors::Dtype::F32);
+    let dir = tempfile::tempdir().unwrap();
+    write_hf_shards(dir.path(), &model, safetensors::Dtype::F32, 3);
+    // A stray file beside the shards is not read: the index names the files.
+    std::fs::write(dir.path().join("stale.safetensors"), b"garbage").unwrap();
+    let (a, b) = (load_hf(one.path()).unwrap().model, load_hf(dir.path()).unwrap().model);
+    assert_eq!(forward_bits(&a, Profile::Invariant), forward_bits(&b, Profile::Invariant));
+    assert_eq!(a.weights.layers[3].w_down, b.weights.layers[3].w_down);
+
+    let index_path = dir.path().join("model.safetensors.index.json");
+    let index = std::fs::read_to_string(&index_path).unwrap();
+    std::fs::write(&index_path, index.replace("model-00002-of-00003", "model-00009-of-00003")).unwrap();
+    let e = load_hf(dir.path()).unwrap_err().to_string();
+    assert!(
+        e.contains("model.safetensors.index.json") && e.contains("shard `model-00009-of-00003.safetensors` is missing"),
+        "{e}"
+    );
+    let moved = index.replacen("model-00001-of-00003", "model-00003-of-00003", 1);
+    std::fs::write(&index_path, moved).unwrap();
+    let e = load_hf(dir.path()).unwrap_err().to_string();
+    assert!(e.contains("places it in `model-00003-of-00003.safetensors`, which does not hold it"), "{e}");
 }
 
 #[test]

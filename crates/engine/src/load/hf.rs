@@ -49,13 +49,52 @@ fn default_ctx() -> usize {
     4096
 }
 
-/// Raw tensor bytes from all safetensors files of a checkpoint.
+/// The safetensors files of a checkpoint, memory-mapped, and where each tensor is: every header
+/// parsed once, when the file is opened.
 struct Tensors {
-    files: Vec<(std::path::PathBuf, Vec<u8>)>,
-    index: HashMap<String, usize>,
+    files: Vec<(std::path::PathBuf, memmap2::Mmap)>,
+    /// Tensor name -> (file, dtype, shape, byte range in the file).
+    index: HashMap<String, (usize, Dtype, Vec<usize>, std::ops::Range<usize>)>,
 }
 
 impl Tensors {
+    /// Maps `paths` and reads their headers; `expected` (from `model.safetensors.index.json`)
+    /// names the file each tensor must be in.
+    fn open(paths: &[std::path::PathBuf], expected: Option<&HashMap<String, String>>) -> Result<Tensors, EngineError> {
+        let mut t = Tensors { files: Vec::with_capacity(paths.len()), index: HashMap::new() };
+        for p in paths {
+            let io = |source| EngineError::Io { path: p.clone(), source };
+            let file = std::fs::File::open(p).map_err(io)?;
+            // SAFETY: the map is only read; a checkpoint truncated while it is being loaded
+            // raises SIGBUS, as for any reader of memory-mapped weights.
+            let map = unsafe { memmap2::Mmap::map(&file) }.map_err(io)?;
+            let header = |message: String| EngineError::Tensor { path: p.clone(), tensor: "(header)".into(), message };
+            let (n, meta) = SafeTensors::read_metadata(&map).map_err(|e| header(e.to_string()))?;
+            let data = 8 + n;
+            for (name, info) in meta.tensors() {
+                let (a, b) = info.data_offsets;
+                t.index.insert(name, (t.files.len(), info.dtype, info.shape.clone(), data + a..data + b));
+            }
+            t.files.push((p.clone(), map));
+        }
+        if let Some(map) = expected {
+            let mut names: Vec<&String> = map.keys().collect();
+            names.sort();
+            for name in names {
+                let want = &map[name];
+                let found = t.index.get(name).map(|e| &t.files[e.0].0);
+                if found.and_then(|p| p.file_name()).is_none_or(|f| f.to_string_lossy() != want.as_str()) {
+                    return Err(EngineError::Tensor {
+                        path: found.cloned().unwrap_or_else(|| std::path::PathBuf::from(want)),
+                        tensor: name.clone(),
+                        message: format!("model.safetensors.index.json places it in `{want}`, which does not hold it"),
+                    });
+                }
+            }
+        }
+        Ok(t)
+    }
+
     /// A vector, in f32.
     fn get(&self, name: &str) -> Result<(Vec<usize>, Vec<f32>), EngineError> {
         let (shape, data) = self.get_storage(name)?;
@@ -64,17 +103,15 @@ impl Tensors {
 
     /// A tensor in its own type (f32, f16 or bf16).
     fn get_storage(&self, name: &str) -> Result<(Vec<usize>, Storage), EngineError> {
-        let &i = self.index.get(name).ok_or_else(|| EngineError::Tensor {
+        let (i, dtype, shape, range) = self.index.get(name).ok_or_else(|| EngineError::Tensor {
             path: self.files.first().map(|f| f.0.clone()).unwrap_or_default(),
             tensor: name.into(),
             message: "missing from the checkpoint".into(),
         })?;
-        let (path, bytes) = &self.files[i];
+        let (path, map) = &self.files[*i];
         let err = |message: String| EngineError::Tensor { path: path.clone(), tensor: name.into(), message };
-        let st = SafeTensors::deserialize(bytes).map_err(|e| err(e.to_string()))?;
-        let view = st.tensor(name).map_err(|e| err(e.to_string()))?;
-        let data = view.data();
-        let values = match view.dtype() {
+        let data = &map[range.clone()];
+        let values = match dtype {
             Dtype::F32 => {
                 Storage::F32(data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
             }
@@ -84,8 +121,58 @@ impl Tensors {
             }
             other => return Err(err(format!("dtype {other:?} is not supported (f32, f16, bf16)"))),
         };
-        Ok((view.shape().to_vec(), values))
+        Ok((shape.clone(), values))
     }
+}
+
+/// The files of a checkpoint: those `model.safetensors.index.json` names (a sharded checkpoint),
+/// else every `*.safetensors` of the directory; with the tensor-to-file map when there is one.
+#[allow(clippy::type_complexity)]
+fn checkpoint_files(dir: &Path) -> Result<(Vec<std::path::PathBuf>, Option<HashMap<String, String>>), EngineError> {
+    let index_path = dir.join("model.safetensors.index.json");
+    if index_path.exists() {
+        #[derive(Deserialize)]
+        struct Index {
+            weight_map: HashMap<String, String>,
+        }
+        let bad = |message: String| EngineError::Config { path: index_path.clone(), key: "weight_map".into(), message };
+        let text = std::fs::read_to_string(&index_path)
+            .map_err(|source| EngineError::Io { path: index_path.clone(), source })?;
+        let index: Index = serde_json::from_str(&text).map_err(|e| bad(e.to_string()))?;
+        let mut files: Vec<&String> = index.weight_map.values().collect();
+        files.sort();
+        files.dedup();
+        let mut paths = Vec::with_capacity(files.len());
+        for f in files {
+            let plain = Path::new(f).file_name().is_some_and(|n| n == f.as_str());
+            if !plain {
+                return Err(bad(format!("`{f}` is not a file name in the checkpoint's directory")));
+            }
+            let p = dir.join(f);
+            if !p.is_file() {
+                return Err(bad(format!("shard `{f}` is missing from the directory")));
+            }
+            paths.push(p);
+        }
+        if paths.is_empty() {
+            return Err(bad("names no file".into()));
+        }
+        return Ok((paths, Some(index.weight_map)));
+    }
+    let mut names: Vec<_> = std::fs::read_dir(dir)
+        .map_err(|source| EngineError::Io { path: dir.to_path_buf(), source })?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    names.sort();
+    if names.is_empty() {
+        return Err(EngineError::Config {
+            path: dir.to_path_buf(),
+            key: "*.safetensors".into(),
+            message: "no safetensors file in the directory".into(),
+        });
+    }
+    Ok((names, None))
 }
 
 /// Loads a Hugging Face Llama-family checkpoint directory.
@@ -135,34 +222,8 @@ pub fn load_hf(dir: &Path) -> Result<Loaded, EngineError> {
         },
     )?;
 
-    let mut files = Vec::new();
-    let mut index = HashMap::new();
-    let mut names: Vec<_> = std::fs::read_dir(dir)
-        .map_err(io(dir))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
-    names.sort();
-    if names.is_empty() {
-        return Err(EngineError::Config {
-            path: dir.to_path_buf(),
-            key: "*.safetensors".into(),
-            message: "no safetensors file in the directory".into(),
-        });
-    }
-    for p in names {
-        let bytes = std::fs::read(&p).map_err(io(&p))?;
-        let st = SafeTensors::deserialize(&bytes).map_err(|e| EngineError::Tensor {
-            path: p.clone(),
-            tensor: "(header)".into(),
-            message: e.to_string(),
-        })?;
-        for name in st.names() {
-            index.insert(name.to_string(), files.len());
-        }
-        files.push((p, bytes));
-    }
-    let t = Tensors { files, index };
+    let (paths, expected) = checkpoint_files(dir)?;
+    let t = Tensors::open(&paths, expected.as_ref())?;
     let c = &config;
     let mat = |name: &str, rows: usize, cols: usize| {
         let (shape, data) = t.get_storage(name)?;
