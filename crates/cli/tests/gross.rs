@@ -7,23 +7,10 @@ mod support;
 use serde_json::Value;
 use support::*;
 
-const PER_LAYER: [&str; 15] = [
-    "x_in",
-    "attn_norm",
-    "q",
-    "k",
-    "v",
-    "q_rope",
-    "k_rope",
-    "attn_ctx",
-    "attn_out",
-    "x_mid",
-    "mlp_norm",
-    "gate",
-    "up",
-    "act",
-    "mlp_out",
-];
+/// The per-layer points in dataflow order, as the trace format names them.
+fn per_layer() -> Vec<&'static str> {
+    driftscope_trace::Point::PER_LAYER.iter().map(|p| p.as_str()).collect()
+}
 
 /// A prefill_last/decode0 trace of one prompt over every point of `layers` layers. `rel(point,
 /// layer)` is how much the decode row's min, max, mean and l2 move (0: the same row); `dtype` is
@@ -37,7 +24,7 @@ fn build(
 ) -> String {
     let mut rows: Vec<(&str, u32)> = vec![("embed_out", 0)];
     for l in 0..layers {
-        rows.extend(PER_LAYER.iter().map(|&p| (p, l)));
+        rows.extend(per_layer().into_iter().map(|p| (p, l)));
     }
     rows.extend([("final_norm", 0), ("logits", 0)]);
     let mut text = format!("{meta}\n");
@@ -70,7 +57,7 @@ fn drift(at: &'static str, bug: f64) -> impl Fn(&str, u32) -> f64 {
     let order = |p: &str| match p {
         "embed_out" => Some(0),
         "final_norm" | "logits" => None,
-        p => PER_LAYER.iter().position(|x| *x == p).map(|i| i + 1),
+        p => per_layer().iter().position(|x| *x == p).map(|i| i + 1),
     };
     move |p: &str, l: u32| {
         let after_bug = l > 0 || order(p).is_none_or(|i| i >= order(at).unwrap_or(0));
