@@ -4,6 +4,7 @@
 use driftscope_trace::{DType, Point};
 
 use crate::analysis::{describe_region, Analysis, Classification, Group, Origin, PairStatus, StatDelta};
+use crate::bug_advice::rel;
 use crate::dataflow::Node;
 
 /// How large a difference is, judged against the rounding step of the dtype.
@@ -38,14 +39,6 @@ pub fn stat_size(delta: &StatDelta, dtype: Option<DType>) -> Size {
     }
 }
 
-fn sci(x: f64) -> String {
-    if x == 0.0 {
-        "0".into()
-    } else {
-        format!("{x:.2e}")
-    }
-}
-
 /// The size of pair `i`'s drift, judged from its dumped rows when there are some (exact), else
 /// from its statistics (a lower bound), with a sentence saying which.
 ///
@@ -76,13 +69,13 @@ pub fn size_of(a: &Analysis, i: usize) -> Option<(Size, String)> {
         let sentence = format!(
             "from the dumped rows: max |Δ| = {} at element {} ({} of {} elements differ, by at most {} ULP of {dt}; \
              cosine similarity {:.9}; relative L2 {}), {} rounding",
-            sci(m.max_abs),
+            rel(m.max_abs),
             m.argmax,
             m.n_diff,
             m.numel,
             m.max_ulp,
             m.cosine,
-            sci(m.rel_l2),
+            rel(m.rel_l2),
             if size == Size::Large { "far above" } else { "of the size of" }
         );
         return Some((size, sentence));
@@ -126,10 +119,10 @@ pub fn magnitude_sentence(delta: &StatDelta, dtype: Option<DType>, traced: bool,
         m => format!(
             "the stats differ by up to {} ({} of the row's largest magnitude; the largest element-wise \
              difference is at least this large), {} the rounding step of {dt} ({})",
-            sci(delta.max_abs_lower_bound),
+            rel(delta.max_abs_lower_bound),
             relative(delta.rel),
             if m == Size::Rounding { "within a few times" } else { "far above" },
-            sci(epsilon(dtype)),
+            rel(epsilon(dtype)),
         ),
     }
 }

@@ -9,12 +9,10 @@ use crate::dataflow::{op_of, Node};
 use crate::dump::{dump_path, DumpFile};
 use crate::gross::{rel_delta, Basis, GrossOrigin};
 
-/// A relative difference in words: `1.05e0`, `0` when equal, `inf` for a numeric fault.
+/// A magnitude in words: `1.05e0`, `0` when equal (`inf` for a numeric fault, as `{:e}` writes it).
 pub fn rel(x: f64) -> String {
     if x == 0.0 {
         "0".into()
-    } else if x.is_infinite() {
-        "inf".into()
     } else {
         format!("{x:.2e}")
     }

@@ -106,15 +106,12 @@ impl Precisions {
 
     /// The lowest precision of the ops in a region.
     pub fn of_region(&self, region: &[Node], storage: Precision) -> Precision {
-        region
-            .iter()
-            .flat_map(|&n| match n {
-                Node::Global(p) | Node::Layer(_, p) => vec![OpKind::of(p)],
-                Node::LayersAfter(_) => vec![OpKind::Attention, OpKind::Matmul, OpKind::Other],
-            })
-            .map(|k| self.of(k, storage))
-            .max()
-            .unwrap_or(storage)
+        let of_node = |n: &Node| match *n {
+            Node::Global(p) | Node::Layer(_, p) => self.of(OpKind::of(p), storage),
+            // Whole untraced layers hold every kind of op.
+            Node::LayersAfter(_) => self.of(OpKind::Attention, storage).max(self.of(OpKind::Matmul, storage)),
+        };
+        region.iter().map(of_node).max().unwrap_or(storage)
     }
 
     /// One line per precision, for reports.
@@ -379,13 +376,12 @@ pub fn judge(a: &Analysis, p: &Precisions, storage: &(dyn Fn(usize) -> Precision
             measure_group(a, g, storage, |j, m, table, walk| {
                 let i = g.pairs.start + j;
                 let Some(node) = pairs[j].node else { return };
-                let region: Vec<Node> = if m.direct {
-                    vec![node]
+                let precision = if m.direct {
+                    p.of_region(&[node], m.storage)
                 } else {
                     walk.run(&a.graph, node, table, pairs);
-                    walk.region.clone()
+                    p.of_region(&walk.region, m.storage)
                 };
-                let precision = p.of_region(&region, m.storage);
                 let judged = Judged {
                     pair: i,
                     rel_delta: m.rel,
